@@ -1,0 +1,55 @@
+// Scalar conversions shared by the kernels (torch-free).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace spft {
+
+template <typename T>
+struct ScalarTraits;
+
+template <>
+struct ScalarTraits<float> {
+  __device__ static float to_float(float v) { return v; }
+  __device__ static float from_float(float v) { return v; }
+};
+template <>
+struct ScalarTraits<double> {
+  __device__ static double to_float(double v) { return v; }
+  __device__ static double from_float(double v) { return v; }
+};
+template <>
+struct ScalarTraits<__half> {
+  __device__ static float to_float(__half v) { return __half2float(v); }
+  __device__ static __half from_float(float v) { return __float2half_rn(v); }
+};
+template <>
+struct ScalarTraits<__nv_bfloat16> {
+  __device__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+};
+
+// Grid size for grid-stride loops: enough blocks to fill any current GPU several times over,
+// capped so that huge inputs loop instead of overflowing gridDim.
+inline unsigned int grid_for(int64_t work_items, int threads_per_block) {
+  const int64_t blocks = (work_items + threads_per_block - 1) / threads_per_block;
+  return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(blocks, 65536)));
+}
+
+}  // namespace spft
+
+// Calls f with a null pointer of the C++ type that matches `dtype` (a spft::DType).
+#define SPFT_DISPATCH_FLOAT(dtype, f)                                        \
+  switch (dtype) {                                                           \
+    case ::spft::DType::kFloat32: f(static_cast<float*>(nullptr)); break;    \
+    case ::spft::DType::kFloat64: f(static_cast<double*>(nullptr)); break;   \
+    case ::spft::DType::kFloat16: f(static_cast<__half*>(nullptr)); break;   \
+    case ::spft::DType::kBFloat16:                                           \
+      f(static_cast<__nv_bfloat16*>(nullptr));                               \
+      break;                                                                 \
+    default: return cudaErrorInvalidValue;                                   \
+  }

@@ -1,0 +1,26 @@
+"""spft_kernels: CUDA and Triton kernels for sparse fine-tuning of language models.
+
+``import spft_kernels`` never fails for want of a compiled extension and never initialises
+CUDA; see ``available_backends()``.
+"""
+
+from ._extension import SpftExtensionWarning
+from .backends import available_backends
+from .index import SparseIndex, random_index
+from .layers import SparseDeltaLinear
+from .row_gather import row_gather
+from .scatter_delta import scatter_delta_
+from .sparse_delta_linear import sparse_delta_linear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SparseDeltaLinear",
+    "SparseIndex",
+    "SpftExtensionWarning",
+    "available_backends",
+    "random_index",
+    "row_gather",
+    "scatter_delta_",
+    "sparse_delta_linear",
+]

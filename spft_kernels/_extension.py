@@ -1,0 +1,58 @@
+"""Loading of the compiled CUDA extension ``spft_kernels._C``.
+
+Never initialises CUDA (loading the library only registers ops); a missing or mismatched build
+warns once and the package falls back to the other backends.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import warnings
+from typing import Optional
+
+
+class SpftExtensionWarning(UserWarning):
+    """The CUDA extension could not be loaded; the cuda backend is unavailable."""
+
+
+_load_error: Optional[str] = None
+
+
+@functools.lru_cache(maxsize=None)
+def load_cuda_extension():
+    """The extension module, or None (with one warning) when it is not built or does not load."""
+    global _load_error
+    try:
+        module = importlib.import_module("spft_kernels._C")
+    except ImportError as error:
+        missing = isinstance(error, ModuleNotFoundError) and error.name == "spft_kernels._C"
+        _load_error = (
+            "spft_kernels._C is not built (no CUDA toolkit at install time, or SPFT_SKIP_CUDA_BUILD=1)"
+            if missing
+            else f"spft_kernels._C failed to load, probably built against another torch/CUDA: {error}"
+        )
+        if not missing:
+            warnings.warn(f"{_load_error}; the cuda backend is disabled", SpftExtensionWarning, stacklevel=3)
+        return None
+    _register_fakes()
+    return module
+
+
+def _register_fakes():
+    # Shapes of the C++ ops for torch.compile and meta tensors.
+    import torch
+
+    @torch.library.register_fake("spft::cuda_scatter_delta_")
+    def _(weight, index, base, delta, alpha):
+        return None
+
+    @torch.library.register_fake("spft::cuda_row_gather")
+    def _(src, rows):
+        return src.new_empty((src.shape[0], rows.numel()))
+
+
+def cuda_extension_error() -> Optional[str]:
+    """Why the extension is unavailable, or None when it loaded."""
+    load_cuda_extension()
+    return _load_error

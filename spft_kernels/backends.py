@@ -1,0 +1,96 @@
+"""Backend registry and dispatch.
+
+Every op has implementations per backend (``reference``, ``triton``, ``cuda``) registered with
+:func:`register`; :func:`resolve_backend` turns a requested backend ("auto" or a name) into the
+one that runs, or raises a clear error. Nothing here initialises CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Callable, Optional
+
+import torch
+
+from ._extension import cuda_extension_error, load_cuda_extension
+
+BACKENDS = ("reference", "triton", "cuda")
+AUTO = "auto"
+
+# op name -> backend -> implementation
+_IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {}
+
+# Preference of "auto" per device type: the fastest implemented backend comes first. Until the
+# kernel issues land, only the reference path implements the matmul-shaped ops.
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("reference",)}
+
+
+def register(op: str, backend: str) -> Callable[[Callable], Callable]:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}")
+
+    def decorator(fn: Callable) -> Callable:
+        _IMPLEMENTATIONS.setdefault(op, {})[backend] = fn
+        return fn
+
+    return decorator
+
+
+def _triton_unavailable_reason() -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    return None
+
+
+def _unavailable_reason(backend: str) -> Optional[str]:
+    if backend == "reference":
+        return None
+    if backend == "cuda":
+        return None if load_cuda_extension() is not None else cuda_extension_error()
+    if backend == "triton":
+        reason = _triton_unavailable_reason()
+        if reason is None and not any("triton" in impls for impls in _IMPLEMENTATIONS.values()):
+            reason = "this version ships no Triton kernels yet"
+        return reason
+    return f"unknown backend {backend!r}"
+
+
+def available_backends() -> list[str]:
+    """Backends that are installed and implement at least one op, e.g. ["reference", "cuda"].
+
+    "cuda" means the extension is built and loads; its ops still need CUDA tensors.
+    Never initialises CUDA.
+    """
+    return [backend for backend in BACKENDS if _unavailable_reason(backend) is None]
+
+
+def check_backend_name(backend: str) -> str:
+    if backend != AUTO and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {(AUTO,) + BACKENDS}")
+    return backend
+
+
+def resolve_backend(op: str, requested: str, device: torch.device) -> str:
+    """The backend that runs ``op`` on ``device`` for the ``requested`` name."""
+    check_backend_name(requested)
+    implemented = _IMPLEMENTATIONS.get(op, {})
+    if requested == AUTO:
+        for backend in _AUTO_ORDER.get(device.type, ("reference",)):
+            if backend in implemented and _unavailable_reason(backend) is None:
+                return backend
+        raise RuntimeError(f"{op}: no backend implements it on {device.type}")
+    reason = _unavailable_reason(requested)
+    if reason is not None:
+        raise RuntimeError(f"{op}: backend {requested!r} is not available: {reason}")
+    if requested not in implemented:
+        raise NotImplementedError(
+            f"{op}: backend {requested!r} has no implementation of this op yet; "
+            f"implemented: {sorted(implemented)}"
+        )
+    if requested in ("cuda", "triton") and device.type != "cuda":
+        raise ValueError(f"{op}: backend {requested!r} needs CUDA tensors, got tensors on {device}")
+    return requested
+
+
+def implementation(op: str, backend: str) -> Callable:
+    return _IMPLEMENTATIONS[op][backend]

@@ -1,0 +1,210 @@
+"""The sparse index format (DESIGN.md "Index format").
+
+Canonical form: 1-D sorted unique flat positions ``row * in_features + col``, int32 when
+``out * in < 2**31`` else int64, on the weight's device. Validation happens once, here, when an
+index is built or loaded; kernels then trust it. Derived forms are computed once per mask and
+cached (on the layer as non-persistent buffers):
+
+- ``row_ptr`` [out + 1]: CSR row pointers into the canonical order (entries are already
+  row-major, so the canonical order *is* the CSR order; a column is ``flat - row * in``);
+- ``col_ptr`` [in + 1] and ``csc_perm`` [nnz]: the CSC view used by ``dy @ Δ``; ``csc_perm[j]``
+  is the canonical position of the j-th entry in column-major order.
+
+No per-entry row or column array is kept: each would cost 4 bytes per trainable parameter, as
+much as the fp32 value itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+
+INT32_LIMIT = 2**31
+
+
+def index_dtype_for(out_features: int, in_features: int) -> torch.dtype:
+    """int32 when every flat position fits, else int64."""
+    return torch.int32 if out_features * in_features < INT32_LIMIT else torch.int64
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseIndex:
+    """A validated index with its derived CSR/CSC metadata. Build with :meth:`build`."""
+
+    flat: torch.Tensor
+    row_ptr: torch.Tensor
+    col_ptr: torch.Tensor
+    csc_perm: torch.Tensor
+    out_features: int
+    in_features: int
+
+    @property
+    def nnz(self) -> int:
+        return self.flat.numel()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def density(self) -> float:
+        total = self.out_features * self.in_features
+        return self.nnz / total if total else 0.0
+
+    @classmethod
+    def build(
+        cls,
+        index: torch.Tensor,
+        out_features: int,
+        in_features: int,
+        *,
+        device: Optional[torch.device] = None,
+        name: str = "sparse index",
+    ) -> tuple["SparseIndex", Optional[torch.Tensor]]:
+        """Validate ``index`` and derive its metadata.
+
+        Returns ``(sparse_index, order)``: ``order`` is ``None`` when ``index`` was already sorted,
+        else the permutation that sorts it (apply it to the values: ``values[order]``).
+        Raises ``ValueError`` naming ``name`` and the problem for a wrong type, dtype, rank or
+        device, positions out of range and duplicates.
+        """
+        flat, order = canonical_flat_index(index, out_features, in_features, device=device, name=name)
+        return cls.from_canonical(flat, out_features, in_features), order
+
+    @classmethod
+    def from_canonical(cls, flat: torch.Tensor, out_features: int, in_features: int) -> "SparseIndex":
+        """Derive the metadata of an already validated canonical index."""
+        nnz = flat.numel()
+        pointer_dtype = torch.int32 if nnz < INT32_LIMIT else torch.int64
+        position_dtype = torch.int32 if nnz < INT32_LIMIT else torch.int64
+        wide = flat.long()
+        rows = torch.div(wide, in_features, rounding_mode="floor")
+        cols = wide - rows * in_features
+        row_ptr = _pointers(rows, out_features, pointer_dtype)
+        col_ptr = _pointers(cols, in_features, pointer_dtype)
+        # Stable: within a column, entries stay in row order.
+        csc_perm = torch.argsort(cols, stable=True).to(position_dtype)
+        return cls(flat, row_ptr, col_ptr, csc_perm, out_features, in_features)
+
+    def rows_and_cols(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-entry row and column (computed, O(nnz); not cached, see the module docstring)."""
+        rows = torch.div(self.flat, self.in_features, rounding_mode="floor")
+        return rows, self.flat - rows * self.in_features
+
+    def to(self, device: torch.device) -> "SparseIndex":
+        return dataclasses.replace(
+            self,
+            flat=self.flat.to(device),
+            row_ptr=self.row_ptr.to(device),
+            col_ptr=self.col_ptr.to(device),
+            csc_perm=self.csc_perm.to(device),
+        )
+
+
+def _pointers(keys: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    counts = torch.bincount(keys, minlength=length)
+    pointers = torch.zeros(length + 1, dtype=torch.int64, device=keys.device)
+    torch.cumsum(counts, dim=0, out=pointers[1:])
+    return pointers.to(dtype)
+
+
+def canonical_flat_index(
+    index,
+    out_features: int,
+    in_features: int,
+    *,
+    device: Optional[torch.device] = None,
+    name: str = "sparse index",
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Validate and canonicalise a flat index; returns ``(sorted_index, order_or_None)``."""
+    if not isinstance(index, torch.Tensor):
+        raise ValueError(f"{name}: index must be a torch.Tensor of flat positions, got {type(index).__name__}")
+    if index.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
+        raise ValueError(
+            f"{name}: index must have an integer dtype (int32 or int64 preferred), got {index.dtype}"
+        )
+    if index.dim() != 1:
+        raise ValueError(
+            f"{name}: index must be 1-D flat positions (row * in_features + col), got shape "
+            f"{tuple(index.shape)}"
+        )
+    if device is not None and index.device != torch.device(device):
+        raise ValueError(
+            f"{name}: index is on {index.device} but the weight is on {torch.device(device)}; "
+            f"move it with index.to(weight.device)"
+        )
+    total = out_features * in_features
+    target_dtype = index_dtype_for(out_features, in_features)
+    if index.numel() == 0:
+        return index.to(target_dtype), None
+    wide = index.long()
+    low, high = int(wide.min()), int(wide.max())  # the one host sync, at build time
+    if low < 0 or high >= total:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"{name}: index out of range: position {bad} is not in [0, {total}) for a weight of shape "
+            f"({out_features}, {in_features})"
+        )
+    order = None
+    if wide.numel() > 1 and not bool((wide[1:] >= wide[:-1]).all()):
+        wide, order = torch.sort(wide, stable=True)
+    if wide.numel() > 1:
+        repeated = wide[1:] == wide[:-1]
+        if bool(repeated.any()):
+            position = int(wide[1:][repeated][0])
+            raise ValueError(
+                f"{name}: index has duplicate positions, e.g. {position} (row {position // in_features}, "
+                f"col {position % in_features}); each weight entry may appear once"
+            )
+    return wide.to(target_dtype), order
+
+
+def random_index(
+    out_features: int,
+    in_features: int,
+    density: float,
+    generator: Optional[torch.Generator] = None,
+    *,
+    device=None,
+) -> torch.Tensor:
+    """SpaRTA's mask: ``round(density * out * in)`` distinct uniformly random positions, sorted,
+    in the canonical dtype.
+
+    Sampling never materialises an ``out * in`` permutation (8 bytes per weight entry): it draws
+    positions with replacement, deduplicates and tops up, then keeps a uniformly random subset of
+    the exact size. Every step treats all positions alike, so every subset is equally likely.
+    """
+    if not (isinstance(out_features, int) and isinstance(in_features, int)) or out_features < 0 or in_features < 0:
+        raise ValueError(f"random_index: sizes must be non-negative ints, got ({out_features}, {in_features})")
+    if not isinstance(density, (int, float)) or not math.isfinite(density) or not 0.0 <= density <= 1.0:
+        raise ValueError(f"random_index: density must be in [0, 1], got {density!r}")
+    total = out_features * in_features
+    count = min(total, int(round(density * total)))
+    dtype = index_dtype_for(out_features, in_features)
+    if count > total // 2:
+        keep = torch.ones(total, dtype=torch.bool)
+        keep[_distinct_uniform(total, total - count, generator)] = False
+        chosen = keep.nonzero().squeeze(1)
+    else:
+        chosen = _distinct_uniform(total, count, generator)
+    return chosen.to(dtype=dtype, device=device)
+
+
+def _distinct_uniform(total: int, count: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """``count`` distinct positions in [0, total), sorted, uniformly at random (count <= total / 2)."""
+    if count == 0:
+        return torch.empty(0, dtype=torch.int64)
+    chosen = torch.empty(0, dtype=torch.int64)
+    while chosen.numel() < count:
+        # count <= total/2, so each draw is new with probability >= 1/2; 10% headroom makes one
+        # round enough almost always.
+        need = count - chosen.numel()
+        draws = torch.randint(0, total, (need + need // 10 + 16,), generator=generator)
+        chosen = torch.unique(torch.cat([chosen, draws]))
+    if chosen.numel() > count:
+        keep = torch.randperm(chosen.numel(), generator=generator)[:count]
+        chosen = chosen[keep.sort().values]
+    return chosen

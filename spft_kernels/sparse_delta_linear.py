@@ -1,0 +1,246 @@
+"""``y = x (W0 + Δ)ᵀ + b`` with a trainable sparse ``Δ``: the ops, their autograd and the
+functional entry point.
+
+Ops (namespace ``spft``, each with a fake implementation so torch.compile traces through them):
+
+- ``spmm_add(base, x, delta, index, row_ptr)``      -> ``base + x Δᵀ``  (CSR by output row)
+- ``spmm_t_add(base, dy, delta, index, col_ptr, csc_perm)`` -> ``base + dy Δ``  (CSC by column)
+- ``sddmm(x, dy, index)``                           -> ``d delta`` (only the masked entries)
+- ``sparse_delta_linear(...)``                      -> ``y``, with the backward below.
+
+Backward: ``dx = dy W + dy Δ`` (``dy W`` alone in merged mode, where W already holds W0 + Δ),
+``d delta = SDDMM(x, dy)``, ``db = Σ dy``; only ``x`` is saved (W, delta and the index are the
+layer's own tensors). ``dW = dyᵀ x`` is computed only if the weight itself requires grad.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import naive
+from .backends import check_backend_name, implementation, register, resolve_backend
+from .index import SparseIndex
+
+Tensor = torch.Tensor
+
+
+# --- spmm_add: base + x Δᵀ -----------------------------------------------------------------
+
+
+@torch.library.custom_op("spft::spmm_add", mutates_args=())
+def spmm_add(base: Tensor, x: Tensor, delta: Tensor, index: Tensor, row_ptr: Tensor, backend: str) -> Tensor:
+    """``base + x Δᵀ`` for 2-D ``base`` [T, out] and ``x`` [T, in]; fp32 accumulation, one rounding."""
+    chosen = resolve_backend("spmm_add", backend, x.device)
+    return implementation("spmm_add", chosen)(base, x, delta, index, row_ptr)
+
+
+@spmm_add.register_fake
+def _(base, x, delta, index, row_ptr, backend):
+    return torch.empty_like(base)
+
+
+@register("spmm_add", "reference")
+def _spmm_add_reference(base, x, delta, index, row_ptr):
+    rows = torch.div(index, x.shape[1], rounding_mode="floor")
+    return naive.gather_scale_add(base, x, delta, index - rows * x.shape[1], rows)
+
+
+# --- spmm_t_add: base + dy Δ ----------------------------------------------------------------
+
+
+@torch.library.custom_op("spft::spmm_t_add", mutates_args=())
+def spmm_t_add(
+    base: Tensor, dy: Tensor, delta: Tensor, index: Tensor, col_ptr: Tensor, csc_perm: Tensor, backend: str
+) -> Tensor:
+    """``base + dy Δ`` for 2-D ``base`` [T, in] and ``dy`` [T, out]."""
+    chosen = resolve_backend("spmm_t_add", backend, dy.device)
+    return implementation("spmm_t_add", chosen)(base, dy, delta, index, col_ptr, csc_perm)
+
+
+@spmm_t_add.register_fake
+def _(base, dy, delta, index, col_ptr, csc_perm, backend):
+    return torch.empty_like(base)
+
+
+@register("spmm_t_add", "reference")
+def _spmm_t_add_reference(base, dy, delta, index, col_ptr, csc_perm):
+    rows = torch.div(index, base.shape[1], rounding_mode="floor")
+    return naive.gather_scale_add(base, dy, delta, rows, index - rows * base.shape[1])
+
+
+# --- sddmm: d delta --------------------------------------------------------------------------
+
+
+@torch.library.custom_op("spft::sddmm", mutates_args=())
+def sddmm(x: Tensor, dy: Tensor, index: Tensor, backend: str) -> Tensor:
+    """``grad[k] = Σ_t dy[t, row_k] x[t, col_k]`` for 2-D ``x`` [T, in], ``dy`` [T, out]; fp32
+    result (fp64 for fp64 inputs)."""
+    chosen = resolve_backend("sddmm", backend, x.device)
+    return implementation("sddmm", chosen)(x, dy, index)
+
+
+@sddmm.register_fake
+def _(x, dy, index, backend):
+    return x.new_empty(index.shape, dtype=naive.accumulate_dtype(x, dy))
+
+
+@register("sddmm", "reference")
+def _sddmm_reference(x, dy, index):
+    rows = torch.div(index, x.shape[1], rounding_mode="floor")
+    return naive.sddmm(x, dy, rows, index - rows * x.shape[1])
+
+
+# --- the layer op ------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("spft::sparse_delta_linear", mutates_args=())
+def _sparse_delta_linear_op(
+    x: Tensor,
+    weight: Tensor,
+    delta: Tensor,
+    index: Tensor,
+    row_ptr: Tensor,
+    col_ptr: Tensor,
+    csc_perm: Tensor,
+    bias: Optional[Tensor],
+    merged: bool,
+    backend: str,
+) -> Tensor:
+    y = F.linear(x, weight, bias)
+    if merged or index.numel() == 0:
+        return y
+    out_features, in_features = weight.shape
+    y2d = spmm_add(y.reshape(-1, out_features), x.reshape(-1, in_features), delta, index, row_ptr, backend)
+    return y2d.reshape(y.shape)
+
+
+@_sparse_delta_linear_op.register_fake
+def _(x, weight, delta, index, row_ptr, col_ptr, csc_perm, bias, merged, backend):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, delta, index, row_ptr, col_ptr, csc_perm, bias, merged, backend = inputs
+    ctx.save_for_backward(x, weight, delta, index, col_ptr, csc_perm)
+    ctx.merged = merged
+    ctx.backend = backend
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, dy):
+    x, weight, delta, index, col_ptr, csc_perm = ctx.saved_tensors
+    out_features, in_features = weight.shape
+    dy2d = dy.reshape(-1, out_features)
+    x2d = x.reshape(-1, in_features)
+    dx = dweight = ddelta = dbias = None
+    if ctx.needs_input_grad[0]:
+        dx2d = dy2d.mm(weight)
+        if not ctx.merged and index.numel() > 0:
+            dx2d = spmm_t_add(dx2d, dy2d, delta, index, col_ptr, csc_perm, ctx.backend)
+        dx = dx2d.reshape(x.shape)
+    if ctx.needs_input_grad[1]:
+        dweight = dy2d.t().mm(x2d)
+    if ctx.needs_input_grad[2]:
+        ddelta = sddmm(x2d, dy2d, index, ctx.backend).to(delta.dtype)
+    if ctx.needs_input_grad[7]:
+        dbias = dy2d.sum(dim=0, dtype=naive.accumulate_dtype(dy2d)).to(ctx.bias_dtype)
+    return dx, dweight, ddelta, None, None, None, None, dbias, None, None
+
+
+_sparse_delta_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- functional entry point ------------------------------------------------------------------
+
+_SPLIT_OPS = ("spmm_add", "spmm_t_add", "sddmm")
+_MERGED_OPS = ("sddmm",)
+
+
+def sparse_delta_linear(
+    x: Tensor,
+    weight: Tensor,
+    delta: Tensor,
+    index: Union[Tensor, SparseIndex],
+    bias: Optional[Tensor] = None,
+    backend: str = "auto",
+    *,
+    merged: bool = False,
+) -> Tensor:
+    """``y = x (W0 + Δ)ᵀ + b`` where ``Δ`` holds ``delta[k]`` at flat position ``index[k]``.
+
+    ``x``: [..., in]; ``weight``: [out, in] (frozen W0); ``delta``: [nnz] (fp32 master);
+    ``index``: a :class:`SparseIndex`, or a 1-D integer tensor of flat positions, which is then
+    validated and its metadata built on every call (a host sync: layers cache a SparseIndex).
+    An unsorted index tensor is sorted and ``delta`` permuted with it (differentiably).
+    ``merged=True`` declares that ``weight`` already holds ``W0 + Δ``: the forward is then a plain
+    GEMM and only the delta gradient is sparse (the layer's merged mode).
+    """
+    check_backend_name(backend)
+    if not isinstance(x, Tensor) or not isinstance(weight, Tensor) or not isinstance(delta, Tensor):
+        raise ValueError("sparse_delta_linear: x, weight and delta must be tensors")
+    if weight.dim() != 2:
+        raise ValueError(f"sparse_delta_linear: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(
+            f"sparse_delta_linear: x must have shape [..., {in_features}] to match weight "
+            f"{tuple(weight.shape)}, got {tuple(x.shape)}"
+        )
+    if isinstance(index, SparseIndex):
+        sparse_index = index
+        if sparse_index.shape != (out_features, in_features):
+            raise ValueError(
+                f"sparse_delta_linear: index was built for shape {sparse_index.shape}, weight is "
+                f"{(out_features, in_features)}"
+            )
+    else:
+        sparse_index, order = SparseIndex.build(
+            index, out_features, in_features, device=weight.device, name="sparse_delta_linear"
+        )
+        if order is not None:
+            if delta.shape != order.shape:
+                raise ValueError(
+                    f"sparse_delta_linear: delta has shape {tuple(delta.shape)}, expected ({order.numel()},)"
+                )
+            delta = delta[order.to(delta.device)]
+    if delta.dim() != 1 or delta.numel() != sparse_index.nnz:
+        raise ValueError(
+            f"sparse_delta_linear: delta must be 1-D with one value per index entry ({sparse_index.nnz}), "
+            f"got shape {tuple(delta.shape)}"
+        )
+    if not delta.is_floating_point():
+        raise ValueError(f"sparse_delta_linear: delta must be floating point, got {delta.dtype}")
+    if bias is not None and bias.shape != (out_features,):
+        raise ValueError(f"sparse_delta_linear: bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    devices = {t.device for t in (x, weight, delta, sparse_index.flat) + ((bias,) if bias is not None else ())}
+    if len(devices) > 1:
+        raise ValueError(f"sparse_delta_linear: all tensors must be on one device, got {sorted(map(str, devices))}")
+
+    if torch.is_autocast_enabled(x.device.type):
+        # Mirror F.linear under autocast: the matmul operands run in the autocast dtype.
+        autocast_dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(autocast_dtype), weight.to(autocast_dtype)
+        bias = None if bias is None else bias.to(autocast_dtype)
+    if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError(
+            f"sparse_delta_linear: x, weight and bias must share a dtype, got x {x.dtype}, weight "
+            f"{weight.dtype}" + ("" if bias is None else f", bias {bias.dtype}")
+        )
+    # Resolve every op the step needs now, so a missing kernel fails here and not in backward.
+    for op in _MERGED_OPS if merged else _SPLIT_OPS:
+        resolve_backend(op, backend, x.device)
+    return _sparse_delta_linear_op(
+        x,
+        weight,
+        delta,
+        sparse_index.flat,
+        sparse_index.row_ptr,
+        sparse_index.col_ptr,
+        sparse_index.csc_perm,
+        bias,
+        merged,
+        backend,
+    )
