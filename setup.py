@@ -77,6 +77,12 @@ def cuda_extension_kwargs():
         print("spft_kernels: no CUDA toolkit found, building without the CUDA extension "
               "(reference and Triton backends only); set CUDA_HOME to build it")
         return {}
+    import torch
+
+    if torch.version.cuda is None:
+        print(f"spft_kernels: torch {torch.__version__} is a CPU-only build, which cannot build CUDA "
+              "extensions; building without the CUDA extension (install a CUDA build of torch for it)")
+        return {}
     # torch.utils.cpp_extension reads CUDA_HOME when imported.
     os.environ["CUDA_HOME"] = cuda_home
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)

@@ -7,6 +7,11 @@
 namespace spft {
 namespace {
 
+__device__ inline float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ inline double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ inline float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ inline double add_rn(double a, double b) { return __dadd_rn(a, b); }
+
 template <typename WeightT, typename DeltaT, typename IndexT>
 __global__ void scatter_delta_kernel(WeightT* __restrict__ weight, const IndexT* __restrict__ index,
                                      int64_t nnz, const WeightT* __restrict__ base,
@@ -21,7 +26,9 @@ __global__ void scatter_delta_kernel(WeightT* __restrict__ weight, const IndexT*
     Acc value = static_cast<Acc>(
         ScalarTraits<WeightT>::to_float(base != nullptr ? base[k] : weight[position]));
     if (delta != nullptr) {
-      value += alpha_acc * static_cast<Acc>(ScalarTraits<DeltaT>::to_float(delta[k]));
+      // Separate multiply and add (no FMA contraction), as torch's CPU reference rounds them,
+      // so every backend writes bitwise the same weight.
+      value = add_rn(value, mul_rn(alpha_acc, static_cast<Acc>(ScalarTraits<DeltaT>::to_float(delta[k]))));
     }
     weight[position] = ScalarTraits<WeightT>::from_float(value);
   }

@@ -302,12 +302,17 @@ class SparseDeltaLinear(nn.Linear):
             self.merge()
 
     def _apply(self, fn, recurse=True):
+        # A cast of the module to bf16/fp16 must not round the fp32 master delta: keep the
+        # original values and move them to the new device in the master dtype instead.
+        before = self._parameters.get("delta")
+        original = None if before is None else (before.data, before.grad)
         super()._apply(fn, recurse)
+        delta = self._parameters.get("delta")
         master = self._master_dtype()
-        if self.delta.dtype != master:
-            self.delta.data = self.delta.data.to(master)
-            if self.delta.grad is not None:
-                self.delta.grad = self.delta.grad.to(master)
+        if delta is not None and delta.dtype != master:
+            values, grad = original
+            delta.data = values.to(device=delta.device, dtype=master)
+            delta.grad = None if grad is None else grad.to(device=delta.device, dtype=master)
         return self
 
     def extra_repr(self) -> str:

@@ -12,9 +12,11 @@ from typing import Optional
 
 import torch
 
-# 2**22 fp32 values = 16 MiB per temporary: large enough that per-chunk overhead is negligible
-# (a chunk is >= 1000 tokens at nnz = 4096), small next to any weight worth sparsifying.
+# A temporary holds at most 2**22 values (16 MiB in fp32) and at most 1/16 of the weight's
+# entries, so the reference never approaches an out x in allocation; one token's nnz values is
+# the floor.
 CHUNK_ELEMENTS = 1 << 22
+WEIGHT_FRACTION = 16
 
 
 def accumulate_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
@@ -22,8 +24,10 @@ def accumulate_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def token_chunk(num_tokens: int, nnz: int) -> int:
-    return max(1, min(num_tokens, CHUNK_ELEMENTS // max(nnz, 1)))
+def token_chunk(num_tokens: int, nnz: int, weight_numel: int, temporaries: int = 1) -> int:
+    """Tokens per chunk so that ``temporaries`` buffers of [chunk, nnz] stay within the budget."""
+    budget = max(nnz, min(CHUNK_ELEMENTS, weight_numel // WEIGHT_FRACTION) // temporaries)
+    return max(1, min(num_tokens, budget // max(nnz, 1)))
 
 
 def gather_scale_add(
@@ -41,10 +45,10 @@ def gather_scale_add(
     acc = accumulate_dtype(base, src, values)
     out = torch.empty_like(base)
     scaled_values = values.to(acc)
-    step = token_chunk(src.shape[0], values.numel())
+    step = token_chunk(src.shape[0], values.numel(), base.shape[1] * src.shape[1])
     for start in range(0, src.shape[0], step):
         stop = start + step
-        partial = base[start:stop].to(acc)
+        partial = base[start:stop].to(acc, copy=True)
         contributions = src[start:stop].index_select(1, gather_cols).to(acc).mul_(scaled_values)
         partial.index_add_(1, scatter_cols, contributions)
         out[start:stop] = partial
@@ -55,8 +59,7 @@ def sddmm(x: torch.Tensor, dy: torch.Tensor, rows: torch.Tensor, cols: torch.Ten
     """``grad[k] = Σ_t dy[t, rows[k]] * x[t, cols[k]]`` in the accumulate dtype (never dyᵀx)."""
     acc = accumulate_dtype(x, dy)
     grad = torch.zeros(rows.numel(), dtype=acc, device=x.device)
-    # Two [chunk, nnz] temporaries live at once, so the chunk is half as many tokens.
-    step = max(1, token_chunk(x.shape[0], rows.numel()) // 2)
+    step = token_chunk(x.shape[0], rows.numel(), x.shape[1] * dy.shape[1], temporaries=2)
     for start in range(0, x.shape[0], step):
         stop = start + step
         products = dy[start:stop].index_select(1, rows).to(acc)

@@ -1,0 +1,46 @@
+import math
+
+import pytest
+import torch
+
+import spft_kernels as spft
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def pytest_report_header(config):
+    return (
+        f"torch {torch.__version__} (CUDA {torch.version.cuda}), spft backends {spft.available_backends()}, "
+        f"GPU: {torch.cuda.is_available()}"
+    )
+
+
+@pytest.fixture(autouse=True)
+def poison_empty(monkeypatch):
+    """torch.empty & co. return NaN-filled floating tensors, so a kernel that leaves part of its
+    output unwritten fails the comparisons instead of passing on lucky zeros."""
+    real_empty, real_empty_like, real_new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+
+    def poison(tensor):
+        if tensor.is_floating_point() and tensor.device.type != "meta":
+            tensor.fill_(math.nan)
+        return tensor
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: poison(real_new_empty(self, *a, **k)))
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def cuda_extension_or_skip():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if "cuda" not in spft.available_backends():
+        pytest.skip("the CUDA extension is not built")

@@ -1,0 +1,85 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import spft_kernels as spft
+
+
+def test_import_does_not_initialise_cuda():
+    code = (
+        "import torch, spft_kernels as s; s.available_backends(); "
+        "import sys; sys.exit(1 if torch.cuda.is_initialized() else 0)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=300).returncode == 0
+
+
+def test_reference_backend_is_always_available():
+    assert spft.available_backends()[0] == "reference"
+
+
+@pytest.mark.skipif(os.environ.get("SPFT_REQUIRE_CUDA_EXT", "0") in ("", "0"), reason="SPFT_REQUIRE_CUDA_EXT is not set")
+def test_cuda_extension_was_built():
+    """CI sets SPFT_REQUIRE_CUDA_EXT=1: the nvcc build must have produced a loadable extension."""
+    from spft_kernels._extension import cuda_extension_error, load_cuda_extension
+
+    assert load_cuda_extension() is not None, cuda_extension_error()
+    assert "cuda" in spft.available_backends()
+    for op in ("cuda_scatter_delta_", "cuda_row_gather"):
+        assert hasattr(torch.ops.spft, op)
+
+
+def test_cuda_backend_refuses_cpu_tensors_or_reports_it_missing():
+    weight = torch.zeros(4, 3)
+    index = torch.tensor([1, 5], dtype=torch.int32)
+    if "cuda" in spft.available_backends():
+        with pytest.raises(ValueError, match="needs CUDA tensors"):
+            spft.scatter_delta_(weight, index, delta=torch.ones(2), backend="cuda")
+    else:
+        with pytest.raises(RuntimeError, match="not available"):
+            spft.scatter_delta_(weight, index, delta=torch.ones(2), backend="cuda")
+
+
+def test_scatter_delta_reference_semantics():
+    weight = torch.arange(12, dtype=torch.bfloat16).view(3, 4)
+    index = torch.tensor([1, 6, 11], dtype=torch.int32)
+    base = torch.tensor([10.0, 20.0, 30.0], dtype=torch.bfloat16)
+    spft.scatter_delta_(weight, index, delta=torch.tensor([0.5, -1.0, 0.25]))
+    assert weight.view(-1)[[1, 6, 11]].tolist() == [1.5, 5.0, 11.25]
+    spft.scatter_delta_(weight, index, base=base, delta=torch.tensor([1.0, 1.0, 1.0]), alpha=-2.0)
+    assert weight.view(-1)[[1, 6, 11]].tolist() == [8.0, 18.0, 28.0]
+    spft.scatter_delta_(weight, index, base=base)
+    assert weight.view(-1)[[1, 6, 11]].tolist() == [10.0, 20.0, 30.0]
+    assert weight.view(-1)[[0, 2, 5, 10]].tolist() == [0.0, 2.0, 5.0, 10.0]
+
+
+def test_scatter_delta_checks():
+    weight = torch.zeros(4, 3)
+    with pytest.raises(ValueError, match="contiguous"):
+        spft.scatter_delta_(weight.t(), torch.tensor([1]), delta=torch.ones(1))
+    with pytest.raises(ValueError, match=r"delta must have shape \(1,\)"):
+        spft.scatter_delta_(weight, torch.tensor([1]), delta=torch.ones(2))
+    with pytest.raises(ValueError, match="base must have the weight's dtype"):
+        spft.scatter_delta_(weight, torch.tensor([1]), base=torch.ones(1, dtype=torch.float64))
+
+
+def test_row_gather_reference_and_checks():
+    src = torch.randn(2, 3, 7)
+    rows = torch.tensor([6, 0, 3], dtype=torch.int32)
+    assert torch.equal(spft.row_gather(src, rows), src[..., [6, 0, 3]])
+    assert spft.row_gather(src, rows[:0]).shape == (2, 3, 0)
+    with pytest.raises(ValueError, match="out of range"):
+        spft.row_gather(src, torch.tensor([7]))
+    with pytest.raises(ValueError, match="1-D int32 or int64"):
+        spft.row_gather(src, torch.tensor([1.0]))
+    torch.library.opcheck(torch.ops.spft.row_gather.default, (src, rows, "reference"))
+
+
+def test_opcheck_scatter_delta():
+    weight = torch.randn(5, 4)
+    index = torch.tensor([0, 7, 19], dtype=torch.int32)
+    torch.library.opcheck(
+        torch.ops.spft.scatter_delta_.default, (weight, index, torch.randn(3), torch.randn(3), 1.0, "reference")
+    )

@@ -1,0 +1,231 @@
+import pytest
+import torch
+
+import spft_kernels as spft
+from helpers import assert_within_budget, dense_oracle, plain_pytorch, random_problem
+from spft_kernels.sparse_delta_linear import sddmm, spmm_add, spmm_t_add
+
+# (out, in, leading dims of x, density, bias): odd sizes, 1 token, nnz = 0, nnz = out*in, 3-D x.
+CASES = [
+    (1, 1, (1,), 1.0, True),
+    (7, 13, (1,), 0.3, False),
+    (33, 17, (5, 3), 0.1, True),
+    (64, 48, (2, 3, 5), 0.0, True),
+    (9, 11, (4,), 1.0, False),
+    (130, 257, (37,), 0.02, True),
+]
+
+
+def _layer(x, weight, delta, index, bias, mode):
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    layer = spft.SparseDeltaLinear.from_linear(linear, index, mode=mode)
+    with torch.no_grad():
+        layer.delta.copy_(delta)
+    return layer
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("mode", ["split", "merged"])
+def test_fp64_matches_dense_definition(case, mode):
+    x, weight, delta, index, bias, dy = random_problem(*case)
+    layer = _layer(x, weight, delta, index, bias, mode)
+    x = x.clone().requires_grad_(True)
+    y = layer(x)
+    y.backward(dy)
+    y_ref, dx_ref, ddelta_ref, dbias_ref = dense_oracle(x, weight, delta, index, bias, dy)
+    assert y.shape == y_ref.shape and y.dtype == torch.float64
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, dx_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.delta.grad, ddelta_ref, rtol=1e-12, atol=1e-12)
+    assert layer.weight.grad is None
+    assert layer.bias is None or layer.bias.grad is None
+
+
+@pytest.mark.parametrize("case", CASES[:5])
+def test_gradcheck_functional(case):
+    x, weight, delta, index, bias, _ = random_problem(*case)
+    x.requires_grad_(True)
+    weight.requires_grad_(True)
+    delta.requires_grad_(True)
+    inputs = (x, weight, delta) + ((bias.requires_grad_(True),) if bias is not None else ())
+    sparse_index, _ = spft.SparseIndex.build(index, *weight.shape)
+
+    def fn(x, weight, delta, bias=None):
+        return spft.sparse_delta_linear(x, weight, delta, sparse_index, bias, backend="reference")
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["split", "merged"])
+@pytest.mark.parametrize("case", [CASES[2], CASES[5], (96, 80, (50,), 0.05, True)])
+def test_low_precision_within_twice_plain_pytorch_error(case, mode, dtype):
+    x, weight, delta, index, bias, dy = random_problem(*case, dtype=dtype)
+    delta = delta.float()
+    layer = _layer(x, weight, delta, index, bias, mode)
+    x = x.clone().requires_grad_(True)
+    y = layer(x)
+    y.backward(dy)
+    assert y.dtype == dtype and x.grad.dtype == dtype and layer.delta.grad.dtype == torch.float32
+    y_ref, dx_ref, ddelta_ref, _ = dense_oracle(x, weight, delta, index, bias, dy)
+    y_plain, dx_plain, ddelta_plain = plain_pytorch(x, weight, delta, index, bias, dy)
+    assert_within_budget("y", y, y_plain, y_ref, dtype)
+    assert_within_budget("dx", x.grad, dx_plain, dx_ref, dtype)
+    assert_within_budget("d delta", layer.delta.grad, ddelta_plain, ddelta_ref, dtype)
+
+
+def test_merged_and_split_gradients_agree():
+    x, weight, delta, index, bias, dy = random_problem(40, 30, (6, 2), 0.2, True, seed=3)
+    grads = {}
+    for mode in ("split", "merged"):
+        layer = _layer(x, weight, delta, index, bias, mode)
+        xx = x.clone().requires_grad_(True)
+        layer(xx).backward(dy)
+        grads[mode] = (xx.grad, layer.delta.grad)
+    torch.testing.assert_close(grads["split"], grads["merged"], rtol=1e-12, atol=1e-12)
+
+
+def test_unsorted_index_permutes_delta_with_it():
+    x, weight, delta, index, bias, dy = random_problem(12, 10, (3,), 0.4, True, seed=5)
+    permutation = torch.randperm(index.numel())
+    sorted_delta = delta.clone().requires_grad_(True)
+    shuffled_delta = delta[permutation].clone().requires_grad_(True)
+    y_sorted = spft.sparse_delta_linear(x, weight, sorted_delta, index, bias)
+    y_shuffled = spft.sparse_delta_linear(x, weight, shuffled_delta, index[permutation], bias)
+    torch.testing.assert_close(y_sorted, y_shuffled, rtol=0, atol=0)
+    y_sorted.backward(dy)
+    y_shuffled.backward(dy)
+    torch.testing.assert_close(shuffled_delta.grad, sorted_delta.grad[permutation], rtol=0, atol=0)
+
+
+def test_delta_gradient_is_bitwise_reproducible():
+    x, weight, delta, index, bias, dy = random_problem(50, 70, (33,), 0.1, True, seed=7, dtype=torch.float32)
+    grads = []
+    for _ in range(3):
+        d = delta.float().clone().requires_grad_(True)
+        spft.sparse_delta_linear(x, weight, d, index, bias).backward(dy)
+        grads.append(d.grad)
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
+
+
+def test_reference_chunking_matches_single_chunk(monkeypatch):
+    x, weight, delta, index, bias, dy = random_problem(20, 24, (17,), 0.3, True, seed=9)
+    whole = spft.sparse_delta_linear(x, weight, delta, index, bias)
+    import spft_kernels.naive as naive
+
+    monkeypatch.setattr(naive, "CHUNK_ELEMENTS", 1)  # one token per chunk
+    chunked = spft.sparse_delta_linear(x, weight, delta, index, bias)
+    torch.testing.assert_close(whole, chunked, rtol=1e-13, atol=1e-13)
+
+
+def test_bf16_autocast_on_cpu():
+    x, weight, delta, index, bias, dy = random_problem(48, 40, (8,), 0.1, True, seed=11, dtype=torch.float32)
+    layer = _layer(x, weight, delta.float(), index, bias, "split")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().backward(dy)
+    assert layer.delta.grad.dtype == torch.float32
+    y_ref, _, ddelta_ref, _ = dense_oracle(x, weight, delta, index, bias, dy)
+    torch.testing.assert_close(y.double(), y_ref, rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(layer.delta.grad.double(), ddelta_ref, rtol=2e-2, atol=0.5)
+
+
+def _opcheck_args(requires_grad):
+    x, weight, delta, index, bias, _ = random_problem(19, 23, (2, 5), 0.2, True, seed=13, dtype=torch.float32)
+    sparse_index, _ = spft.SparseIndex.build(index, 19, 23)
+    delta = delta.float().requires_grad_(requires_grad)
+    x = x.requires_grad_(requires_grad)
+    bias = bias.requires_grad_(requires_grad)
+    return x, weight, delta, sparse_index, bias
+
+
+@pytest.mark.parametrize("merged", [False, True])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_layer_op(merged, requires_grad):
+    x, weight, delta, si, bias = _opcheck_args(requires_grad)
+    args = (x, weight, delta, si.flat, si.row_ptr, si.col_ptr, si.csc_perm, bias, merged, "reference")
+    torch.library.opcheck(torch.ops.spft.sparse_delta_linear.default, args)
+
+
+def test_opcheck_kernel_ops():
+    x, weight, delta, si, bias = _opcheck_args(False)
+    x2d = x.reshape(-1, 23)
+    dy2d = torch.randn(x2d.shape[0], 19)
+    base_out = torch.randn(x2d.shape[0], 19)
+    base_in = torch.randn(x2d.shape[0], 23)
+    torch.library.opcheck(spmm_add, (base_out, x2d, delta, si.flat, si.row_ptr, "reference"))
+    torch.library.opcheck(spmm_t_add, (base_in, dy2d, delta, si.flat, si.col_ptr, si.csc_perm, "reference"))
+    torch.library.opcheck(sddmm, (x2d, dy2d, si.flat, "reference"))
+
+
+def test_kernel_ops_match_dense():
+    x, weight, delta, index, bias, dy = random_problem(21, 15, (9,), 0.25, False, seed=17)
+    si, _ = spft.SparseIndex.build(index, 21, 15)
+    from helpers import dense_weight
+
+    dense_delta = dense_weight(torch.zeros(21, 15, dtype=torch.float64), delta, index)
+    base_out, base_in = torch.randn(9, 21, dtype=torch.float64), torch.randn(9, 15, dtype=torch.float64)
+    torch.testing.assert_close(spmm_add(base_out, x, delta, si.flat, si.row_ptr, "auto"), base_out + x @ dense_delta.t())
+    torch.testing.assert_close(
+        spmm_t_add(base_in, dy, delta, si.flat, si.col_ptr, si.csc_perm, "auto"), base_in + dy @ dense_delta
+    )
+    torch.testing.assert_close(sddmm(x, dy, si.flat, "auto"), (dy.t() @ x).view(-1)[index.long()])
+
+
+class TestBadInput:
+    def setup_method(self):
+        self.x, self.weight, self.delta, self.index, self.bias, _ = random_problem(8, 6, (3,), 0.5, True)
+
+    def call(self, **overrides):
+        args = dict(x=self.x, weight=self.weight, delta=self.delta, index=self.index, bias=self.bias)
+        args.update(overrides)
+        return spft.sparse_delta_linear(**args)
+
+    def test_x_width(self):
+        with pytest.raises(ValueError, match=r"x must have shape \[\.\.\., 6\]"):
+            self.call(x=torch.randn(3, 7, dtype=torch.float64))
+
+    def test_delta_length(self):
+        with pytest.raises(ValueError, match="delta must be 1-D with one value per index entry"):
+            self.call(delta=self.delta[:-1])
+
+    def test_dtype_mismatch(self):
+        with pytest.raises(ValueError, match="must share a dtype"):
+            self.call(x=self.x.float())
+
+    def test_bias_shape(self):
+        with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
+            self.call(bias=torch.zeros(7, dtype=torch.float64))
+
+    def test_index_out_of_range(self):
+        with pytest.raises(ValueError, match="out of range"):
+            self.call(index=torch.tensor([0, 48]), delta=torch.zeros(2, dtype=torch.float64))
+
+    def test_index_duplicates(self):
+        with pytest.raises(ValueError, match="duplicate"):
+            self.call(index=torch.tensor([3, 3]), delta=torch.zeros(2, dtype=torch.float64))
+
+    def test_sparse_index_for_other_shape(self):
+        other, _ = spft.SparseIndex.build(torch.tensor([1]), 6, 8)
+        with pytest.raises(ValueError, match="built for shape"):
+            self.call(index=other, delta=torch.zeros(1, dtype=torch.float64))
+
+    def test_unknown_backend(self):
+        with pytest.raises(ValueError, match="unknown backend"):
+            spft.sparse_delta_linear(self.x, self.weight, self.delta, self.index, self.bias, backend="cublas")
+
+    def test_backend_without_kernels_fails_before_running(self):
+        error = NotImplementedError if "cuda" in spft.available_backends() else RuntimeError
+        with pytest.raises(error, match="cuda"):
+            spft.sparse_delta_linear(self.x, self.weight, self.delta, self.index, self.bias, backend="cuda")
+        with pytest.raises(RuntimeError, match="triton"):
+            spft.sparse_delta_linear(self.x, self.weight, self.delta, self.index, self.bias, backend="triton")
+
+    def test_mixed_devices(self):
+        with pytest.raises(ValueError, match="one device"):
+            self.call(x=self.x.to("meta"))

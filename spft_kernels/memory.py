@@ -1,0 +1,96 @@
+"""Memory measurement that works on every device, used by spft-bench and the tests.
+
+``TensorMemoryTracker`` is a dispatch mode that sees every tensor storage created while it is
+active, including those made inside spft's own custom ops (their Python implementations are
+run under the mode, where the mode would otherwise see one opaque call), and follows each
+storage until it is freed. It reports the peak of live bytes and the largest single
+allocation. On CUDA the allocator's own statistics are the better peak (they include
+workspaces); the CPU has no such statistics, hence this.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Iterable, Optional
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+def _custom_op_python_impl(func):
+    """The Python body of an spft custom op (so that its inner allocations are seen), or None."""
+    try:
+        from torch._library.custom_ops import OPDEFS
+    except ImportError:  # private API: without it the op is measured as one call
+        return None
+    opdef = OPDEFS.get(func._schema.name)
+    return None if opdef is None else opdef._init_fn
+
+
+class TensorMemoryTracker(TorchDispatchMode):
+    """Tracks storages created while active.
+
+    Attributes after (or during) use: ``current_bytes``, ``peak_bytes`` (live bytes of storages
+    created under the tracker, plus ``baseline_bytes``), ``largest_numel`` and ``largest_shape``
+    (the biggest tensor any op allocated)."""
+
+    def __init__(self, baseline: Optional[Iterable[torch.Tensor]] = None):
+        super().__init__()
+        self.baseline_bytes = _storage_bytes(baseline or ())
+        self.current_bytes = 0
+        self.peak_bytes = self.baseline_bytes
+        self.largest_numel = 0
+        self.largest_shape: tuple = ()
+        self.largest_op = ""
+        self._live: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        body = _custom_op_python_impl(func) if func.namespace == "spft" else None
+        if body is not None:
+            with self, torch.no_grad():
+                out = body(*args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
+        # An output that shares an input's storage (a view, an in-place result) allocated nothing.
+        input_storages = {
+            t.untyped_storage()._cdata
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, torch.Tensor) and t.device.type != "meta"
+        }
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                self._track(tensor, str(func), input_storages)
+        return out
+
+    def _track(self, tensor: torch.Tensor, op: str, input_storages: set) -> None:
+        if tensor.device.type == "meta":
+            return
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self._live or key in input_storages:
+            return
+        if tensor.numel() > self.largest_numel:
+            self.largest_numel, self.largest_shape, self.largest_op = tensor.numel(), tuple(tensor.shape), op
+        nbytes = storage.nbytes()
+        self._live[key] = nbytes
+        self.current_bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.baseline_bytes + self.current_bytes)
+        weakref.finalize(storage, self._release, key)
+
+    def _release(self, key: int) -> None:
+        nbytes = self._live.pop(key, 0)
+        self.current_bytes -= nbytes
+
+
+def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    seen, total = set(), 0
+    for tensor in tensors:
+        if tensor is None or tensor.device.type == "meta":
+            continue
+        storage = tensor.untyped_storage()
+        if storage._cdata not in seen:
+            seen.add(storage._cdata)
+            total += storage.nbytes()
+    return total
