@@ -83,3 +83,36 @@ def test_opcheck_scatter_delta():
     torch.library.opcheck(
         torch.ops.spft.scatter_delta_.default, (weight, index, torch.randn(3), torch.randn(3), 1.0, "reference")
     )
+
+
+def test_a_broken_extension_warns_once_and_falls_back(monkeypatch):
+    import importlib
+
+    from spft_kernels import _extension, backends
+
+    real_import = importlib.import_module
+
+    def broken_import(name, *args, **kwargs):
+        if name == "spft_kernels._C":
+            raise ImportError("spft_kernels/_C.so: undefined symbol: _ZN3c1017RegisterOperators")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(_extension.importlib, "import_module", broken_import)
+    monkeypatch.setattr(backends, "_warned_cuda_missing", False)
+    _extension.load_cuda_extension.cache_clear()
+    try:
+        with pytest.warns(spft.SpftExtensionWarning, match="failed to load, probably built against another torch"):
+            assert spft.available_backends() == ["reference"]
+        with pytest.raises(RuntimeError, match="backend 'cuda' is not available: .*undefined symbol"):
+            spft.scatter_delta_(torch.zeros(3), torch.tensor([1]), delta=torch.ones(1), backend="cuda")
+        # auto on CUDA tensors warns once more (the fallback), then never again
+        with pytest.warns(spft.SpftExtensionWarning, match="fall back"):
+            backends._warn_once_if_cuda_missing("scatter_delta")
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            backends._warn_once_if_cuda_missing("row_gather")
+    finally:
+        monkeypatch.undo()
+        _extension.load_cuda_extension.cache_clear()

@@ -58,6 +58,17 @@ def test_error_names_the_layer():
         spft.SparseDeltaLinear.from_linear(make_linear(), torch.tensor([5, 5]), name="blocks.3.mlp")
 
 
+def test_merged_mode_needs_a_contiguous_weight_and_auto_falls_back_to_split():
+    linear = make_linear()
+    linear.weight = nn.Parameter(linear.weight.detach().t().contiguous().t())  # same values, transposed layout
+    with pytest.raises(ValueError, match="contiguous weight"):
+        spft.SparseDeltaLinear.from_linear(linear, torch.tensor([1]), mode="merged")
+    layer = spft.SparseDeltaLinear.from_linear(linear, torch.tensor([1]), mode="auto")
+    x = torch.randn(2, 19)
+    layer(x)
+    assert not layer.merged
+
+
 def test_unknown_and_future_modes():
     with pytest.raises(ValueError, match="unknown mode"):
         spft.SparseDeltaLinear.from_linear(make_linear(), torch.tensor([1]), mode="dense")

@@ -35,12 +35,14 @@ def load_cuda_extension():
         if not missing:
             warnings.warn(f"{_load_error}; the cuda backend is disabled", SpftExtensionWarning, stacklevel=3)
         return None
+    _load_error = None
     _register_fakes()
     return module
 
 
+@functools.lru_cache(maxsize=None)
 def _register_fakes():
-    # Shapes of the C++ ops for torch.compile and meta tensors.
+    # Shapes of the C++ ops for torch.compile and meta tensors (once per process).
     import torch
 
     @torch.library.register_fake("spft::cuda_scatter_delta_")

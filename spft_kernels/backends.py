@@ -8,11 +8,12 @@ one that runs, or raises a clear error. Nothing here initialises CUDA.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from typing import Callable, Optional
 
 import torch
 
-from ._extension import cuda_extension_error, load_cuda_extension
+from ._extension import SpftExtensionWarning, cuda_extension_error, load_cuda_extension
 
 BACKENDS = ("reference", "triton", "cuda")
 AUTO = "auto"
@@ -75,6 +76,8 @@ def resolve_backend(op: str, requested: str, device: torch.device) -> str:
     check_backend_name(requested)
     implemented = _IMPLEMENTATIONS.get(op, {})
     if requested == AUTO:
+        if device.type == "cuda" and "cuda" in implemented:
+            _warn_once_if_cuda_missing(op)
         for backend in _AUTO_ORDER.get(device.type, ("reference",)):
             if backend in implemented and _unavailable_reason(backend) is None:
                 return backend
@@ -90,6 +93,22 @@ def resolve_backend(op: str, requested: str, device: torch.device) -> str:
     if requested in ("cuda", "triton") and device.type != "cuda":
         raise ValueError(f"{op}: backend {requested!r} needs CUDA tensors, got tensors on {device}")
     return requested
+
+
+_warned_cuda_missing = False
+
+
+def _warn_once_if_cuda_missing(op: str) -> None:
+    """One warning per process when CUDA tensors meet an install without the CUDA extension."""
+    global _warned_cuda_missing
+    reason = _unavailable_reason("cuda")
+    if reason is not None and not _warned_cuda_missing:
+        _warned_cuda_missing = True
+        warnings.warn(
+            f"{reason}; {op} and the other spft ops on CUDA tensors fall back to slower backends",
+            SpftExtensionWarning,
+            stacklevel=4,
+        )
 
 
 def implementation(op: str, backend: str) -> Callable:

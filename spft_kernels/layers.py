@@ -91,6 +91,8 @@ class SparseDeltaLinear(nn.Linear):
         layer_name = name or "SparseDeltaLinear"
         if linear.weight.device.type == "meta":
             raise ValueError(f"{layer_name}: the linear's weight is on the meta device; materialise it first")
+        if mode == "merged" and not linear.weight.is_contiguous():
+            raise ValueError(f"{layer_name}: mode='merged' needs a contiguous weight; use mode='split'")
         # Validate before touching the linear, so a bad index leaves it as it was.
         sparse_index, _ = SparseIndex.build(
             index, linear.out_features, linear.in_features, device=linear.weight.device, name=layer_name
