@@ -1,9 +1,17 @@
 import math
+import os
 
-import pytest
 import torch
 
-import spft_kernels as spft
+# Without a GPU the Triton kernels run in Triton's interpreter; it must be chosen before
+# spft_kernels (and so triton.jit) is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import spft_kernels as spft  # noqa: E402
+from spft_kernels._triton import interpreter_enabled  # noqa: E402
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -44,3 +52,21 @@ def cuda_extension_or_skip():
         pytest.skip("needs a CUDA device")
     if "cuda" not in spft.available_backends():
         pytest.skip("the CUDA extension is not built")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def usable_backends(device: torch.device) -> list[str]:
+    """Backends that can run spft ops on tensors of ``device`` here."""
+    backends = ["reference"]
+    if "triton" in spft.available_backends() and (device.type == "cuda" or interpreter_enabled()):
+        backends.append("triton")
+    return backends
+
+
+def kernel_dtypes(device: torch.device) -> list[torch.dtype]:
+    """bf16 tl.dot is wrong in Triton's interpreter, so CPU runs test fp32/fp16 (and fp64)."""
+    dtypes = [torch.float32, torch.float16, torch.float64]
+    return dtypes + [torch.bfloat16] if device.type == "cuda" else dtypes

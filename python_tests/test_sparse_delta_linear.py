@@ -2,8 +2,10 @@ import pytest
 import torch
 
 import spft_kernels as spft
+from conftest import default_device, usable_backends
 from helpers import assert_within_budget, dense_oracle, plain_pytorch, random_problem
-from spft_kernels.sparse_delta_linear import sddmm, spmm_add, spmm_t_add
+from spft_kernels.sddmm import sddmm
+from spft_kernels.spmm import spmm_add, spmm_t_add
 
 # (out, in, leading dims of x, density, bias): odd sizes, 1 token, nnz = 0, nnz = out*in, 3-D x.
 CASES = [
@@ -76,6 +78,30 @@ def test_low_precision_within_twice_plain_pytorch_error(case, mode, dtype):
     assert_within_budget("y", y, y_plain, y_ref, dtype)
     assert_within_budget("dx", x.grad, dx_plain, dx_ref, dtype)
     assert_within_budget("d delta", layer.delta.grad, ddelta_plain, ddelta_ref, dtype)
+
+
+@pytest.mark.parametrize("backend", usable_backends(default_device()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_full_step_on_each_backend(backend, dtype):
+    """Forward and backward through the layer op with every kernel from one backend."""
+    device = default_device()
+    x, weight, delta, index, bias, dy = random_problem(45, 38, (3, 7), 0.15, True, seed=21, dtype=dtype)
+    x, weight, bias, dy = (t.to(device) for t in (x, weight, bias, dy))
+    sparse_index, _ = spft.SparseIndex.build(index.to(device), 45, 38)
+    x.requires_grad_(True)
+    delta_param = delta.float().to(device).requires_grad_(True)
+    y = spft.sparse_delta_linear(x, weight, delta_param, sparse_index, bias, backend=backend)
+    y.backward(dy)
+    x_cpu, w_cpu, b_cpu, dy_cpu = (t.detach().cpu() for t in (x, weight, bias, dy))
+    y_ref, dx_ref, ddelta_ref, _ = dense_oracle(x_cpu, w_cpu, delta_param.detach().cpu(), index, b_cpu, dy_cpu)
+    y_plain, dx_plain, ddelta_plain = plain_pytorch(
+        x_cpu.float(), w_cpu.float(), delta_param.detach().cpu(), index, b_cpu.float(), dy_cpu.float()
+    )
+    if dtype == torch.float16:  # CPU fp16 GEMMs are emulated; the plain path runs in fp32, then rounds
+        y_plain, dx_plain = y_plain.half(), dx_plain.half()
+    assert_within_budget("y", y.cpu(), y_plain, y_ref, dtype)
+    assert_within_budget("dx", x.grad.cpu(), dx_plain, dx_ref, dtype)
+    assert_within_budget("d delta", delta_param.grad.cpu(), ddelta_plain, ddelta_ref, dtype)
 
 
 def test_merged_and_split_gradients_agree():
@@ -223,7 +249,12 @@ class TestBadInput:
         error = NotImplementedError if "cuda" in spft.available_backends() else RuntimeError
         with pytest.raises(error, match="cuda"):
             spft.sparse_delta_linear(self.x, self.weight, self.delta, self.index, self.bias, backend="cuda")
-        with pytest.raises(RuntimeError, match="triton"):
+
+    def test_triton_on_cpu_tensors_needs_the_interpreter(self, monkeypatch):
+        if "triton" not in spft.available_backends():
+            pytest.skip("triton is not installed")
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="needs CUDA tensors \\(or TRITON_INTERPRET=1"):
             spft.sparse_delta_linear(self.x, self.weight, self.delta, self.index, self.bias, backend="triton")
 
     def test_mixed_devices(self):

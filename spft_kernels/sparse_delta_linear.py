@@ -1,12 +1,8 @@
 """``y = x (W0 + Δ)ᵀ + b`` with a trainable sparse ``Δ``: the ops, their autograd and the
 functional entry point.
 
-Ops (namespace ``spft``, each with a fake implementation so torch.compile traces through them):
-
-- ``spmm_add(base, x, delta, index, row_ptr)``      -> ``base + x Δᵀ``  (CSR by output row)
-- ``spmm_t_add(base, dy, delta, index, col_ptr, csc_perm)`` -> ``base + dy Δ``  (CSC by column)
-- ``sddmm(x, dy, index)``                           -> ``d delta`` (only the masked entries)
-- ``sparse_delta_linear(...)``                      -> ``y``, with the backward below.
+The op ``spft::sparse_delta_linear`` (with a fake implementation, so torch.compile traces
+through it) is built from ``spmm_add`` / ``spmm_t_add`` (spmm.py) and ``sddmm`` (sddmm.py).
 
 Backward: ``dx = dy W + dy Δ`` (``dy W`` alone in merged mode, where W already holds W0 + Δ),
 ``d delta = SDDMM(x, dy)``, ``db = Σ dy``; only ``x`` is saved (W, delta and the index are the
@@ -21,76 +17,12 @@ import torch
 import torch.nn.functional as F
 
 from . import naive
-from .backends import check_backend_name, implementation, register, resolve_backend
+from .backends import check_backend_name, resolve_backend
 from .index import SparseIndex
+from .sddmm import sddmm
+from .spmm import spmm_add, spmm_t_add
 
 Tensor = torch.Tensor
-
-
-# --- spmm_add: base + x Δᵀ -----------------------------------------------------------------
-
-
-@torch.library.custom_op("spft::spmm_add", mutates_args=())
-def spmm_add(base: Tensor, x: Tensor, delta: Tensor, index: Tensor, row_ptr: Tensor, backend: str) -> Tensor:
-    """``base + x Δᵀ`` for 2-D ``base`` [T, out] and ``x`` [T, in]; fp32 accumulation, one rounding."""
-    chosen = resolve_backend("spmm_add", backend, x.device)
-    return implementation("spmm_add", chosen)(base, x, delta, index, row_ptr)
-
-
-@spmm_add.register_fake
-def _(base, x, delta, index, row_ptr, backend):
-    return torch.empty_like(base)
-
-
-@register("spmm_add", "reference")
-def _spmm_add_reference(base, x, delta, index, row_ptr):
-    rows = torch.div(index, x.shape[1], rounding_mode="floor")
-    return naive.gather_scale_add(base, x, delta, index - rows * x.shape[1], rows)
-
-
-# --- spmm_t_add: base + dy Δ ----------------------------------------------------------------
-
-
-@torch.library.custom_op("spft::spmm_t_add", mutates_args=())
-def spmm_t_add(
-    base: Tensor, dy: Tensor, delta: Tensor, index: Tensor, col_ptr: Tensor, csc_perm: Tensor, backend: str
-) -> Tensor:
-    """``base + dy Δ`` for 2-D ``base`` [T, in] and ``dy`` [T, out]."""
-    chosen = resolve_backend("spmm_t_add", backend, dy.device)
-    return implementation("spmm_t_add", chosen)(base, dy, delta, index, col_ptr, csc_perm)
-
-
-@spmm_t_add.register_fake
-def _(base, dy, delta, index, col_ptr, csc_perm, backend):
-    return torch.empty_like(base)
-
-
-@register("spmm_t_add", "reference")
-def _spmm_t_add_reference(base, dy, delta, index, col_ptr, csc_perm):
-    rows = torch.div(index, base.shape[1], rounding_mode="floor")
-    return naive.gather_scale_add(base, dy, delta, rows, index - rows * base.shape[1])
-
-
-# --- sddmm: d delta --------------------------------------------------------------------------
-
-
-@torch.library.custom_op("spft::sddmm", mutates_args=())
-def sddmm(x: Tensor, dy: Tensor, index: Tensor, backend: str) -> Tensor:
-    """``grad[k] = Σ_t dy[t, row_k] x[t, col_k]`` for 2-D ``x`` [T, in], ``dy`` [T, out]; fp32
-    result (fp64 for fp64 inputs)."""
-    chosen = resolve_backend("sddmm", backend, x.device)
-    return implementation("sddmm", chosen)(x, dy, index)
-
-
-@sddmm.register_fake
-def _(x, dy, index, backend):
-    return x.new_empty(index.shape, dtype=naive.accumulate_dtype(x, dy))
-
-
-@register("sddmm", "reference")
-def _sddmm_reference(x, dy, index):
-    rows = torch.div(index, x.shape[1], rounding_mode="floor")
-    return naive.sddmm(x, dy, rows, index - rows * x.shape[1])
 
 
 # --- the layer op ------------------------------------------------------------------------------
