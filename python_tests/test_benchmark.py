@@ -1,28 +1,42 @@
 import json
 
-from spft_kernels import benchmark
+from spft_kernels import bench_report, benchmark
 
 REQUIRED_FIELDS = {
     "op", "provider", "out_features", "in_features", "tokens", "density", "dtype", "median_ms",
     "peak_mem_bytes", "device", "torch", "triton", "commit", "date",
 }
+ARGS = ["--device", "cpu", "--shape", "96", "80", "--tokens", "32", "--density", "0.05", "--repeats", "2", "--warmup", "1"]
 
 
-def test_spft_bench_runs_and_writes_records(tmp_path, capsys):
-    output = tmp_path / "results.json"
-    args = ["--device", "cpu", "--shape", "96", "80", "--tokens", "32", "--density", "0.05", "--repeats", "2",
-            "--warmup", "1", "--output", str(output)]
-    assert benchmark.main(args) == 0
+def test_spft_bench_runs_and_writes_records_summary_and_plots(tmp_path, capsys):
+    assert benchmark.main(ARGS + ["--output", str(tmp_path)]) == 0
     table = capsys.readouterr().out
-    records = json.loads(output.read_text())
+    records = json.loads((tmp_path / "results.json").read_text())
     providers = {r["provider"] for r in records}
-    assert {"dense-frozen", "dense-full", "lora-torch", "spft-merged-reference", "spft-split-reference"} <= providers
-    assert {r["op"] for r in records} == {"linear_fwd", "linear_fwd_bwd"}
+    lora = "lora-peft" if "lora-peft" in providers else "lora-torch"
+    assert {"dense-frozen", "dense-full", lora, "naive-sparse", "spft-merged-reference", "spft-split-reference"} <= providers
+    assert {r["op"] for r in records} == {"linear_fwd", "linear_bwd", "linear_fwd_bwd"}
     for record in records:
         assert REQUIRED_FIELDS <= set(record), REQUIRED_FIELDS - set(record)
         assert record["median_ms"] > 0 and record["peak_mem_bytes"] > 0
-    spft_record = next(r for r in records if r["provider"] == "spft-split-reference")
-    lora_record = next(r for r in records if r["provider"] == "lora-torch")
+        assert record["ratio_vs_dense-frozen"] > 0
+    by_provider = {r["provider"]: r for r in records if r["op"] == "linear_fwd_bwd"}
     # equal trainable parameters, to within one LoRA rank step
-    assert abs(spft_record["trainable_params"] - lora_record["trainable_params"]) <= 96 + 80
+    assert abs(by_provider["spft-split-reference"]["trainable_params"] - by_provider[lora]["trainable_params"]) <= 96 + 80
+    assert by_provider["dense-frozen"]["trainable_params"] == 0
     assert "spft-merged-reference" in table and "dense-frozen" in table
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| linear_fwd_bwd | 96×80 |" in summary and records[0]["commit"] in summary
+    assert any(p.suffix == ".png" for p in tmp_path.iterdir())
+
+
+def test_report_regenerates_from_json_and_compare_matches_cases(tmp_path, capsys):
+    benchmark.main(ARGS + ["--output", str(tmp_path)])
+    (tmp_path / "summary.md").unlink()
+    assert benchmark.main(["--report", str(tmp_path / "results.json")]) == 0
+    assert (tmp_path / "summary.md").exists()
+    records = json.loads((tmp_path / "results.json").read_text())
+    slower = [dict(r, median_ms=r["median_ms"] * 2) for r in records]
+    comparison = bench_report.format_comparison(records, slower)
+    assert comparison.count("0.50") == len(records)

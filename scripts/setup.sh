@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates or updates the virtual environment .venv: a CUDA build of torch (>= 2.11, with triton),
-# the test tools, and spft_kernels installed in place, with its CUDA extension built by nvcc
+# the test and benchmark tools (pytest, peft, matplotlib), and spft_kernels installed in place, with its CUDA extension built by nvcc
 # whenever a CUDA toolkit is found (no GPU needed). Safe to run again: finished steps are quick.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,5 +19,5 @@ fi
 pip_install "setuptools>=70" wheel ninja
 echo "setup: building spft_kernels (the CUDA extension takes a minute or two on 2 cores)"
 # --no-build-isolation: build against the torch installed above instead of downloading it again.
-pip_install --no-build-isolation -e ".[test]"
+pip_install --no-build-isolation -e ".[test,bench]"
 "$py" -c 'import spft_kernels as s; print("setup: spft_kernels ready, backends:", s.available_backends())'

@@ -1,11 +1,20 @@
-"""``spft-bench``: one linear layer, forward and forward+backward, against dense and LoRA baselines.
+"""``spft-bench``: one linear layer, forward / backward / forward+backward, against dense and LoRA.
 
 Providers at the same number of trainable parameters (DESIGN.md names):
-``dense-frozen`` (frozen ``F.linear``: the floor for forward and dx), ``dense-full`` (the weight
-trains), ``lora-torch`` (a minimal LoRA layer, rank ``round(nnz / (in + out))``; the benchmark
-issue adds peft's own) and ``spft-<mode>-<backend>`` for every layer mode and backend that runs
-on the device. Times are medians over repeats (CUDA events on a GPU); peak memory comes from the
-CUDA allocator on a GPU and from :class:`~spft_kernels.memory.TensorMemoryTracker` on the CPU.
+
+- ``dense-frozen``: frozen ``F.linear`` (the floor for forward and dx);
+- ``dense-full``: the weight trains (full fine-tuning of the layer);
+- ``lora-peft`` / ``lora-peft-dropout``: peft's LoRA, dropout 0 and 0.1, rank
+  ``round(nnz / (in + out))``; ``lora-torch`` (a minimal LoRA layer) when peft is missing;
+- ``shira-peft``, ``supertuning-peft``: peft's own sparse adapters where the installed peft has
+  them (they scatter into a weight copy and let autograd form a dense dW);
+- ``naive-sparse``: that same approach written here (for versions of peft without them);
+- ``torch-sparse``: ``x W0ᵀ + (Δ_coo xᵀ)ᵀ`` with ``torch.sparse``, where it supports the dtype;
+- ``spft-<mode>-<backend>``: every SparseDeltaLinear mode × backend that runs on the device.
+
+Times are medians over repeats (CUDA events on a GPU); peak memory comes from the CUDA
+allocator on a GPU and from :class:`~spft_kernels.memory.TensorMemoryTracker` on the CPU, and
+counts the layer, the input and everything allocated during the call.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import datetime
 import json
 import math
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -23,13 +33,21 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from . import bench_report
 from .backends import available_backends
 from .index import random_index
 from .layers import SparseDeltaLinear
 from .memory import TensorMemoryTracker
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OPS = ("linear_fwd", "linear_bwd", "linear_fwd_bwd")
+SKIP_ERRORS = (NotImplementedError, RuntimeError, ValueError, TypeError, ImportError)
+
+
+class ProviderUnavailable(Exception):
+    """A provider that cannot run here (missing package, unsupported dtype); the reason is shown."""
 
 
 class LoraLinear(nn.Module):
@@ -38,15 +56,74 @@ class LoraLinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int):
         super().__init__()
         self.base = base
-        base.weight.requires_grad_(False)
-        if base.bias is not None:
-            base.bias.requires_grad_(False)
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.lora_A = nn.Parameter(torch.randn(rank, base.in_features, **factory) / math.sqrt(base.in_features))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **factory))
 
     def forward(self, x):
         return self.base(x) + (x @ self.lora_A.t()) @ self.lora_B.t()
+
+
+class NaiveSparseDelta(nn.Module):
+    """The straightforward sparse delta: scatter into a copy of W0 each forward, so autograd forms
+    the dense out x in weight gradient and gathers the masked entries from it."""
+
+    def __init__(self, base: nn.Linear, index: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self.register_buffer("index", index.long())
+        self.delta = nn.Parameter(torch.zeros(index.numel(), device=base.weight.device))
+
+    def forward(self, x):
+        flat = self.base.weight.reshape(-1)
+        weight = flat.index_put((self.index,), flat[self.index] + self.delta.to(flat.dtype)).view_as(self.base.weight)
+        return F.linear(x, weight, self.base.bias)
+
+
+class TorchSparseDelta(nn.Module):
+    """``x W0ᵀ + b + (Δ xᵀ)ᵀ`` with Δ a ``torch.sparse`` COO tensor built from the trainable values."""
+
+    def __init__(self, base: nn.Linear, index: torch.Tensor):
+        super().__init__()
+        self.base = base
+        in_features = base.in_features
+        index = index.long()
+        self.register_buffer("coordinates", torch.stack([index // in_features, index % in_features]))
+        self.delta = nn.Parameter(torch.zeros(index.numel(), device=base.weight.device))
+
+    def forward(self, x):
+        x2d = x.reshape(-1, self.base.in_features)
+        delta = torch.sparse_coo_tensor(
+            self.coordinates, self.delta.to(x.dtype), self.base.weight.shape, is_coalesced=True
+        )
+        sparse_part = torch.sparse.mm(delta, x2d.t()).t()
+        return (self.base(x2d) + sparse_part).reshape(*x.shape[:-1], self.base.out_features)
+
+
+class _Wrapper(nn.Module):
+    """peft adapts named submodules: give the layer a name."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.layer = linear
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def _peft_provider(config_name: str, **config_kwargs) -> Callable[[nn.Linear], nn.Module]:
+    def make(base: nn.Linear) -> nn.Module:
+        try:
+            import peft
+        except ImportError as error:
+            raise ProviderUnavailable("peft is not installed") from error
+        config_cls = getattr(peft, config_name, None)
+        if config_cls is None:
+            raise ProviderUnavailable(f"peft {peft.__version__} has no {config_name}")
+        model = peft.get_peft_model(_Wrapper(base), config_cls(target_modules=["layer"], **config_kwargs))
+        return model.to(base.weight.dtype) if config_name == "LoraConfig" else model
+
+    return make
 
 
 def _git_commit() -> str:
@@ -66,50 +143,71 @@ def environment(device: torch.device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    try:
+        import peft
+
+        peft_version = peft.__version__
+    except ImportError:
+        peft_version = None
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
     else:
-        import platform
-
         device_name = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     return {
         "device": device_name,
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda,
+        "peft": peft_version,
         "commit": _git_commit(),
         "date": datetime.date.today().isoformat(),
     }
 
 
-def build_providers(out_features, in_features, density, dtype, device, seed=0) -> dict[str, Callable[[], nn.Module]]:
-    """Factories of the layers to compare; each call makes a fresh layer with the same W0."""
+def build_providers(case: dict, device: torch.device, seed: int = 0) -> dict[str, Callable[[], nn.Module]]:
+    """Factories of the layers to compare; each call makes a fresh layer on its own copy of W0."""
+    out_features, in_features, density = case["out_features"], case["in_features"], case["density"]
+    dtype = DTYPES[case["dtype"]]
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(out_features, in_features, generator=generator) / math.sqrt(in_features)
     bias = torch.randn(out_features, generator=generator) * 0.01
     index = random_index(out_features, in_features, density, generator=generator)
-    nnz = index.numel()
-    rank = max(1, round(nnz / (in_features + out_features)))
+    rank = max(1, round(index.numel() / (in_features + out_features)))
 
-    def base_linear(trainable: bool) -> nn.Linear:
+    def base_linear(trainable: bool = False) -> nn.Linear:
         linear = nn.Linear(in_features, out_features, device="meta", dtype=dtype)
         linear.weight = nn.Parameter(weight.to(device=device, dtype=dtype, copy=True), requires_grad=trainable)
         linear.bias = nn.Parameter(bias.to(device=device, dtype=dtype, copy=True), requires_grad=trainable)
         return linear
 
-    providers = {
-        "dense-frozen": lambda: base_linear(False),
-        "dense-full": lambda: base_linear(True),
-        "lora-torch": lambda: LoraLinear(base_linear(False), rank),
+    def with_base(make_from_base: Callable[[nn.Linear], nn.Module]) -> Callable[[], nn.Module]:
+        return lambda: make_from_base(base_linear())
+
+    providers: dict[str, Callable[[], nn.Module]] = {
+        "dense-frozen": base_linear,
+        "dense-full": lambda: base_linear(trainable=True),
     }
-    backends = ["reference"] + (["cuda"] if device.type == "cuda" and "cuda" in available_backends() else [])
+    try:
+        import peft  # noqa: F401
+
+        providers["lora-peft"] = with_base(_peft_provider("LoraConfig", r=rank, lora_alpha=2 * rank, lora_dropout=0.0))
+        providers["lora-peft-dropout"] = with_base(
+            _peft_provider("LoraConfig", r=rank, lora_alpha=2 * rank, lora_dropout=0.1)
+        )
+    except ImportError:
+        providers["lora-torch"] = with_base(lambda base: LoraLinear(base, rank))
+    providers["shira-peft"] = with_base(_peft_provider("ShiraConfig", r=rank, random_seed=seed))
+    providers["supertuning-peft"] = with_base(_peft_provider("SupertuningConfig", sparsity=1.0 - density))
+    providers["naive-sparse"] = with_base(lambda base: NaiveSparseDelta(base, index.to(device)))
+    providers["torch-sparse"] = with_base(lambda base: TorchSparseDelta(base, index.to(device)))
+    backends = ["reference"]
+    if device.type == "cuda":
+        backends += [b for b in ("triton", "cuda") if b in available_backends()]
     for mode in ("merged", "split"):
         for backend in backends:
             def make(mode=mode, backend=backend):
-                layer = SparseDeltaLinear.from_linear(
-                    base_linear(False), index.to(device), mode=mode, backend=backend
-                )
-                with torch.no_grad():  # a trained-looking delta, so merged mode re-syncs real values
+                layer = SparseDeltaLinear.from_linear(base_linear(), index.to(device), mode=mode, backend=backend)
+                with torch.no_grad():  # a trained-looking delta, so the merged mode re-syncs real values
                     layer.delta.normal_(0.0, 1e-3)
                 return layer
 
@@ -121,136 +219,151 @@ def _trainable(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def _step_fn(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, op: str) -> Callable[[], None]:
+def _steps(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, op: str):
+    """(untimed setup, timed call) for one repeat of ``op``."""
     params = _trainable(module)
+    state = {}
+
+    def clear_grads():
+        for p in params:
+            p.grad = None
+        x.grad = None
 
     def forward():
         with torch.no_grad():
             module(x)
 
+    def forward_for_backward():
+        clear_grads()
+        state["y"] = module(x)
+
+    def backward():
+        state.pop("y").backward(grad_out)
+
     def forward_backward():
-        for p in params:
-            p.grad = None
-        x.grad = None
         module(x).backward(grad_out)
 
-    return forward if op == "linear_fwd" else forward_backward
+    if op == "linear_fwd":
+        return (lambda: None), forward
+    if op == "linear_bwd":
+        return forward_for_backward, backward
+    return clear_grads, forward_backward
 
 
-def time_ms(fn: Callable[[], None], device: torch.device, repeats: int, warmup: int) -> float:
+def time_ms(setup: Callable, fn: Callable, device: torch.device, repeats: int, warmup: int) -> float:
     for _ in range(warmup):
+        setup()
         fn()
     samples = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        for _ in range(repeats):
+    for _ in range(repeats):
+        setup()
+        if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
             end.record()
             end.synchronize()
             samples.append(start.elapsed_time(end))
-    else:
-        for _ in range(repeats):
+        else:
             begin = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - begin) * 1e3)
     return statistics.median(samples)
 
 
-def peak_memory_bytes(fn: Callable[[], None], module: nn.Module, x: torch.Tensor) -> int:
-    """Peak bytes during one call, counting the module's tensors and the input."""
-    fn()  # first call: lazy merges and allocations that happen once
+def peak_memory_bytes(setup: Callable, fn: Callable, module: nn.Module, x: torch.Tensor) -> int:
+    """Peak bytes during one setup + call, counting the module's tensors and the input."""
+    setup()
+    fn()  # once first: lazy merges and allocations that happen once
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
         torch.cuda.reset_peak_memory_stats(x.device)
+        setup()
         fn()
         torch.cuda.synchronize(x.device)
         return torch.cuda.max_memory_allocated(x.device)
     tensors = list(module.parameters()) + list(module.buffers()) + [x]
-    tensors += [p.grad for p in module.parameters() if p.grad is not None]
     with TensorMemoryTracker(baseline=tensors) as tracker:
+        setup()
         fn()
     return tracker.peak_bytes
 
 
-def run_case(case: dict, device: torch.device, repeats: int, warmup: int, env: dict) -> list[dict]:
+def _flops(op: str, provider: str, case: dict) -> float:
+    gemm = 2.0 * case["tokens"] * case["in_features"] * case["out_features"]
+    backward_gemms = 2 if provider == "dense-full" else 1  # dx, plus dW when the weight trains
+    return {"linear_fwd": gemm, "linear_bwd": backward_gemms * gemm, "linear_fwd_bwd": (1 + backward_gemms) * gemm}[op]
+
+
+def run_case(case: dict, device: torch.device, repeats: int, warmup: int, env: dict, progress=None) -> list[dict]:
     dtype = DTYPES[case["dtype"]]
-    out_features, in_features, tokens = case["out_features"], case["in_features"], case["tokens"]
-    flops_forward = 2.0 * tokens * in_features * out_features
     generator = torch.Generator().manual_seed(1)
-    x = torch.randn(tokens, in_features, generator=generator).to(device=device, dtype=dtype).requires_grad_(True)
-    grad_out = torch.randn(tokens, out_features, generator=generator).to(device=device, dtype=dtype)
+    x = torch.randn(case["tokens"], case["in_features"], generator=generator)
+    x = x.to(device=device, dtype=dtype).requires_grad_(True)
+    grad_out = torch.randn(case["tokens"], case["out_features"], generator=generator).to(device=device, dtype=dtype)
     records = []
-    providers = build_providers(out_features, in_features, case["density"], dtype, device)
-    for name, make in providers.items():
-        module = make()
+    for name, make in build_providers(case, device).items():
+        try:
+            module = make()
+            setup, fn = _steps(module, x, grad_out, "linear_fwd_bwd")
+            setup()
+            fn()  # a provider that cannot run this case is skipped, with the reason
+        except (ProviderUnavailable,) + SKIP_ERRORS as error:
+            if progress is not None:
+                progress.write(f"  skip {name}: {str(error).splitlines()[0][:160]}")
+            continue
         trainable = sum(p.numel() for p in _trainable(module))
         for op in case["ops"]:
-            fn = _step_fn(module, x, grad_out, op)
-            median = time_ms(fn, device, repeats, warmup)
-            # dense-full's backward does two GEMMs, the others one GEMM plus their sparse work.
-            flops = flops_forward * (1 if op == "linear_fwd" else (3 if name == "dense-full" else 2))
+            setup, fn = _steps(module, x, grad_out, op)
+            median = time_ms(setup, fn, device, repeats, warmup)
             records.append(
                 {
                     "op": op,
                     "provider": name,
-                    "out_features": out_features,
-                    "in_features": in_features,
-                    "tokens": tokens,
+                    "out_features": case["out_features"],
+                    "in_features": case["in_features"],
+                    "tokens": case["tokens"],
                     "density": case["density"],
                     "dtype": case["dtype"],
                     "trainable_params": trainable,
                     "median_ms": median,
-                    "tflops": flops / (median * 1e-3) / 1e12 if median > 0 else None,
-                    "peak_mem_bytes": peak_memory_bytes(fn, module, x),
+                    "tflops": _flops(op, name, case) / (median * 1e-3) / 1e12 if median > 0 else None,
+                    "peak_mem_bytes": peak_memory_bytes(setup, fn, module, x),
                     "repeats": repeats,
                     **env,
                 }
             )
-    _add_ratios(records)
+        del module
+        if progress is not None:
+            progress.update(1)
+    bench_report.add_ratios(records)
     return records
 
 
-def _add_ratios(records: list[dict]) -> None:
-    baselines = {(r["op"], r["provider"]): r["median_ms"] for r in records}
-    for record in records:
-        for baseline in ("dense-frozen", "dense-full", "lora-torch"):
-            reference = baselines.get((record["op"], baseline))
-            if reference:
-                record[f"ratio_vs_{baseline}"] = record["median_ms"] / reference
-
-
 def default_cases(quick: bool, device: torch.device) -> list[dict]:
-    ops = ["linear_fwd", "linear_fwd_bwd"]
     if quick:
-        return [dict(out_features=1024, in_features=1024, tokens=256, density=0.01, dtype="float32", ops=ops)]
+        return [dict(out_features=1024, in_features=1024, tokens=256, density=0.01, dtype="float32", ops=list(OPS))]
     if device.type == "cuda":
         shapes = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]
         return [
-            dict(out_features=o, in_features=i, tokens=t, density=d, dtype="bfloat16", ops=ops)
+            dict(out_features=o, in_features=i, tokens=t, density=d, dtype="bfloat16", ops=list(OPS))
             for (o, i) in shapes
             for t in (4096, 16384)
             for d in (0.001, 0.005, 0.01, 0.05)
         ]
     return [
-        dict(out_features=o, in_features=i, tokens=512, density=d, dtype="float32", ops=ops)
+        dict(out_features=o, in_features=i, tokens=512, density=d, dtype="float32", ops=list(OPS))
         for (o, i) in [(1024, 1024), (2048, 1024)]
         for d in (0.001, 0.01, 0.05)
     ]
 
 
-def format_table(records: list[dict]) -> str:
-    header = f"{'op':<15}{'shape':>12}{'tokens':>8}{'density':>9}{'provider':>24}{'trainable':>11}{'median ms':>11}{'x dense-frozen':>16}{'peak MiB':>10}"
-    lines = [header, "-" * len(header)]
-    for r in records:
-        shape = f"{r['out_features']}x{r['in_features']}"
-        ratio = r.get("ratio_vs_dense-frozen")
-        lines.append(
-            f"{r['op']:<15}{shape:>12}{r['tokens']:>8}{r['density']:>9.4g}{r['provider']:>24}{r['trainable_params']:>11}"
-            f"{r['median_ms']:>11.3f}{(f'{ratio:.2f}x' if ratio else '-'):>16}{r['peak_mem_bytes'] / 2**20:>10.1f}"
-        )
-    return "\n".join(lines)
+def _progress(total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="providers", unit="provider", file=sys.stderr, disable=None)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -263,8 +376,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="dtype (with --shape)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls before timing")
-    parser.add_argument("--output", help="write the JSON records to this file")
+    parser.add_argument("--output", help="directory for results.json, summary.md and plots "
+                        "(default for a full run: bench/results/<device>-<date>)")
+    parser.add_argument("--compare", metavar="FILE", help="an earlier results.json to compare against")
+    parser.add_argument("--report", metavar="FILE", help="only regenerate summary.md and plots from a results.json")
     args = parser.parse_args(argv)
+
+    if args.report:
+        with open(args.report) as handle:
+            records = json.load(handle)
+        bench_report.write_report(records, os.path.dirname(os.path.abspath(args.report)))
+        print(bench_report.format_table(records))
+        return 0
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.shape:
@@ -275,7 +398,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 tokens=args.tokens or 512,
                 density=0.01 if args.density is None else args.density,
                 dtype=args.dtype or ("bfloat16" if device.type == "cuda" else "float32"),
-                ops=["linear_fwd", "linear_fwd_bwd"],
+                ops=list(OPS),
             )
         ]
     else:
@@ -283,18 +406,30 @@ def main(argv: Optional[list[str]] = None) -> int:
     repeats = args.repeats or (50 if device.type == "cuda" else (5 if args.quick else 10))
     warmup = args.warmup if args.warmup is not None else (10 if device.type == "cuda" else 2)
     env = environment(device)
-    print(f"spft-bench on {env['device']}, torch {env['torch']}, backends {available_backends()}", flush=True)
+    print(f"spft-bench on {env['device']}, torch {env['torch']}, peft {env['peft']}, backends {available_backends()}",
+          flush=True)
     records = []
+    progress = _progress(total=len(cases) * len(build_providers(cases[0], device)))
     for number, case in enumerate(cases, 1):
-        print(f"[{number}/{len(cases)}] {case['out_features']}x{case['in_features']} tokens={case['tokens']} "
-              f"density={case['density']} {case['dtype']}", file=sys.stderr, flush=True)
-        records += run_case(case, device, repeats, warmup, env)
-    print(format_table(records))
-    if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as handle:
-            json.dump(records, handle, indent=1)
-        print(f"wrote {len(records)} records to {args.output}")
+        if progress is not None:
+            progress.set_postfix_str(
+                f"case {number}/{len(cases)}: {case['out_features']}x{case['in_features']} T={case['tokens']} "
+                f"d={case['density']}"
+            )
+        records += run_case(case, device, repeats, warmup, env, progress)
+    if progress is not None:
+        progress.close()
+    print(bench_report.format_table(records))
+    if args.compare:
+        with open(args.compare) as handle:
+            print(bench_report.format_comparison(records, json.load(handle)))
+    output = args.output
+    if output is None and not args.quick and not args.shape:
+        slug = "".join(c if c.isalnum() else "-" for c in env["device"].lower()).strip("-")
+        output = os.path.join("bench", "results", f"{slug}-{env['date']}")
+    if output:
+        paths = bench_report.write_report(records, output)
+        print("wrote " + ", ".join(paths))
     return 0
 
 

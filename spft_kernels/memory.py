@@ -54,19 +54,12 @@ class TensorMemoryTracker(TorchDispatchMode):
         else:
             out = func(*args, **kwargs)
         # An output that shares an input's storage (a view, an in-place result) allocated nothing.
-        input_storages = {
-            t.untyped_storage()._cdata
-            for t in tree_flatten((args, kwargs))[0]
-            if isinstance(t, torch.Tensor) and t.device.type != "meta"
-        }
-        for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor):
-                self._track(tensor, str(func), input_storages)
+        input_storages = {t.untyped_storage()._cdata for t in _dense_parts(tree_flatten((args, kwargs))[0])}
+        for tensor in _dense_parts(tree_flatten(out)[0]):
+            self._track(tensor, str(func), input_storages)
         return out
 
     def _track(self, tensor: torch.Tensor, op: str, input_storages: set) -> None:
-        if tensor.device.type == "meta":
-            return
         storage = tensor.untyped_storage()
         key = storage._cdata
         if key in self._live or key in input_storages:
@@ -84,11 +77,27 @@ class TensorMemoryTracker(TorchDispatchMode):
         self.current_bytes -= nbytes
 
 
+def _dense_parts(values) -> list[torch.Tensor]:
+    """The strided tensors that hold the data of the tensors among ``values`` (a sparse tensor's
+    indices and values; nothing for meta tensors)."""
+    parts = []
+    for value in values:
+        if not isinstance(value, torch.Tensor) or value.device.type == "meta":
+            continue
+        if value.layout == torch.strided:
+            parts.append(value)
+        elif value.layout == torch.sparse_coo:
+            parts += [value._indices(), value._values()]
+        elif value.layout in (torch.sparse_csr, torch.sparse_bsr):
+            parts += [value.crow_indices(), value.col_indices(), value.values()]
+        elif value.layout in (torch.sparse_csc, torch.sparse_bsc):
+            parts += [value.ccol_indices(), value.row_indices(), value.values()]
+    return parts
+
+
 def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
     seen, total = set(), 0
-    for tensor in tensors:
-        if tensor is None or tensor.device.type == "meta":
-            continue
+    for tensor in _dense_parts(tensors):
         storage = tensor.untyped_storage()
         if storage._cdata not in seen:
             seen.add(storage._cdata)
