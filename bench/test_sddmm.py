@@ -1,0 +1,15 @@
+import pytest
+
+from conftest import backends, synchronized
+from spft_kernels.sddmm import sddmm
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_sddmm(benchmark, problem, backend):
+    p = problem
+    benchmark(synchronized(lambda: sddmm(p["x"], p["dy"], p["sparse_index"].flat, backend)))
+
+
+def test_dense_weight_gradient_baseline(benchmark, problem):
+    p = problem
+    benchmark(synchronized(lambda: p["dy"].t() @ p["x"]))
