@@ -40,3 +40,22 @@ def test_report_regenerates_from_json_and_compare_matches_cases(tmp_path, capsys
     slower = [dict(r, median_ms=r["median_ms"] * 2) for r in records]
     comparison = bench_report.format_comparison(records, slower)
     assert comparison.count("0.50") == len(records)
+
+
+def test_end_to_end_training_comparison_runs_with_matched_parameters():
+    import torch
+
+    from spft_kernels.bench_e2e import format_e2e, run_e2e
+
+    tiny = dict(hidden=32, intermediate=64, layers=1, heads=2, kv_heads=2, vocab=64, sequence=16, batch=2)
+    records = run_e2e(torch.device("cpu"), torch.float32, steps=1, warmup=1, rank=2, spec=tiny,
+                      methods=["full", "lora-peft", "spft-sparta"])
+    by_method = {r["provider"]: r for r in records}
+    assert set(by_method) == {"full", "lora-peft", "spft-sparta"}
+    assert by_method["spft-sparta"]["trainable_params"] == by_method["lora-peft"]["trainable_params"]
+    assert by_method["full"]["trainable_params"] == by_method["full"]["parameters"]
+    for record in records:
+        assert record["tokens_per_s"] > 0 and record["peak_mem_bytes"] > 0
+        assert torch.isfinite(torch.tensor(record["final_loss"]))
+    assert "spft-sparta" in format_e2e(records)
+    assert "## End to end" in bench_report.format_e2e_markdown(records)

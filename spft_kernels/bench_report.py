@@ -37,6 +37,7 @@ def _lora_baseline(records: list[dict]) -> str:
 
 
 def format_table(records: list[dict]) -> str:
+    records = layer_records(records)
     lora = _lora_baseline(records)
     header = (
         f"{'op':<15}{'shape':>12}{'tokens':>7}{'density':>8}{'provider':>24}{'trainable':>10}{'ms':>10}"
@@ -88,6 +89,7 @@ def format_markdown(records: list[dict]) -> str:
 
 def format_comparison(records: list[dict], earlier: list[dict]) -> str:
     """This run's time against an earlier run's, case by case (new / old; < 1 is faster)."""
+    records, earlier = layer_records(records), layer_records(earlier)
     old = {(_case(r), r["provider"]): r for r in earlier}
     header = f"{'op':<15}{'shape':>12}{'tokens':>7}{'density':>8}{'provider':>24}{'old ms':>10}{'new ms':>10}{'new/old':>9}"
     lines = ["", f"compared with {earlier[0]['commit'][:12] if earlier else '?'} on {earlier[0]['device'] if earlier else '?'}",
@@ -151,6 +153,30 @@ def write_plots(records: list[dict], directory: str) -> list[str]:
     return paths
 
 
+def layer_records(records: list[dict]) -> list[dict]:
+    return [r for r in records if r["op"] != "e2e_step"]
+
+
+def format_e2e_markdown(records: list[dict]) -> str:
+    e2e = [r for r in records if r["op"] == "e2e_step"]
+    if not e2e:
+        return ""
+    lines = [
+        "",
+        f"## End to end: {e2e[0]['model']}, {e2e[0]['tokens']} tokens per step, {e2e[0]['dtype']}, "
+        f"trainable parameters matched to LoRA rank {e2e[0]['lora_rank_matched']}",
+        "",
+        "| method | trainable | step ms | tokens/s | peak MiB | loss after the steps |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in e2e:
+        lines.append(
+            f"| {r['provider']} | {r['trainable_params']} | {r['median_ms']:.1f} | {r['tokens_per_s']:.0f} "
+            f"| {r['peak_mem_bytes'] / 2**20:.1f} | {r['final_loss']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def write_report(records: list[dict], directory: str) -> list[str]:
     """results.json, summary.md and the plots into ``directory``."""
     os.makedirs(directory, exist_ok=True)
@@ -159,5 +185,5 @@ def write_report(records: list[dict], directory: str) -> list[str]:
         json.dump(records, handle, indent=1)
     summary_path = os.path.join(directory, "summary.md")
     with open(summary_path, "w") as handle:
-        handle.write(format_markdown(records))
-    return [json_path, summary_path] + write_plots(records, directory)
+        handle.write(format_markdown(layer_records(records)) + format_e2e_markdown(records))
+    return [json_path, summary_path] + write_plots(layer_records(records), directory)

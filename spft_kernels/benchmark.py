@@ -378,6 +378,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls before timing")
     parser.add_argument("--output", help="directory for results.json, summary.md and plots "
                         "(default for a full run: bench/results/<device>-<date>)")
+    parser.add_argument("--e2e", action="store_true", help="also train a Llama-style model a few steps per "
+                        "method (full, peft LoRA, spft) at matched trainable parameters")
+    parser.add_argument("--e2e-only", action="store_true", help="only the end-to-end training comparison")
     parser.add_argument("--compare", metavar="FILE", help="an earlier results.json to compare against")
     parser.add_argument("--report", metavar="FILE", help="only regenerate summary.md and plots from a results.json")
     args = parser.parse_args(argv)
@@ -409,7 +412,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"spft-bench on {env['device']}, torch {env['torch']}, peft {env['peft']}, backends {available_backends()}",
           flush=True)
     records = []
-    progress = _progress(total=len(cases) * len(build_providers(cases[0], device)))
+    if args.e2e_only:
+        cases = []
+    progress = _progress(total=len(cases) * len(build_providers(cases[0], device))) if cases else None
     for number, case in enumerate(cases, 1):
         if progress is not None:
             progress.set_postfix_str(
@@ -419,7 +424,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         records += run_case(case, device, repeats, warmup, env, progress)
     if progress is not None:
         progress.close()
-    print(bench_report.format_table(records))
+    if records:
+        print(bench_report.format_table(records))
+    if args.e2e or args.e2e_only:
+        from .bench_e2e import format_e2e, run_e2e
+
+        e2e = run_e2e(device, torch.bfloat16 if device.type == "cuda" else torch.float32, env=env)
+        print(format_e2e(e2e))
+        records += e2e
     if args.compare:
         with open(args.compare) as handle:
             print(bench_report.format_comparison(records, json.load(handle)))
