@@ -9,6 +9,8 @@ from .backends import available_backends
 from .index import SparseIndex, random_index
 from .layers import SparseDeltaLinear
 from .row_gather import row_gather
+from .salience import salience_scores
+from .select import lora_equivalent_params, random_indices, select_topk
 from .scatter_delta import scatter_delta_
 from .sparse_delta_linear import sparse_delta_linear
 
@@ -19,8 +21,12 @@ __all__ = [
     "SparseIndex",
     "SpftExtensionWarning",
     "available_backends",
+    "lora_equivalent_params",
+    "random_indices",
     "random_index",
     "row_gather",
+    "salience_scores",
     "scatter_delta_",
+    "select_topk",
     "sparse_delta_linear",
 ]
