@@ -6,6 +6,7 @@ CUDA; see ``available_backends()``.
 
 from ._extension import SpftExtensionWarning
 from .backends import available_backends
+from .dynamic_mask import DynamicMask
 from .index import SparseIndex, random_index
 from .layers import SparseDeltaLinear
 from .row_gather import row_gather
@@ -17,6 +18,7 @@ from .sparse_delta_linear import sparse_delta_linear
 __version__ = "0.1.0"
 
 __all__ = [
+    "DynamicMask",
     "SparseDeltaLinear",
     "SparseIndex",
     "SpftExtensionWarning",
