@@ -49,10 +49,11 @@ def test_end_to_end_training_comparison_runs_with_matched_parameters():
 
     tiny = dict(hidden=32, intermediate=64, layers=1, heads=2, kv_heads=2, vocab=64, sequence=16, batch=2)
     records = run_e2e(torch.device("cpu"), torch.float32, steps=1, warmup=1, rank=2, spec=tiny,
-                      methods=["full", "lora-peft", "spft-sparta"])
+                      methods=["full", "lora-peft", "spft-sparta", "spft-speft"])
     by_method = {r["provider"]: r for r in records}
-    assert set(by_method) == {"full", "lora-peft", "spft-sparta"}
+    assert set(by_method) == {"full", "lora-peft", "spft-sparta", "spft-speft"}
     assert by_method["spft-sparta"]["trainable_params"] == by_method["lora-peft"]["trainable_params"]
+    assert by_method["spft-speft"]["trainable_params"] == by_method["lora-peft"]["trainable_params"]
     assert by_method["full"]["trainable_params"] == by_method["full"]["parameters"]
     for record in records:
         assert record["tokens_per_s"] > 0 and record["peak_mem_bytes"] > 0

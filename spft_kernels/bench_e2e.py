@@ -3,8 +3,8 @@ downloaded), a few AdamW steps per method at matched trainable parameters, token
 and peak memory. ``spft-bench --e2e`` runs it.
 
 Methods: ``full`` (every parameter trains), ``lora-peft`` (rank r on every linear layer of the
-blocks), ``spft-sparta`` (random mask, SparseDeltaLinear) and whatever else is registered in
-``METHODS``, each with the same number of trainable parameters as LoRA rank r (to within
+blocks), ``spft-sparta`` (random mask), ``spft-speft`` (gradient-salience mask, global top-k) and
+whatever else is registered in ``METHODS``, each with the same number of trainable parameters as LoRA rank r (to within
 rounding): r·(in + out) per targeted layer.
 """
 
@@ -85,10 +85,30 @@ def method_sparta(model: nn.Module, rank: int) -> nn.Module:
     return model
 
 
+def method_speft(model: nn.Module, rank: int) -> nn.Module:
+    """SPEFT's recommended setting: gradient salience on calibration batches, global top-k, static."""
+    from .salience import salience_scores
+    from .select import lora_equivalent_params, select_topk
+
+    spec_vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(2)
+    device = next(model.parameters()).device
+    calibration = [torch.randint(0, spec_vocab, (2, 64), generator=generator).to(device) for _ in range(2)]
+    scores = salience_scores(
+        model, calibration, lambda m, ids: m(input_ids=ids, labels=ids).loss, metric="gradient", progress=False
+    )
+    indices = select_topk(scores, num_params=lora_equivalent_params(scores, rank), scope="global")
+    del scores
+    _freeze(model)
+    replace_linears(model, lambda name, linear: SparseDeltaLinear.from_linear(linear, indices[name], name=name))
+    return model
+
+
 METHODS: dict[str, Callable[[nn.Module, int], nn.Module]] = {
     "full": method_full,
     "lora-peft": method_lora_peft,
     "spft-sparta": method_sparta,
+    "spft-speft": method_speft,
 }
 
 
