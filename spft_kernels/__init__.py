@@ -8,19 +8,25 @@ from ._extension import SpftExtensionWarning
 from .backends import available_backends
 from .index import SparseIndex, random_index
 from .layers import SparseDeltaLinear
+from .layers import RowSparseLinear
+from .row_delta_linear import row_delta_linear
 from .row_gather import row_gather
+from .row_scatter_add import row_scatter_add_
 from .scatter_delta import scatter_delta_
 from .sparse_delta_linear import sparse_delta_linear
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "RowSparseLinear",
     "SparseDeltaLinear",
     "SparseIndex",
     "SpftExtensionWarning",
     "available_backends",
     "random_index",
+    "row_delta_linear",
     "row_gather",
+    "row_scatter_add_",
     "scatter_delta_",
     "sparse_delta_linear",
 ]
