@@ -11,6 +11,7 @@ from .layers import SparseDeltaLinear
 from .layers import RowSparseLinear
 from .row_delta_linear import row_delta_linear
 from .row_gather import row_gather
+from .row_importance import row_importance, select_rows
 from .row_scatter_add import row_scatter_add_
 from .scatter_delta import scatter_delta_
 from .sparse_delta_linear import sparse_delta_linear
@@ -26,7 +27,9 @@ __all__ = [
     "random_index",
     "row_delta_linear",
     "row_gather",
+    "row_importance",
     "row_scatter_add_",
     "scatter_delta_",
+    "select_rows",
     "sparse_delta_linear",
 ]
