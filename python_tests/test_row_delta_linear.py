@@ -673,3 +673,19 @@ def test_layer_training_step_on_cuda():
     layer(x).float().square().mean().backward()
     assert layer.delta.grad is not None and torch.isfinite(layer.delta.grad).all()
     assert layer.delta.grad.dtype == torch.float32 and layer.merged
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_functional_traces_without_graph_breaks(merged):
+    x, weight, delta, rows, bias, dy = random_row_problem(12, 16, (2, 3), 4, True, seed=23, dtype=torch.float32)
+    rows = rows.sort().values
+    delta = delta.float().requires_grad_(True)
+
+    def step(x, delta):
+        return spft.row_delta_linear(x, weight, delta, rows, bias, merged=merged, validate=False)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    y = compiled(x, delta)
+    torch.testing.assert_close(y, step(x, delta), rtol=0, atol=0)
+    (grad,) = torch.autograd.grad(y, delta, dy)
+    torch.testing.assert_close(grad, torch.autograd.grad(step(x, delta), delta, dy)[0], rtol=0, atol=0)
