@@ -61,6 +61,8 @@ def _row_delta_linear_op(
     if merged or rows.numel() == 0:
         return y
     out_features, in_features = weight.shape
+    if not y.is_contiguous():  # the scatter writes through a 2-D view of y
+        y = y.contiguous()
     y2d = y.view(-1, out_features)
     x2d = x.reshape(-1, in_features)
     _row_scatter_add_op(y2d, _linear_acc(x2d, delta, naive.accumulate_dtype(x, delta)), rows, backend)
