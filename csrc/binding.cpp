@@ -98,17 +98,43 @@ at::Tensor row_gather(const at::Tensor& src, const at::Tensor& rows) {
   return out;
 }
 
+void row_scatter_add_(at::Tensor y, const at::Tensor& z, const at::Tensor& rows) {
+  constexpr const char* op = "spft::cuda_row_scatter_add_";
+  TORCH_CHECK_VALUE(y.is_cuda(), op, ": y must be a CUDA tensor, got device ", y.device());
+  TORCH_CHECK_VALUE(y.dim() == 2, op, ": y must be 2-D [tokens, features], got shape ", y.sizes());
+  TORCH_CHECK_VALUE(y.stride(1) == 1 || y.size(1) <= 1, op,
+                    ": y rows must be contiguous (stride 1 along features), got strides ", y.strides());
+  const spft::DType y_dtype = float_dtype(y, op, "y");
+  check_cuda_on(z, y, op, "z");
+  const spft::DType z_dtype = float_dtype(z, op, "z");
+  check_index_vector(rows, y, op, "rows");
+  const int64_t num_tokens = y.size(0);
+  const int64_t num_rows = rows.numel();
+  TORCH_CHECK_VALUE(z.dim() == 2 && z.size(0) == num_tokens && z.size(1) == num_rows, op,
+                    ": z must have shape [", num_tokens, ", ", num_rows,
+                    "] (y's tokens, one column per row), got shape ", z.sizes());
+  TORCH_CHECK_VALUE(z.stride(1) == 1 || num_rows <= 1, op,
+                    ": z rows must be contiguous (stride 1 along rows), got strides ", z.strides());
+  const c10::cuda::CUDAGuard guard(y.device());
+  check_launch(spft::row_scatter_add(y.data_ptr(), y.stride(0), y_dtype, z.data_ptr(), z.stride(0), z_dtype,
+                                     rows.data_ptr(), rows.scalar_type() == at::kLong, num_tokens, num_rows,
+                                     c10::cuda::getCurrentCUDAStream(y.device().index()).stream()),
+               op);
+}
+
 }  // namespace
 
 // FRAGMENT: the Python side defines further spft:: ops in the same namespace.
 TORCH_LIBRARY_FRAGMENT(spft, m) {
   m.def("cuda_scatter_delta_(Tensor(a!) weight, Tensor index, Tensor? base, Tensor? delta, float alpha) -> ()");
   m.def("cuda_row_gather(Tensor src, Tensor rows) -> Tensor");
+  m.def("cuda_row_scatter_add_(Tensor(a!) y, Tensor z, Tensor rows) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(spft, CUDA, m) {
   m.impl("cuda_scatter_delta_", &scatter_delta_);
   m.impl("cuda_row_gather", &row_gather);
+  m.impl("cuda_row_scatter_add_", &row_scatter_add_);
 }
 
 // A plain module so that `import spft_kernels._C` loads the library and runs the registrations.

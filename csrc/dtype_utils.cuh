@@ -33,6 +33,13 @@ struct ScalarTraits<__nv_bfloat16> {
   __device__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
 };
 
+// Explicitly rounded arithmetic (never contracted into an FMA), matching torch's CPU reference
+// operation by operation so that every backend writes bitwise the same values.
+__device__ inline float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ inline double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ inline float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ inline double add_rn(double a, double b) { return __dadd_rn(a, b); }
+
 // Grid size for grid-stride loops: enough blocks to fill any current GPU several times over,
 // capped so that huge inputs loop instead of overflowing gridDim.
 inline unsigned int grid_for(int64_t work_items, int threads_per_block) {

@@ -7,11 +7,6 @@
 namespace spft {
 namespace {
 
-__device__ inline float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ inline double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-__device__ inline float add_rn(float a, float b) { return __fadd_rn(a, b); }
-__device__ inline double add_rn(double a, double b) { return __dadd_rn(a, b); }
-
 template <typename WeightT, typename DeltaT, typename IndexT>
 __global__ void scatter_delta_kernel(WeightT* __restrict__ weight, const IndexT* __restrict__ index,
                                      int64_t nnz, const WeightT* __restrict__ base,

@@ -23,4 +23,12 @@ cudaError_t row_gather(const void* src, int64_t src_row_stride, DType dtype, con
                        bool rows_is_int64, int64_t num_tokens, int64_t num_rows, void* out,
                        cudaStream_t stream);
 
+// y[t * y_row_stride + rows[r]] = cast(y[...] + z[t * z_row_stride + r]) for t < num_tokens,
+// r < num_rows: the SPruFT scatter y[..., rows] += x Wfᵀ. The sum is formed in fp32 (fp64 when y
+// or z is fp64) and rounded once to y's dtype; z may have another float dtype than y. rows must
+// be unique and in range (validated once in Python); y and z must not overlap.
+cudaError_t row_scatter_add(void* y, int64_t y_row_stride, DType y_dtype, const void* z, int64_t z_row_stride,
+                            DType z_dtype, const void* rows, bool rows_is_int64, int64_t num_tokens,
+                            int64_t num_rows, cudaStream_t stream);
+
 }  // namespace spft

@@ -8,27 +8,35 @@ from ._extension import SpftExtensionWarning
 from .backends import available_backends
 from .dynamic_mask import DynamicMask
 from .index import SparseIndex, random_index
-from .layers import SparseDeltaLinear
+from .layers import RowSparseLinear, SparseDeltaLinear
+from .row_delta_linear import row_delta_linear
 from .row_gather import row_gather
+from .row_importance import row_importance, select_rows
+from .row_scatter_add import row_scatter_add_
 from .salience import salience_scores
-from .select import lora_equivalent_params, random_indices, select_topk
 from .scatter_delta import scatter_delta_
+from .select import lora_equivalent_params, random_indices, select_topk
 from .sparse_delta_linear import sparse_delta_linear
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DynamicMask",
+    "RowSparseLinear",
     "SparseDeltaLinear",
     "SparseIndex",
     "SpftExtensionWarning",
     "available_backends",
     "lora_equivalent_params",
-    "random_indices",
     "random_index",
+    "random_indices",
+    "row_delta_linear",
     "row_gather",
+    "row_importance",
+    "row_scatter_add_",
     "salience_scores",
     "scatter_delta_",
+    "select_rows",
     "select_topk",
     "sparse_delta_linear",
 ]

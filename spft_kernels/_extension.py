@@ -53,6 +53,10 @@ def _register_fakes():
     def _(src, rows):
         return src.new_empty((src.shape[0], rows.numel()))
 
+    @torch.library.register_fake("spft::cuda_row_scatter_add_")
+    def _(y, z, rows):
+        return None
+
 
 def cuda_extension_error() -> Optional[str]:
     """Why the extension is unavailable, or None when it loaded."""

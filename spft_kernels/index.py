@@ -208,3 +208,40 @@ def _distinct_uniform(total: int, count: int, generator: Optional[torch.Generato
         keep = torch.randperm(chosen.numel(), generator=generator)[:count]
         chosen = chosen[keep.sort().values]
     return chosen
+
+
+def canonical_rows(
+    rows,
+    out_features: int,
+    *,
+    device: Optional[torch.device] = None,
+    name: str = "rows",
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Validate SPruFT's row selection and bring it to canonical form: 1-D sorted unique int64 row
+    numbers in ``[0, out_features)``. Returns ``(sorted_rows, order_or_None)``; ``order`` sorts the
+    rows' values too (``delta_rows[order]``). Raises ``ValueError`` naming ``name`` and the problem."""
+    if not isinstance(rows, torch.Tensor):
+        raise ValueError(f"{name}: rows must be a torch.Tensor of row numbers, got {type(rows).__name__}")
+    if rows.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
+        raise ValueError(f"{name}: rows must have an integer dtype (int64 preferred), got {rows.dtype}")
+    if rows.dim() != 1:
+        raise ValueError(f"{name}: rows must be 1-D output-row numbers, got shape {tuple(rows.shape)}")
+    if device is not None and rows.device != torch.device(device):
+        raise ValueError(
+            f"{name}: rows are on {rows.device} but the weight is on {torch.device(device)}; "
+            f"move them with rows.to(weight.device)"
+        )
+    wide = rows.long()
+    if wide.numel() == 0:
+        return wide, None
+    low, high = int(wide.min()), int(wide.max())  # the one host sync, at build time
+    if low < 0 or high >= out_features:
+        bad = low if low < 0 else high
+        raise ValueError(f"{name}: row {bad} is out of range [0, {out_features})")
+    order = None
+    if wide.numel() > 1 and not bool((wide[1:] > wide[:-1]).all()):
+        wide, order = torch.sort(wide, stable=True)
+        repeated = wide[1:] == wide[:-1]
+        if bool(repeated.any()):
+            raise ValueError(f"{name}: rows has duplicates, e.g. row {int(wide[1:][repeated][0])}; each row may appear once")
+    return wide, order

@@ -1,19 +1,24 @@
-"""``SparseDeltaLinear``: a drop-in ``nn.Linear`` with a frozen weight W0 and a trainable sparse delta.
+"""Drop-in ``nn.Linear`` layers with a frozen weight W0 and a trainable delta at fixed positions:
+``SparseDeltaLinear`` (scattered entries: SPEFT, SpaRTA) and ``RowSparseLinear`` (whole rows: SPruFT).
 
-Modes (DESIGN.md "Execution modes"):
+Modes (DESIGN.md "Execution modes"), the same for both layers:
 
-- ``split``: ``x W0ᵀ + b`` (cuBLAS) plus the sparse ``x Δᵀ``; W0 is never modified.
-- ``merged``: the weight holds ``W_eff = W0 + Δ`` in its own dtype and ``W0[idx]`` is kept aside
-  (nnz values); forward and dx are plain GEMMs, only the delta gradient is sparse. When
-  ``delta`` has changed since the last forward (its version counter moved, e.g. after an
-  optimizer step) the masked entries are rewritten ``W_eff[idx] = W0[idx] + delta`` (O(nnz)).
-  Note that the weight tensor is shared with the linear the layer was built from, so that
-  linear sees ``W_eff`` while the layer is merged; ``unmerge()`` restores W0 exactly.
+- ``split``: ``x W0ᵀ + b`` (cuBLAS) plus the delta's own term (the sparse ``x Δᵀ``, or
+  ``x Wfᵀ`` scattered into the selected output rows); W0 is never modified.
+- ``merged``: the weight holds ``W_eff = W0 + Δ`` in its own dtype and W0 at the trained
+  positions is kept aside (nnz values, or R rows); forward and dx are plain GEMMs, only the delta
+  gradient is sparse. When ``delta`` has changed since the last forward (its version counter
+  moved, e.g. after an optimizer step) the trained positions are rewritten from W0 and the fp32
+  master (O(nnz) or O(R * in)). Note that the weight tensor is shared with the linear the layer
+  was built from, so that linear sees ``W_eff`` while the layer is merged; ``unmerge()`` restores
+  W0 exactly.
 - ``fused``: one GEMM with the delta added into the weight tile; arrives with the kernel issue.
-- ``auto``: ``merged`` when the weight is contiguous (the fastest mode available), else ``split``.
+- ``auto``: ``merged`` when it is possible (the fastest mode available: SparseDeltaLinear needs a
+  contiguous weight, RowSparseLinear merges any layout), else ``split``.
 
-The state dict always holds W0 (never W_eff), the fp32 delta and the canonical index, so it is
-the same whatever the mode and loads into a layer of any mode or nnz.
+The state dict always holds W0 (never W_eff), the fp32 delta and the canonical positions
+(``index`` or ``rows``), so it is the same whatever the mode and loads into a layer of any mode
+or size.
 """
 
 from __future__ import annotations
@@ -23,26 +28,37 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from . import naive
 from .backends import check_backend_name
-from .index import SparseIndex
+from .index import SparseIndex, canonical_rows
+from .row_delta_linear import row_delta_linear
 from .scatter_delta import scatter_delta_
 from .sparse_delta_linear import sparse_delta_linear
 
 MODES = ("auto", "merged", "split", "fused")
 
 
-class SparseDeltaLinear(nn.Linear):
-    """``y = x (W0 + Δ)ᵀ + b`` with ``Δ`` holding ``delta[k]`` at flat position ``index[k]``.
+class _FrozenBaseDeltaLinear(nn.Linear):
+    """What both layers share: a frozen W0 (shared with the wrapped linear, never copied), a master
+    delta at validated positions (fp32 unless told otherwise), merge/unmerge with W0 at the
+    positions kept aside, the merged mode's re-sync, a mode-independent state dict and casts that
+    keep the master delta.
 
-    Attributes: ``weight`` (W0, frozen; W_eff while merged), ``bias`` (frozen), ``delta``
-    (``nn.Parameter`` [nnz], fp32 master, zeros at start), ``index`` (buffer [nnz], canonical).
+    A subclass says where the delta sits: ``_POSITIONS`` (the persistent buffer's name), ``_UNIT``
+    (what one position is called in messages) and the hooks ``_validate``, ``_adopt``,
+    ``_positions_tensor``, ``_delta_shape``, ``_gather_w0``, ``_write``, ``_functional`` and
+    ``_describe``.
     """
+
+    _POSITIONS = ""
+    _UNIT = ""
+    _MERGE_NEEDS_CONTIGUOUS_WEIGHT = True
 
     def __init__(
         self,
         in_features: int,
         out_features: int,
-        index: Optional[torch.Tensor],
+        positions: Optional[torch.Tensor],
         bias: bool = True,
         device=None,
         dtype=None,
@@ -53,8 +69,9 @@ class SparseDeltaLinear(nn.Linear):
         name: Optional[str] = None,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.layer_name = name or type(self).__name__
         if mode not in MODES:
-            raise ValueError(f"{name or 'SparseDeltaLinear'}: unknown mode {mode!r}; choose one of {MODES}")
+            raise ValueError(f"{self.layer_name}: unknown mode {mode!r}; choose one of {MODES}")
         if mode == "fused":
             raise NotImplementedError(
                 "mode='fused' needs the fused GEMM kernel, which this version does not ship yet; "
@@ -63,40 +80,29 @@ class SparseDeltaLinear(nn.Linear):
         self.mode = mode
         self.backend = check_backend_name(backend)
         self.delta_dtype = delta_dtype
-        self.layer_name = name or "SparseDeltaLinear"
         self._merged = False
         self._synced_delta_key = None
         self.register_buffer("_w0_at_index", None, persistent=False)
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        if index is not None:
-            self.set_index(index)
+        if positions is not None:
+            self._set_positions(positions, None)
 
     @classmethod
-    def from_linear(
-        cls,
-        linear: nn.Linear,
-        index: torch.Tensor,
-        mode: str = "auto",
-        backend: str = "auto",
-        *,
-        delta_dtype: torch.dtype = torch.float32,
-        name: Optional[str] = None,
-    ) -> "SparseDeltaLinear":
-        """Wrap ``linear`` without copying its weight: the layer shares (and freezes) the weight and
-        bias tensors, and starts with ``delta = 0`` so that it computes exactly what ``linear`` did."""
+    def _wrap(cls, linear: nn.Linear, positions, mode: str, backend: str, delta_dtype, name: Optional[str]):
+        """``from_linear``: wrap ``linear`` without copying its weight; the layer shares (and freezes)
+        the weight and bias tensors and starts with ``delta = 0``, computing exactly what
+        ``linear`` did."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        layer_name = name or "SparseDeltaLinear"
+        layer_name = name or cls.__name__
         if linear.weight.device.type == "meta":
             raise ValueError(f"{layer_name}: the linear's weight is on the meta device; materialise it first")
-        if mode == "merged" and not linear.weight.is_contiguous():
+        if mode == "merged" and cls._MERGE_NEEDS_CONTIGUOUS_WEIGHT and not linear.weight.is_contiguous():
             raise ValueError(f"{layer_name}: mode='merged' needs a contiguous weight; use mode='split'")
-        # Validate before touching the linear, so a bad index leaves it as it was.
-        sparse_index, _ = SparseIndex.build(
-            index, linear.out_features, linear.in_features, device=linear.weight.device, name=layer_name
-        )
+        # Validate before touching the linear, so bad positions leave it as it was.
+        validated, _ = cls._validate(positions, linear.out_features, linear.in_features, linear.weight.device, layer_name)
         # Build on the meta device so that no second weight is ever allocated or initialised.
         layer = cls(
             linear.in_features,
@@ -115,39 +121,36 @@ class SparseDeltaLinear(nn.Linear):
         if linear.bias is not None:
             layer.bias = linear.bias
             layer.bias.requires_grad_(False)
-        layer._install(sparse_index, None)
+        layer._install(validated, None)
         return layer
 
-    # --- the index --------------------------------------------------------------------------
+    # --- the positions ----------------------------------------------------------------------
 
-    def set_index(self, index: torch.Tensor, values: Optional[torch.Tensor] = None) -> None:
-        """Replace the mask: validate ``index`` (unsorted input is sorted together with ``values``),
-        rebuild the cached metadata and set ``delta`` to ``values`` (zeros if None). The layer is
-        unmerged first and re-merged afterwards if it was merged. ``delta`` gets new storage, so an
-        optimizer holding it must be rebuilt (or its state reset)."""
-        sparse_index, order = SparseIndex.build(
-            index, self.out_features, self.in_features, device=self.weight.device, name=self.layer_name
+    def _set_positions(self, positions, values: Optional[torch.Tensor]) -> None:
+        validated, order = self._validate(
+            positions, self.out_features, self.in_features, self.weight.device, self.layer_name
         )
         if values is not None:
-            if not isinstance(values, torch.Tensor) or values.shape != (sparse_index.nnz,):
+            shape = self._delta_shape(validated)
+            if not isinstance(values, torch.Tensor) or tuple(values.shape) != shape:
                 raise ValueError(
-                    f"{self.layer_name}: values must be a tensor of shape ({sparse_index.nnz},), got "
+                    f"{self.layer_name}: values must be a tensor of shape {shape}, got "
                     f"{tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__}"
                 )
             if order is not None:
                 values = values[order.to(values.device)]
-        self._install(sparse_index, values)
+        self._install(validated, values)
 
-    def _install(self, sparse_index: SparseIndex, values: Optional[torch.Tensor]) -> None:
+    def _install(self, validated, values: Optional[torch.Tensor]) -> None:
         device = self.weight.device
         if values is None:
-            values = torch.zeros(sparse_index.nnz, dtype=self._master_dtype(), device=device)
+            values = torch.zeros(self._delta_shape(validated), dtype=self._master_dtype(), device=device)
         else:
             values = values.detach().to(device=device, dtype=self._master_dtype())
         was_merged = self._merged
         if was_merged:
             self.unmerge()
-        self._adopt(sparse_index)
+        self._adopt(validated)
         if isinstance(getattr(self, "delta", None), nn.Parameter):
             self.delta.data = values
             self.delta.grad = None
@@ -155,23 +158,6 @@ class SparseDeltaLinear(nn.Linear):
             self.delta = nn.Parameter(values)
         if was_merged:
             self.merge()
-
-    def _adopt(self, sparse_index: SparseIndex) -> None:
-        self.register_buffer("index", sparse_index.flat)
-        # Derived once per mask; non-persistent so they follow .to() but never reach a state dict.
-        self.register_buffer("_row_ptr", sparse_index.row_ptr, persistent=False)
-        self.register_buffer("_col_ptr", sparse_index.col_ptr, persistent=False)
-        self.register_buffer("_csc_perm", sparse_index.csc_perm, persistent=False)
-
-    def sparse_index(self) -> SparseIndex:
-        """The cached, validated index (no validation or rebuild: O(1))."""
-        return SparseIndex(
-            self.index, self._row_ptr, self._col_ptr, self._csc_perm, self.out_features, self.in_features
-        )
-
-    @property
-    def nnz(self) -> int:
-        return self.index.numel()
 
     def _master_dtype(self) -> torch.dtype:
         # The delta master follows the base only into fp64 (gradcheck); otherwise it stays fp32
@@ -189,25 +175,25 @@ class SparseDeltaLinear(nn.Linear):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Make the weight hold ``W0 + Δ`` (W0[idx] kept aside); later forwards re-sync it when
-        ``delta`` changes. Idempotent."""
+        """Make the weight hold ``W0 + Δ`` (W0 at the positions kept aside); later forwards re-sync it
+        when ``delta`` changes. Idempotent."""
         if self._merged:
             self._resync_if_stale()
             return
-        if not self.weight.is_contiguous():
+        if self._MERGE_NEEDS_CONTIGUOUS_WEIGHT and not self.weight.is_contiguous():
             raise ValueError(f"{self.layer_name}: merge needs a contiguous weight")
-        self._w0_at_index = self.weight.view(-1).index_select(0, self.index)
-        scatter_delta_(self.weight, self.index, base=self._w0_at_index, delta=self.delta, backend=self.backend)
+        self._w0_at_index = self._gather_w0()
+        self._write(self.weight, base=self._w0_at_index, delta=self.delta)
         self._merged = True
         self._synced_delta_key = self._delta_key()
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore W0 exactly (the saved W0[idx] are written back). Idempotent. In mode 'merged'
+        """Restore W0 exactly (the saved W0 values are written back). Idempotent. In mode 'merged'
         the next forward merges again."""
         if not self._merged:
             return
-        scatter_delta_(self.weight, self.index, base=self._w0_at_index, backend=self.backend)
+        self._write(self.weight, base=self._w0_at_index, delta=None)
         self._w0_at_index = None
         self._merged = False
         self._synced_delta_key = None
@@ -216,11 +202,13 @@ class SparseDeltaLinear(nn.Linear):
     def _resync_if_stale(self) -> None:
         key = self._delta_key()
         if key != self._synced_delta_key:
-            scatter_delta_(self.weight, self.index, base=self._w0_at_index, delta=self.delta, backend=self.backend)
+            self._write(self.weight, base=self._w0_at_index, delta=self.delta)
             self._synced_delta_key = key
 
     def _wants_merged(self) -> bool:
-        return self.mode == "merged" or (self.mode == "auto" and self.weight.is_contiguous())
+        return self.mode == "merged" or (
+            self.mode == "auto" and (self.weight.is_contiguous() or not self._MERGE_NEEDS_CONTIGUOUS_WEIGHT)
+        )
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
@@ -230,7 +218,7 @@ class SparseDeltaLinear(nn.Linear):
             self._resync_if_stale()
             return self.weight.detach().clone()
         weight = self.weight.detach().clone(memory_format=torch.contiguous_format)
-        return scatter_delta_(weight, self.index, delta=self.delta, backend=self.backend)
+        return self._write(weight, base=None, delta=self.delta)
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding ``W0 + Δ`` (new tensors; this layer is unchanged)."""
@@ -249,9 +237,7 @@ class SparseDeltaLinear(nn.Linear):
             self.merge()
         if self._merged:
             self._resync_if_stale()
-        return sparse_delta_linear(
-            x, self.weight, self.delta, self.sparse_index(), self.bias, backend=self.backend, merged=self._merged
-        )
+        return self._functional(x)
 
     # --- state dict, dtype and device -------------------------------------------------------
 
@@ -260,46 +246,45 @@ class SparseDeltaLinear(nn.Linear):
         if self._merged:
             # Save W0, never W_eff: the state dict must not depend on the mode.
             with torch.no_grad():
-                w0 = self.weight.detach().clone()
-                scatter_delta_(w0, self.index, base=self._w0_at_index, backend=self.backend)
+                w0 = self._write(self.weight.detach().clone(), base=self._w0_at_index, delta=None)
             destination[prefix + "weight"] = w0
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        index_key, delta_key = prefix + "index", prefix + "delta"
-        incoming_index = state_dict.get(index_key)
+        positions_key, delta_key = prefix + self._POSITIONS, prefix + "delta"
+        incoming = state_dict.get(positions_key)
         order = None
-        sparse_index = None
-        if incoming_index is not None:
+        validated = None
+        if incoming is not None:
             # Validate before touching anything, so a bad file leaves the layer as it was.
-            sparse_index, order = SparseIndex.build(
-                incoming_index.to(self.weight.device),
+            validated, order = self._validate(
+                incoming.to(self.weight.device),
                 self.out_features,
                 self.in_features,
-                device=self.weight.device,
-                name=f"{self.layer_name} ({index_key})",
+                self.weight.device,
+                f"{self.layer_name} ({positions_key})",
             )
             incoming_delta = state_dict.get(delta_key)
-            if incoming_delta is not None and incoming_delta.shape != (sparse_index.nnz,):
+            if incoming_delta is not None and tuple(incoming_delta.shape) != self._delta_shape(validated):
                 error_msgs.append(
-                    f"{self.layer_name}: {delta_key} has shape {tuple(incoming_delta.shape)} but {index_key} "
-                    f"has {sparse_index.nnz} entries"
+                    f"{self.layer_name}: {delta_key} has shape {tuple(incoming_delta.shape)} but {positions_key} "
+                    f"has {self._positions_tensor(validated).numel()} {self._UNIT}"
                 )
                 return
         was_merged = self._merged
         self.unmerge()
-        if sparse_index is not None and sparse_index.nnz != self.nnz:
+        if validated is not None and self._delta_shape(validated) != tuple(self.delta.shape):
             # Resize so the default loader can copy; values come from the state dict right after.
-            self.delta.data = torch.empty(sparse_index.nnz, dtype=self.delta.dtype, device=self.delta.device)
+            self.delta.data = torch.empty(self._delta_shape(validated), dtype=self.delta.dtype, device=self.delta.device)
             self.delta.grad = None
-            self._buffers["index"] = torch.empty_like(sparse_index.flat)
+            self._buffers[self._POSITIONS] = torch.empty_like(self._positions_tensor(validated))
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        if sparse_index is not None:
+        if validated is not None:
             if order is not None:
                 with torch.no_grad():
                     self.delta.data = self.delta.data[order]
-            self._adopt(sparse_index)
+            self._adopt(validated)
         if was_merged:
             self.merge()
 
@@ -315,12 +300,174 @@ class SparseDeltaLinear(nn.Linear):
             values, grad = original
             delta.data = values.to(device=delta.device, dtype=master)
             delta.grad = None if grad is None else grad.to(device=delta.device, dtype=master)
+        if self._merged:
+            # The cast rounded W_eff as a whole; rewrite the positions from the (cast) W0 values
+            # and the master so that the merged weight is again W0 + Δ rounded once.
+            self._synced_delta_key = None
         return self
 
     def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, {self._describe()}, mode={self.mode}, backend={self.backend}, "
+            f"merged={self._merged}"
+        )
+
+
+class SparseDeltaLinear(_FrozenBaseDeltaLinear):
+    """``y = x (W0 + Δ)ᵀ + b`` with ``Δ`` holding ``delta[k]`` at flat position ``index[k]``.
+
+    Attributes: ``weight`` (W0, frozen; W_eff while merged), ``bias`` (frozen), ``delta``
+    (``nn.Parameter`` [nnz], fp32 master, zeros at start), ``index`` (buffer [nnz], canonical).
+    """
+
+    _POSITIONS = "index"
+    _UNIT = "entries"
+    _MERGE_NEEDS_CONTIGUOUS_WEIGHT = True  # merged positions are flat offsets into the weight
+
+    def __init__(self, in_features: int, out_features: int, index: Optional[torch.Tensor], *args, **kwargs) -> None:
+        # bias, device, dtype and the keyword-only mode, backend, delta_dtype, name: see the base.
+        super().__init__(in_features, out_features, index, *args, **kwargs)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        index: torch.Tensor,
+        mode: str = "auto",
+        backend: str = "auto",
+        *,
+        delta_dtype: torch.dtype = torch.float32,
+        name: Optional[str] = None,
+    ) -> "SparseDeltaLinear":
+        """Wrap ``linear`` without copying its weight: the layer shares (and freezes) the weight and
+        bias tensors, and starts with ``delta = 0`` so that it computes exactly what ``linear`` did."""
+        return cls._wrap(linear, index, mode, backend, delta_dtype, name)
+
+    # --- the index --------------------------------------------------------------------------
+
+    def set_index(self, index: torch.Tensor, values: Optional[torch.Tensor] = None) -> None:
+        """Replace the mask: validate ``index`` (unsorted input is sorted together with ``values``),
+        rebuild the cached metadata and set ``delta`` to ``values`` (zeros if None). The layer is
+        unmerged first and re-merged afterwards if it was merged. ``delta`` gets new storage, so an
+        optimizer holding it must be rebuilt (or its state reset)."""
+        self._set_positions(index, values)
+
+    @classmethod
+    def _validate(cls, index, out_features, in_features, device, name):
+        return SparseIndex.build(index, out_features, in_features, device=device, name=name)
+
+    def _adopt(self, sparse_index: SparseIndex) -> None:
+        self.register_buffer("index", sparse_index.flat)
+        # Derived once per mask; non-persistent so they follow .to() but never reach a state dict.
+        self.register_buffer("_row_ptr", sparse_index.row_ptr, persistent=False)
+        self.register_buffer("_col_ptr", sparse_index.col_ptr, persistent=False)
+        self.register_buffer("_csc_perm", sparse_index.csc_perm, persistent=False)
+
+    @staticmethod
+    def _positions_tensor(sparse_index: SparseIndex) -> torch.Tensor:
+        return sparse_index.flat
+
+    def _delta_shape(self, sparse_index: SparseIndex) -> tuple:
+        return (sparse_index.nnz,)
+
+    def sparse_index(self) -> SparseIndex:
+        """The cached, validated index (no validation or rebuild: O(1))."""
+        return SparseIndex(
+            self.index, self._row_ptr, self._col_ptr, self._csc_perm, self.out_features, self.in_features
+        )
+
+    @property
+    def nnz(self) -> int:
+        return self.index.numel()
+
+    def _gather_w0(self) -> torch.Tensor:
+        return self.weight.view(-1).index_select(0, self.index)
+
+    def _write(self, weight, base, delta):
+        return scatter_delta_(weight, self.index, base=base, delta=delta, backend=self.backend)
+
+    def _functional(self, x: torch.Tensor) -> torch.Tensor:
+        return sparse_delta_linear(
+            x, self.weight, self.delta, self.sparse_index(), self.bias, backend=self.backend, merged=self._merged
+        )
+
+    def _describe(self) -> str:
         total = self.in_features * self.out_features
         density = self.nnz / total if total else 0.0
-        return (
-            f"{super().extra_repr()}, nnz={self.nnz}, density={density:.4g}, mode={self.mode}, "
-            f"backend={self.backend}, merged={self._merged}"
+        return f"nnz={self.nnz}, density={density:.4g}"
+
+
+class RowSparseLinear(_FrozenBaseDeltaLinear):
+    """SPruFT: ``y = x W0ᵀ + b``, then ``y[..., rows] += x Wfᵀ``: R whole rows ``Wf = delta`` of the
+    weight are trained (DESIGN.md "Row delta").
+
+    Attributes: ``weight`` (W0, frozen; W_eff while merged), ``bias`` (frozen), ``delta``
+    (``nn.Parameter`` [R, in], fp32 master, zeros at start), ``rows`` (buffer [R], sorted unique
+    int64 output rows). Merged mode keeps ``W0[rows]`` aside (R x in values in the weight's dtype)
+    and works with any weight layout, so ``auto`` always merges.
+    """
+
+    _POSITIONS = "rows"
+    _UNIT = "rows"
+    _MERGE_NEEDS_CONTIGUOUS_WEIGHT = False  # rows are written with index_copy_ along dim 0
+
+    def __init__(self, in_features: int, out_features: int, rows: Optional[torch.Tensor], *args, **kwargs) -> None:
+        # bias, device, dtype and the keyword-only mode, backend, delta_dtype, name: see the base.
+        super().__init__(in_features, out_features, rows, *args, **kwargs)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        rows: torch.Tensor,
+        mode: str = "auto",
+        backend: str = "auto",
+        *,
+        delta_dtype: torch.dtype = torch.float32,
+        name: Optional[str] = None,
+    ) -> "RowSparseLinear":
+        """Wrap ``linear`` without copying its weight: the layer shares (and freezes) the weight and
+        bias tensors and trains ``delta`` [len(rows), in] at the given output ``rows`` (1-D integer,
+        unique, in range; sorted here), starting from zero so that it computes exactly what
+        ``linear`` did."""
+        return cls._wrap(linear, rows, mode, backend, delta_dtype, name)
+
+    def set_rows(self, rows: torch.Tensor, values: Optional[torch.Tensor] = None) -> None:
+        """Replace the trained rows: validate ``rows`` (unsorted input is sorted together with the
+        rows of ``values`` [R, in]) and set ``delta`` to ``values`` (zeros if None). The layer is
+        unmerged first and re-merged afterwards if it was merged. ``delta`` gets new storage, so an
+        optimizer holding it must be rebuilt (or its state reset)."""
+        self._set_positions(rows, values)
+
+    @property
+    def num_rows(self) -> int:
+        return self.rows.numel()
+
+    @classmethod
+    def _validate(cls, rows, out_features, in_features, device, name):
+        return canonical_rows(rows, out_features, device=device, name=name)
+
+    def _adopt(self, rows: torch.Tensor) -> None:
+        self.register_buffer("rows", rows)
+
+    @staticmethod
+    def _positions_tensor(rows: torch.Tensor) -> torch.Tensor:
+        return rows
+
+    def _delta_shape(self, rows: torch.Tensor) -> tuple:
+        return (rows.numel(), self.in_features)
+
+    def _gather_w0(self) -> torch.Tensor:
+        return self.weight.index_select(0, self.rows)
+
+    def _write(self, weight, base, delta):
+        return naive.write_rows_(weight, self.rows, base=base, delta=delta)
+
+    def _functional(self, x: torch.Tensor) -> torch.Tensor:
+        return row_delta_linear(
+            x, self.weight, self.delta, self.rows, self.bias, backend=self.backend, merged=self._merged, validate=False
         )
+
+    def _describe(self) -> str:
+        fraction = self.num_rows / self.out_features if self.out_features else 0.0
+        return f"rows={self.num_rows}, fraction={fraction:.4g}"

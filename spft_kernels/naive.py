@@ -83,3 +83,73 @@ def sparse_delta_linear(
     x2d = x.reshape(-1, in_features)
     base = torch.nn.functional.linear(x2d, weight, bias)
     return gather_scale_add(base, x2d, delta, cols, rows).reshape(*x.shape[:-1], out_features)
+
+
+# --- SPruFT row delta ------------------------------------------------------------------------
+
+
+def mm_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``a @ b`` for ``a`` [M, K], ``b`` [K, N], accumulated and returned in ``acc``; chunked over M
+    so that the upcast copy of ``a`` stays within the budget."""
+    out = torch.empty(a.shape[0], b.shape[1], dtype=acc, device=a.device)
+    wide_b = b.to(acc)
+    step = max(1, CHUNK_ELEMENTS // max(a.shape[1], 1))
+    for start in range(0, a.shape[0], step):
+        torch.mm(a[start : start + step].to(acc), wide_b, out=out[start : start + step])
+    return out
+
+
+def mm_tn_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``aᵀ @ b`` for ``a`` [T, M], ``b`` [T, N], summed over the T tokens in ``acc``, chunked over T."""
+    out = torch.zeros(a.shape[1], b.shape[1], dtype=acc, device=a.device)
+    step = max(1, CHUNK_ELEMENTS // max(a.shape[1] + b.shape[1], 1))
+    for start in range(0, a.shape[0], step):
+        stop = start + step
+        out.addmm_(a[start:stop].to(acc).t(), b[start:stop].to(acc))
+    return out
+
+
+def row_scatter_add_(y: torch.Tensor, z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """In place ``y[..., rows[r]] += z[..., r]``: the sum in fp32 (fp64 if an operand is fp64),
+    rounded once to y's dtype. ``rows`` must be unique (a repeated row keeps one of its sums)."""
+    wide_rows = rows.long()
+    values = y.index_select(-1, wide_rows).to(accumulate_dtype(y, z))
+    values = values + z.to(values.dtype)
+    y.index_copy_(y.dim() - 1, wide_rows, values.to(y.dtype))
+    return y
+
+
+def row_delta_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    delta_rows: torch.Tensor,
+    rows: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """SPruFT: ``y = x W0ᵀ + b``, then ``y[..., rows] += x Wfᵀ`` with ``Wf = delta_rows`` [R, in].
+    ``x Wfᵀ`` is accumulated in fp32/fp64 and added into y with one rounding."""
+    out_features, in_features = weight.shape
+    x2d = x.reshape(-1, in_features)
+    y = torch.nn.functional.linear(x2d, weight, bias)
+    z = mm_acc(x2d, delta_rows.t(), accumulate_dtype(x, delta_rows))
+    return row_scatter_add_(y, z, rows).reshape(*x.shape[:-1], out_features)
+
+
+def write_rows_(
+    weight: torch.Tensor,
+    rows: torch.Tensor,
+    base: Optional[torch.Tensor] = None,
+    delta: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """In place ``weight[rows] = (base or weight[rows]) + delta`` for a [out, in] weight and [R, in]
+    ``base`` (weight's dtype) / ``delta``: the sum in fp32 (fp64 if an operand is fp64), rounded
+    once. SPruFT's merge, unmerge and re-sync; O(R * in) on any device and any weight layout."""
+    if base is None and delta is None:
+        return weight
+    wide_rows = rows.long()
+    values = base if base is not None else weight.index_select(0, wide_rows)
+    if delta is not None:
+        acc = accumulate_dtype(weight, delta)
+        values = values.to(acc) + delta.to(acc)
+    weight.index_copy_(0, wide_rows, values.to(weight.dtype))
+    return weight

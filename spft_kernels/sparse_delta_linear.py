@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import naive
+from ._linear_args import check_x_and_weight, prepare_operands
 from .backends import check_backend_name, resolve_backend
 from .index import SparseIndex
 from .sddmm import sddmm
@@ -111,16 +112,7 @@ def sparse_delta_linear(
     GEMM and only the delta gradient is sparse (the layer's merged mode).
     """
     check_backend_name(backend)
-    if not isinstance(x, Tensor) or not isinstance(weight, Tensor) or not isinstance(delta, Tensor):
-        raise ValueError("sparse_delta_linear: x, weight and delta must be tensors")
-    if weight.dim() != 2:
-        raise ValueError(f"sparse_delta_linear: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
-    out_features, in_features = weight.shape
-    if x.dim() == 0 or x.shape[-1] != in_features:
-        raise ValueError(
-            f"sparse_delta_linear: x must have shape [..., {in_features}] to match weight "
-            f"{tuple(weight.shape)}, got {tuple(x.shape)}"
-        )
+    out_features, in_features = check_x_and_weight("sparse_delta_linear", x, weight, delta, "delta")
     if isinstance(index, SparseIndex):
         sparse_index = index
         if sparse_index.shape != (out_features, in_features):
@@ -145,25 +137,9 @@ def sparse_delta_linear(
         )
     if not delta.is_floating_point():
         raise ValueError(f"sparse_delta_linear: delta must be floating point, got {delta.dtype}")
-    if bias is not None and bias.shape != (out_features,):
-        raise ValueError(f"sparse_delta_linear: bias must have shape ({out_features},), got {tuple(bias.shape)}")
-    devices = {t.device for t in (x, weight, delta, sparse_index.flat) + ((bias,) if bias is not None else ())}
-    if len(devices) > 1:
-        raise ValueError(f"sparse_delta_linear: all tensors must be on one device, got {sorted(map(str, devices))}")
-
-    if torch.is_autocast_enabled(x.device.type):
-        # Mirror F.linear under autocast: the matmul operands run in the autocast dtype.
-        autocast_dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(autocast_dtype), weight.to(autocast_dtype)
-        bias = None if bias is None else bias.to(autocast_dtype)
-    if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise ValueError(
-            f"sparse_delta_linear: x, weight and bias must share a dtype, got x {x.dtype}, weight "
-            f"{weight.dtype}" + ("" if bias is None else f", bias {bias.dtype}")
-        )
-    # Resolve every op the step needs now, so a missing kernel fails here and not in backward.
-    for op in _MERGED_OPS if merged else _SPLIT_OPS:
-        resolve_backend(op, backend, x.device)
+    x, weight, bias = prepare_operands(
+        "sparse_delta_linear", x, weight, bias, (delta, sparse_index.flat), _MERGED_OPS if merged else _SPLIT_OPS, backend
+    )
     return _sparse_delta_linear_op(
         x,
         weight,

@@ -1,0 +1,165 @@
+"""SPruFT's row delta: ``y = x W0ᵀ + b``, then ``y[..., rows] += x Wfᵀ`` with a trainable
+``Wf = delta_rows`` [R, in]: the op, its autograd and the functional entry point.
+
+Backward (DESIGN.md "Row delta"): ``g = dy[..., rows]`` (row gather), ``dWf = gᵀ x`` accumulated
+in fp32 (fp64 for fp64 inputs), ``dx = dy W0 + g Wf`` (``dy W`` alone in merged mode, where the
+weight already holds ``W0 + Wf`` at the rows), ``db = Σ dy``. Only ``x`` is saved (W, delta and
+the rows are the layer's own tensors); ``x Wfᵀ`` is recomputed nowhere and cached nowhere, which
+is SPruFT's memory advantage over LoRA (which keeps ``x A`` and its dropout mask alive).
+``dW = dyᵀ x`` is computed only if the weight itself requires grad.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import naive
+from ._linear_args import check_x_and_weight, prepare_operands
+from .backends import check_backend_name
+from .index import canonical_rows
+from .row_gather import row_gather
+from .row_scatter_add import _row_scatter_add_op
+
+Tensor = torch.Tensor
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _linear_acc(x2d: Tensor, delta: Tensor, acc: torch.dtype) -> Tensor:
+    """``x Wfᵀ`` [T, R] in ``acc``: on CUDA one cuBLAS GEMM with half inputs and fp32 output (Wf
+    rounded to x's dtype for the tensor cores), elsewhere the reference's chunked upcast."""
+    if x2d.dtype == acc and delta.dtype == acc:
+        return x2d.mm(delta.t())
+    if x2d.is_cuda and x2d.dtype in _HALF and acc == torch.float32:
+        return torch.mm(x2d, delta.to(x2d.dtype).t(), out_dtype=acc)
+    return naive.mm_acc(x2d, delta.t(), acc)
+
+
+def _grad_rows(g: Tensor, x2d: Tensor, acc: torch.dtype) -> Tensor:
+    """``dWf = gᵀ x`` [R, in] summed over tokens in ``acc`` (never rounded to half precision)."""
+    if g.dtype == acc and x2d.dtype == acc:
+        return g.t().mm(x2d)
+    if x2d.is_cuda and x2d.dtype in _HALF and g.dtype == x2d.dtype and acc == torch.float32:
+        return torch.mm(g.t(), x2d, out_dtype=acc)
+    return naive.mm_tn_acc(g, x2d, acc)
+
+
+@torch.library.custom_op("spft::row_delta_linear", mutates_args=())
+def _row_delta_linear_op(
+    x: Tensor,
+    weight: Tensor,
+    delta: Tensor,
+    rows: Tensor,
+    bias: Optional[Tensor],
+    merged: bool,
+    backend: str,
+) -> Tensor:
+    y = F.linear(x, weight, bias)
+    if merged or rows.numel() == 0:
+        return y
+    out_features, in_features = weight.shape
+    if not y.is_contiguous():  # the scatter writes through a 2-D view of y
+        y = y.contiguous()
+    y2d = y.view(-1, out_features)
+    x2d = x.reshape(-1, in_features)
+    _row_scatter_add_op(y2d, _linear_acc(x2d, delta, naive.accumulate_dtype(x, delta)), rows, backend)
+    return y
+
+
+@_row_delta_linear_op.register_fake
+def _(x, weight, delta, rows, bias, merged, backend):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, delta, rows, bias, merged, backend = inputs
+    ctx.save_for_backward(x, weight, delta, rows)
+    ctx.merged = merged
+    ctx.backend = backend
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, dy):
+    x, weight, delta, rows = ctx.saved_tensors
+    out_features, in_features = weight.shape
+    dy2d = dy.reshape(-1, out_features)
+    x2d = x.reshape(-1, in_features)
+    dx = dweight = ddelta = dbias = None
+    need_dx, need_ddelta = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    use_rows = rows.numel() > 0 and (need_ddelta or (need_dx and not ctx.merged))
+    g = row_gather(dy2d, rows, ctx.backend, validate=False) if use_rows else None
+    if need_dx:
+        dx2d = dy2d.mm(weight)
+        if not ctx.merged and g is not None:
+            dx2d = torch.addmm(dx2d, g, delta.to(dx2d.dtype))
+        dx = dx2d.reshape(x.shape)
+    if ctx.needs_input_grad[1]:
+        dweight = dy2d.t().mm(x2d)
+    if need_ddelta:
+        acc = naive.accumulate_dtype(x2d, dy2d, delta)
+        if g is None:
+            ddelta = torch.zeros_like(delta)
+        else:
+            ddelta = _grad_rows(g, x2d, acc).to(delta.dtype)
+    if ctx.needs_input_grad[4]:
+        dbias = dy2d.sum(dim=0, dtype=naive.accumulate_dtype(dy2d)).to(ctx.bias_dtype)
+    return dx, dweight, ddelta, None, dbias, None, None
+
+
+_row_delta_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- functional entry point ------------------------------------------------------------------
+
+_SPLIT_OPS = ("row_scatter_add", "row_gather")
+_MERGED_OPS = ("row_gather",)
+
+
+def row_delta_linear(
+    x: Tensor,
+    weight: Tensor,
+    delta_rows: Tensor,
+    rows: Tensor,
+    bias: Optional[Tensor] = None,
+    backend: str = "auto",
+    *,
+    merged: bool = False,
+    validate: bool = True,
+) -> Tensor:
+    """SPruFT: ``y = x W0ᵀ + b``, then ``y[..., rows] += x delta_rowsᵀ``.
+
+    ``x``: [..., in]; ``weight``: [out, in] (frozen W0); ``delta_rows``: [R, in] (``Wf``, fp32
+    master); ``rows``: 1-D integer [R], the output rows that ``delta_rows`` adds to. With
+    ``validate=True`` the rows are checked (in range, unique: one host sync) and unsorted rows are
+    sorted together with ``delta_rows`` (differentiably); layers hold canonical rows (sorted
+    unique int64 on the weight's device, see :func:`spft_kernels.index.canonical_rows`) and pass
+    ``validate=False``. ``merged=True`` declares that ``weight`` already holds ``W0 + Wf`` at the
+    rows: the forward is then a plain GEMM and only ``dWf`` involves the rows.
+    """
+    check_backend_name(backend)
+    out_features, in_features = check_x_and_weight("row_delta_linear", x, weight, delta_rows, "delta_rows")
+    if validate:
+        rows, order = canonical_rows(rows, out_features, device=weight.device, name="row_delta_linear")
+        if order is not None:
+            if delta_rows.dim() == 0 or delta_rows.shape[0] != order.numel():
+                raise ValueError(
+                    f"row_delta_linear: delta_rows must have shape ({order.numel()}, {in_features}), got "
+                    f"{tuple(delta_rows.shape)}"
+                )
+            delta_rows = delta_rows[order.to(delta_rows.device)]
+    elif not isinstance(rows, Tensor) or rows.dim() != 1 or rows.dtype not in (torch.int32, torch.int64):
+        raise ValueError("row_delta_linear: rows must be a 1-D int32 or int64 tensor")
+    if delta_rows.shape != (rows.numel(), in_features):
+        raise ValueError(
+            f"row_delta_linear: delta_rows must have shape ({rows.numel()}, {in_features}) (one row of "
+            f"in_features per selected row), got {tuple(delta_rows.shape)}"
+        )
+    if not delta_rows.is_floating_point():
+        raise ValueError(f"row_delta_linear: delta_rows must be floating point, got {delta_rows.dtype}")
+    x, weight, bias = prepare_operands(
+        "row_delta_linear", x, weight, bias, (delta_rows, rows), _MERGED_OPS if merged else _SPLIT_OPS, backend
+    )
+    return _row_delta_linear_op(x, weight, delta_rows, rows, bias, merged, backend)
