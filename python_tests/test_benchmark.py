@@ -15,7 +15,8 @@ def test_spft_bench_runs_and_writes_records_summary_and_plots(tmp_path, capsys):
     records = json.loads((tmp_path / "results.json").read_text())
     providers = {r["provider"] for r in records}
     lora = "lora-peft" if "lora-peft" in providers else "lora-torch"
-    assert {"dense-frozen", "dense-full", lora, "naive-sparse", "spft-merged-reference", "spft-split-reference"} <= providers
+    assert {"dense-frozen", "dense-full", lora, "naive-sparse", "spft-merged-reference", "spft-split-reference",
+            "spruft-merged-reference", "spruft-split-reference"} <= providers
     assert {r["op"] for r in records} == {"linear_fwd", "linear_bwd", "linear_fwd_bwd"}
     for record in records:
         assert REQUIRED_FIELDS <= set(record), REQUIRED_FIELDS - set(record)
@@ -49,9 +50,11 @@ def test_end_to_end_training_comparison_runs_with_matched_parameters():
 
     tiny = dict(hidden=32, intermediate=64, layers=1, heads=2, kv_heads=2, vocab=64, sequence=16, batch=2)
     records = run_e2e(torch.device("cpu"), torch.float32, steps=1, warmup=1, rank=2, spec=tiny,
-                      methods=["full", "lora-peft", "spft-sparta", "spft-speft"])
+                      methods=["full", "lora-peft", "spft-sparta", "spft-speft", "spruft"])
     by_method = {r["provider"]: r for r in records}
-    assert set(by_method) == {"full", "lora-peft", "spft-sparta", "spft-speft"}
+    assert set(by_method) == {"full", "lora-peft", "spft-sparta", "spft-speft", "spruft"}
+    # whole rows: the same budget up to rounding to rows of in_features entries
+    assert abs(by_method["spruft"]["trainable_params"] - by_method["lora-peft"]["trainable_params"]) <= 7 * 64
     assert by_method["spft-sparta"]["trainable_params"] == by_method["lora-peft"]["trainable_params"]
     assert by_method["spft-speft"]["trainable_params"] == by_method["lora-peft"]["trainable_params"]
     assert by_method["full"]["trainable_params"] == by_method["full"]["parameters"]

@@ -3,8 +3,8 @@ downloaded), a few AdamW steps per method at matched trainable parameters, token
 and peak memory. ``spft-bench --e2e`` runs it.
 
 Methods: ``full`` (every parameter trains), ``lora-peft`` (rank r on every linear layer of the
-blocks), ``spft-sparta`` (random mask), ``spft-speft`` (gradient-salience mask, global top-k) and
-whatever else is registered in ``METHODS``, each with the same number of trainable parameters as LoRA rank r (to within
+blocks), ``spft-sparta`` (random mask), ``spft-speft`` (gradient-salience mask, global top-k), ``spruft``
+(whole rows by l2 importance) and whatever else is registered in ``METHODS``, each with the same number of trainable parameters as LoRA rank r (to within
 rounding): r·(in + out) per targeted layer.
 """
 
@@ -104,11 +104,23 @@ def method_speft(model: nn.Module, rank: int) -> nn.Module:
     return model
 
 
+def method_spruft(model: nn.Module, rank: int) -> nn.Module:
+    """SPruFT at LoRA's budget: per layer round(r (in + out) / in) rows chosen by their l2 norm."""
+    from .layers import RowSparseLinear
+    from .row_importance import row_importance, select_rows
+
+    rows = select_rows(row_importance(model, metric="l2"), lora_rank=rank, model=model)
+    _freeze(model)
+    replace_linears(model, lambda name, linear: RowSparseLinear.from_linear(linear, rows[name], name=name))
+    return model
+
+
 METHODS: dict[str, Callable[[nn.Module, int], nn.Module]] = {
     "full": method_full,
     "lora-peft": method_lora_peft,
     "spft-sparta": method_sparta,
     "spft-speft": method_speft,
+    "spruft": method_spruft,
 }
 
 

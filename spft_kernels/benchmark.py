@@ -10,7 +10,8 @@ Providers at the same number of trainable parameters (DESIGN.md names):
   them (they scatter into a weight copy and let autograd form a dense dW);
 - ``naive-sparse``: that same approach written here (for versions of peft without them);
 - ``torch-sparse``: ``x W0ᵀ + (Δ_coo xᵀ)ᵀ`` with ``torch.sparse``, where it supports the dtype;
-- ``spft-<mode>-<backend>``: every SparseDeltaLinear mode × backend that runs on the device.
+- ``spft-<mode>-<backend>``: every SparseDeltaLinear mode × backend that runs on the device;
+- ``spruft-<mode>-<backend>``: RowSparseLinear with ``round(nnz / in)`` random rows.
 
 Times are medians over repeats (CUDA events on a GPU); peak memory comes from the CUDA
 allocator on a GPU and from :class:`~spft_kernels.memory.TensorMemoryTracker` on the CPU, and
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from . import bench_report
 from .backends import available_backends
 from .index import random_index
-from .layers import SparseDeltaLinear
+from .layers import RowSparseLinear, SparseDeltaLinear
 from .memory import TensorMemoryTracker
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -203,6 +204,18 @@ def build_providers(case: dict, device: torch.device, seed: int = 0) -> dict[str
     backends = ["reference"]
     if device.type == "cuda":
         backends += [b for b in ("triton", "cuda") if b in available_backends()]
+    # SPruFT at the same budget: R = round(r (in + out) / in) whole rows.
+    num_rows = min(out_features, max(1, round(index.numel() / in_features)))
+    rows = torch.randperm(out_features, generator=generator)[:num_rows].sort().values
+    for mode in ("merged", "split"):
+        for backend in backends:
+            def make_rows(mode=mode, backend=backend):
+                layer = RowSparseLinear.from_linear(base_linear(), rows.to(device), mode=mode, backend=backend)
+                with torch.no_grad():
+                    layer.delta.normal_(0.0, 1e-3)
+                return layer
+
+            providers[f"spruft-{mode}-{backend}"] = make_rows
     for mode in ("merged", "split"):
         for backend in backends:
             def make(mode=mode, backend=backend):
