@@ -556,7 +556,12 @@ class TestBadInput:
         error = ValueError if "cuda" in spft.available_backends() else RuntimeError
         with pytest.raises(error, match="cuda"):
             self.call(backend="cuda")
-        with pytest.raises(RuntimeError, match="triton"):
+
+    def test_triton_on_cpu_tensors_needs_the_interpreter(self, monkeypatch):
+        if "triton" not in spft.available_backends():
+            pytest.skip("triton is not installed")
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="needs CUDA tensors"):
             self.call(backend="triton")
 
     def test_mixed_devices(self):

@@ -17,6 +17,8 @@ COMPILE_ALL = textwrap.dedent(
     from triton.compiler import ASTSource
     from spft_kernels.sddmm import _sddmm_gather_dot_kernel
     from spft_kernels.spmm import _spmm_kernel
+    from spft_kernels.row_gather import _row_gather_kernel
+    from spft_kernels.row_scatter_add import _row_scatter_add_kernel
 
     def compile(fn, types, constants, capability):
         signature = {name: "constexpr" if name in constants else types[name] for name in fn.arg_names}
@@ -36,6 +38,13 @@ COMPILE_ALL = textwrap.dedent(
                         perm_ptr="*i32", flat_ptr=f"*{index}", delta_ptr="*fp32", num_tokens="i32",
                         in_features="i32", stride_base="i32", stride_src="i32", stride_out="i32"),
                         dict(TRANSPOSED=transposed, ACC_FP64=False, BLOCK_T=64, BLOCK_E=32), capability)
+            for rows in ("i32", "i64"):
+                compile(_row_gather_kernel, dict(
+                    src_ptr=f"*{dtype}", rows_ptr=f"*{rows}", out_ptr=f"*{dtype}", num_tokens="i32", num_rows="i32",
+                    stride_src="i32"), dict(BLOCK_T=32, BLOCK_R=64), capability)
+                compile(_row_scatter_add_kernel, dict(
+                    y_ptr=f"*{dtype}", z_ptr="*fp32", rows_ptr=f"*{rows}", num_tokens="i32", num_rows="i32",
+                    stride_y="i32", stride_z="i32"), dict(ACC_FP64=False, BLOCK_T=32, BLOCK_R=64), capability)
     print("compiled")
     """
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ._triton import tl, triton
 from .backends import implementation, register, resolve_backend
 
 Tensor = torch.Tensor
@@ -25,12 +26,47 @@ def _row_gather_reference(src, rows):
     return src.index_select(-1, rows)
 
 
-@register("row_gather", "cuda")
-def _row_gather_cuda(src, rows):
+def _gather_2d(src, rows, kernel):
+    """``kernel(src2d, rows) -> [tokens, R]`` on a [tokens, features] view with contiguous rows."""
     src2d = src.reshape(-1, src.shape[-1])
     if src2d.stride(-1) != 1:
         src2d = src2d.contiguous()
-    return torch.ops.spft.cuda_row_gather(src2d, rows).reshape(*src.shape[:-1], rows.numel())
+    return kernel(src2d, rows).reshape(*src.shape[:-1], rows.numel())
+
+
+@register("row_gather", "cuda")
+def _row_gather_cuda(src, rows):
+    return _gather_2d(src, rows, torch.ops.spft.cuda_row_gather)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _row_gather_kernel(
+        src_ptr, rows_ptr, out_ptr, num_tokens, num_rows, stride_src,
+        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        tokens = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+        slots = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        slot_mask = slots < num_rows
+        rows = tl.load(rows_ptr + slots, mask=slot_mask, other=0).to(tl.int64)
+        mask = (tokens < num_tokens)[:, None] & slot_mask[None, :]
+        values = tl.load(src_ptr + tokens[:, None] * stride_src + rows[None, :], mask=mask)
+        tl.store(out_ptr + tokens[:, None] * num_rows + slots[None, :], values, mask=mask)
+
+    def _launch_row_gather(src2d, rows):
+        out = torch.empty(src2d.shape[0], rows.numel(), dtype=src2d.dtype, device=src2d.device)
+        if out.numel():
+            block_t, block_r = 32, 64
+            grid = (triton.cdiv(src2d.shape[0], block_t), triton.cdiv(rows.numel(), block_r))
+            _row_gather_kernel[grid](
+                src2d, rows, out, src2d.shape[0], rows.numel(), src2d.stride(0), BLOCK_T=block_t, BLOCK_R=block_r
+            )
+        return out
+
+    @register("row_gather", "triton")
+    def _row_gather_triton(src, rows):
+        return _gather_2d(src, rows, _launch_row_gather)
 
 
 def row_gather(src: Tensor, rows: Tensor, backend: str = "auto", *, validate: bool = True) -> Tensor:

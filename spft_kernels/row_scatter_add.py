@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import naive
+from ._triton import tl, triton
 from .backends import implementation, register, resolve_backend
 
 Tensor = torch.Tensor
@@ -31,8 +32,9 @@ def _row_scatter_add_reference(y, z, rows):
     naive.row_scatter_add_(y, z, rows)
 
 
-@register("row_scatter_add", "cuda")
-def _row_scatter_add_cuda(y, z, rows):
+def _scatter_2d(y, z, rows, kernel):
+    """Calls ``kernel(y2d, z2d, rows)`` on [tokens, features] views whose rows are contiguous,
+    working on a contiguous copy of y (written back) when its leading dims cannot be viewed so."""
     features = y.shape[-1]
     try:
         y2d = y.view(-1, features)
@@ -40,13 +42,50 @@ def _row_scatter_add_cuda(y, z, rows):
         y2d = None
     if y2d is None or (y2d.stride(1) != 1 and features > 1):
         work = y.contiguous().view(-1, features)
-        _row_scatter_add_cuda(work, z, rows)
+        _scatter_2d(work, z, rows, kernel)
         y.copy_(work.view(y.shape))
         return
     z2d = z.reshape(-1, rows.numel())
     if z2d.stride(1) != 1 and rows.numel() > 1:
         z2d = z2d.contiguous()
-    torch.ops.spft.cuda_row_scatter_add_(y2d, z2d, rows)
+    kernel(y2d, z2d, rows)
+
+
+@register("row_scatter_add", "cuda")
+def _row_scatter_add_cuda(y, z, rows):
+    _scatter_2d(y, z, rows, torch.ops.spft.cuda_row_scatter_add_)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _row_scatter_add_kernel(
+        y_ptr, z_ptr, rows_ptr, num_tokens, num_rows, stride_y, stride_z,
+        ACC_FP64: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        # Rows are unique, so no two programs write one element: no atomics, one rounding.
+        acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+        tokens = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+        slots = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        slot_mask = slots < num_rows
+        rows = tl.load(rows_ptr + slots, mask=slot_mask, other=0).to(tl.int64)
+        mask = (tokens < num_tokens)[:, None] & slot_mask[None, :]
+        y_offsets = tokens[:, None] * stride_y + rows[None, :]
+        y = tl.load(y_ptr + y_offsets, mask=mask, other=0.0).to(acc_dtype)
+        z = tl.load(z_ptr + tokens[:, None] * stride_z + slots[None, :], mask=mask, other=0.0).to(acc_dtype)
+        tl.store(y_ptr + y_offsets, (y + z).to(y_ptr.dtype.element_ty), mask=mask)
+
+    def _launch_row_scatter_add(y2d, z2d, rows):
+        block_t, block_r = 32, 64
+        grid = (triton.cdiv(y2d.shape[0], block_t), triton.cdiv(rows.numel(), block_r))
+        _row_scatter_add_kernel[grid](
+            y2d, z2d, rows, y2d.shape[0], rows.numel(), y2d.stride(0), z2d.stride(0),
+            ACC_FP64=naive.accumulate_dtype(y2d, z2d) == torch.float64, BLOCK_T=block_t, BLOCK_R=block_r,
+        )
+
+    @register("row_scatter_add", "triton")
+    def _row_scatter_add_triton(y, z, rows):
+        _scatter_2d(y, z, rows, _launch_row_scatter_add)
 
 
 def row_scatter_add_(y: Tensor, z: Tensor, rows: Tensor, backend: str = "auto", *, validate: bool = True) -> Tensor:
