@@ -7,7 +7,8 @@ from spft_kernels.sddmm import sddmm
 @pytest.mark.parametrize("backend", backends())
 def test_sddmm(benchmark, problem, backend):
     p = problem
-    benchmark(synchronized(lambda: sddmm(p["x"], p["dy"], p["sparse_index"].flat, backend)))
+    si = p["sparse_index"]
+    benchmark(synchronized(lambda: sddmm(p["x"], p["dy"], si.flat, si.tile_ptr, backend)))
 
 
 def test_dense_weight_gradient_baseline(benchmark, problem):

@@ -174,7 +174,8 @@ def _opcheck_args(requires_grad):
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_opcheck_layer_op(merged, requires_grad):
     x, weight, delta, si, bias = _opcheck_args(requires_grad)
-    args = (x, weight, delta, si.flat, si.row_ptr, si.col_ptr, si.csc_perm, bias, merged, "reference")
+    assert si.tile_ptr is not None  # density 0.2: the tile metadata rides along
+    args = (x, weight, delta, si.flat, si.row_ptr, si.col_ptr, si.csc_perm, si.tile_ptr, bias, merged, "reference")
     torch.library.opcheck(torch.ops.spft.sparse_delta_linear.default, args)
 
 
@@ -186,7 +187,8 @@ def test_opcheck_kernel_ops():
     base_in = torch.randn(x2d.shape[0], 23)
     torch.library.opcheck(spmm_add, (base_out, x2d, delta, si.flat, si.row_ptr, "reference"))
     torch.library.opcheck(spmm_t_add, (base_in, dy2d, delta, si.flat, si.col_ptr, si.csc_perm, "reference"))
-    torch.library.opcheck(sddmm, (x2d, dy2d, si.flat, "reference"))
+    torch.library.opcheck(sddmm, (x2d, dy2d, si.flat, si.tile_ptr, "reference"))
+    torch.library.opcheck(sddmm, (x2d, dy2d, si.flat, None, "reference"))
 
 
 def test_kernel_ops_match_dense():
@@ -200,7 +202,7 @@ def test_kernel_ops_match_dense():
     torch.testing.assert_close(
         spmm_t_add(base_in, dy, delta, si.flat, si.col_ptr, si.csc_perm, "auto"), base_in + dy @ dense_delta
     )
-    torch.testing.assert_close(sddmm(x, dy, si.flat, "auto"), (dy.t() @ x).view(-1)[index.long()])
+    torch.testing.assert_close(sddmm(x, dy, si.flat, None, "auto"), (dy.t() @ x).view(-1)[index.long()])
 
 
 class TestBadInput:

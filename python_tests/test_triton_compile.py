@@ -15,7 +15,7 @@ COMPILE_ALL = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from spft_kernels.sddmm import _sddmm_gather_dot_kernel
+    from spft_kernels.sddmm import _sddmm_gather_dot_kernel, _sddmm_tile_kernel
     from spft_kernels.spmm import _spmm_kernel
     from spft_kernels.row_gather import _row_gather_kernel
     from spft_kernels.row_scatter_add import _row_scatter_add_kernel
@@ -32,6 +32,11 @@ COMPILE_ALL = textwrap.dedent(
                     x_ptr=f"*{dtype}", dy_ptr=f"*{dtype}", flat_ptr=f"*{index}", partial_ptr="*fp32",
                     num_tokens="i32", nnz="i32", in_features="i32", stride_x="i32", stride_dy="i32",
                     tokens_per_split="i32"), dict(ACC_FP64=False, BLOCK_E=64, BLOCK_T=32), capability)
+                compile(_sddmm_tile_kernel, dict(
+                    x_ptr=f"*{dtype}", dy_ptr=f"*{dtype}", flat_ptr=f"*{index}", tile_ptr_ptr="*i32",
+                    grad_ptr="*fp32", num_tokens="i32", out_features="i32", in_features="i32", stride_x="i32",
+                    stride_dy="i32", tile_ptr_stride="i32"),
+                    dict(BLOCK_N=64, BLOCK_K=64, BLOCK_T=32, TILE=64), capability)
                 for transposed in (False, True):
                     compile(_spmm_kernel, dict(
                         base_ptr=f"*{dtype}", src_ptr=f"*{dtype}", out_ptr=f"*{dtype}", pointers_ptr="*i32",

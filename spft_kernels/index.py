@@ -8,7 +8,9 @@ cached (on the layer as non-persistent buffers):
 - ``row_ptr`` [out + 1]: CSR row pointers into the canonical order (entries are already
   row-major, so the canonical order *is* the CSR order; a column is ``flat - row * in``);
 - ``col_ptr`` [in + 1] and ``csc_perm`` [nnz]: the CSC view used by ``dy @ Δ``; ``csc_perm[j]``
-  is the canonical position of the j-th entry in column-major order.
+  is the canonical position of the j-th entry in column-major order;
+- ``tile_ptr`` [out, ceil(in / TILE_K) + 1], only at densities where the tensor-core SDDMM runs:
+  where each row's entries of every TILE_K-column range start (see :func:`tile_pointers`).
 
 No per-entry row or column array is kept: each would cost 4 bytes per trainable parameter, as
 much as the fp32 value itself.
@@ -23,6 +25,11 @@ from typing import Optional
 import torch
 
 INT32_LIMIT = 2**31
+# Column granularity of ``tile_ptr``; the tensor-core SDDMM's BLOCK_K is a multiple of it.
+TILE_K = 64
+# The tensor-core SDDMM (and its tile_ptr: 4 bytes per TILE_K weight entries) from this density
+# up. Provisional: the crossover with the gather-dot SDDMM is still to be measured on a GPU.
+TILE_SDDMM_MIN_DENSITY = 0.02
 
 
 def index_dtype_for(out_features: int, in_features: int) -> torch.dtype:
@@ -40,6 +47,7 @@ class SparseIndex:
     csc_perm: torch.Tensor
     out_features: int
     in_features: int
+    tile_ptr: Optional[torch.Tensor] = None
 
     @property
     def nnz(self) -> int:
@@ -63,6 +71,7 @@ class SparseIndex:
         *,
         device: Optional[torch.device] = None,
         name: str = "sparse index",
+        tile_metadata: Optional[bool] = None,
     ) -> tuple["SparseIndex", Optional[torch.Tensor]]:
         """Validate ``index`` and derive its metadata.
 
@@ -72,11 +81,14 @@ class SparseIndex:
         device, positions out of range and duplicates.
         """
         flat, order = canonical_flat_index(index, out_features, in_features, device=device, name=name)
-        return cls.from_canonical(flat, out_features, in_features), order
+        return cls.from_canonical(flat, out_features, in_features, tile_metadata=tile_metadata), order
 
     @classmethod
-    def from_canonical(cls, flat: torch.Tensor, out_features: int, in_features: int) -> "SparseIndex":
-        """Derive the metadata of an already validated canonical index."""
+    def from_canonical(
+        cls, flat: torch.Tensor, out_features: int, in_features: int, *, tile_metadata: Optional[bool] = None
+    ) -> "SparseIndex":
+        """Derive the metadata of an already validated canonical index. ``tile_metadata``: build
+        ``tile_ptr`` (None: when the density reaches ``TILE_SDDMM_MIN_DENSITY``)."""
         nnz = flat.numel()
         pointer_dtype = torch.int32 if nnz < INT32_LIMIT else torch.int64
         position_dtype = torch.int32 if nnz < INT32_LIMIT else torch.int64
@@ -87,7 +99,11 @@ class SparseIndex:
         col_ptr = _pointers(cols, in_features, pointer_dtype)
         # Stable: within a column, entries stay in row order.
         csc_perm = torch.argsort(cols, stable=True).to(position_dtype)
-        return cls(flat, row_ptr, col_ptr, csc_perm, out_features, in_features)
+        total = out_features * in_features
+        if tile_metadata is None:
+            tile_metadata = total > 0 and nnz / total >= TILE_SDDMM_MIN_DENSITY
+        tile_ptr = tile_pointers(flat, out_features, in_features) if tile_metadata else None
+        return cls(flat, row_ptr, col_ptr, csc_perm, out_features, in_features, tile_ptr)
 
     def rows_and_cols(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-entry row and column (computed, O(nnz); not cached, see the module docstring)."""
@@ -101,7 +117,20 @@ class SparseIndex:
             row_ptr=self.row_ptr.to(device),
             col_ptr=self.col_ptr.to(device),
             csc_perm=self.csc_perm.to(device),
+            tile_ptr=None if self.tile_ptr is None else self.tile_ptr.to(device),
         )
+
+
+def tile_pointers(flat: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """``tile_ptr[n, t]``: the canonical position of the first entry of row n at column
+    ``>= t * TILE_K`` ([out, ceil(in / TILE_K) + 1], so ``tile_ptr[n, -1]`` ends the row). The
+    entries of row n inside any column range aligned to TILE_K are then one contiguous run, which
+    lets the tensor-core SDDMM find each tile's entries without a dense mask."""
+    tiles = -(-in_features // TILE_K)
+    starts = torch.clamp(torch.arange(tiles + 1, device=flat.device) * TILE_K, max=in_features)
+    bounds = torch.arange(out_features, device=flat.device).unsqueeze(1) * in_features + starts
+    dtype = torch.int32 if flat.numel() < INT32_LIMIT else torch.int64
+    return torch.searchsorted(flat.long(), bounds).to(dtype)
 
 
 def _pointers(keys: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:

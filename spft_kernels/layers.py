@@ -362,6 +362,7 @@ class SparseDeltaLinear(_FrozenBaseDeltaLinear):
         self.register_buffer("_row_ptr", sparse_index.row_ptr, persistent=False)
         self.register_buffer("_col_ptr", sparse_index.col_ptr, persistent=False)
         self.register_buffer("_csc_perm", sparse_index.csc_perm, persistent=False)
+        self.register_buffer("_tile_ptr", sparse_index.tile_ptr, persistent=False)
 
     @staticmethod
     def _positions_tensor(sparse_index: SparseIndex) -> torch.Tensor:
@@ -373,7 +374,8 @@ class SparseDeltaLinear(_FrozenBaseDeltaLinear):
     def sparse_index(self) -> SparseIndex:
         """The cached, validated index (no validation or rebuild: O(1))."""
         return SparseIndex(
-            self.index, self._row_ptr, self._col_ptr, self._csc_perm, self.out_features, self.in_features
+            self.index, self._row_ptr, self._col_ptr, self._csc_perm, self.out_features, self.in_features,
+            self._tile_ptr,
         )
 
     @property

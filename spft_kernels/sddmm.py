@@ -5,11 +5,14 @@ layout, accumulating in fp32 (fp64 for fp64 inputs), deterministically.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from . import naive
 from ._triton import tl, triton
 from .backends import implementation, register, resolve_backend
+from .index import TILE_K
 
 Tensor = torch.Tensor
 
@@ -18,20 +21,21 @@ Tensor = torch.Tensor
 
 
 @torch.library.custom_op("spft::sddmm", mutates_args=())
-def sddmm(x: Tensor, dy: Tensor, index: Tensor, backend: str) -> Tensor:
+def sddmm(x: Tensor, dy: Tensor, index: Tensor, tile_ptr: Optional[Tensor], backend: str) -> Tensor:
     """``grad[k] = Σ_t dy[t, row_k] x[t, col_k]`` for 2-D ``x`` [T, in], ``dy`` [T, out]; fp32
-    result (fp64 for fp64 inputs)."""
+    result (fp64 for fp64 inputs). ``tile_ptr`` (``SparseIndex.tile_ptr``, present at densities
+    where it pays) lets the Triton backend run the tensor-core variant."""
     chosen = resolve_backend("sddmm", backend, x.device)
-    return implementation("sddmm", chosen)(x, dy, index)
+    return implementation("sddmm", chosen)(x, dy, index, tile_ptr)
 
 
 @sddmm.register_fake
-def _(x, dy, index, backend):
+def _(x, dy, index, tile_ptr, backend):
     return x.new_empty(index.shape, dtype=naive.accumulate_dtype(x, dy))
 
 
 @register("sddmm", "reference")
-def _sddmm_reference(x, dy, index):
+def _sddmm_reference(x, dy, index, tile_ptr):
     rows = torch.div(index, x.shape[1], rounding_mode="floor")
     return naive.sddmm(x, dy, rows, index - rows * x.shape[1])
 
@@ -71,8 +75,58 @@ if triton is not None:
             acc += tl.sum(dy.to(acc_dtype) * x.to(acc_dtype), axis=0)
         tl.store(partial_ptr + split.to(tl.int64) * nnz + entries, acc, mask=entry_mask)
 
+    @triton.jit
+    def _sddmm_tile_kernel(
+        x_ptr, dy_ptr, flat_ptr, tile_ptr_ptr, grad_ptr,
+        num_tokens, out_features, in_features, stride_x, stride_dy, tile_ptr_stride,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, TILE: tl.constexpr,
+    ):
+        # High-density variant on tensor cores: the dense [BLOCK_N, BLOCK_K] tile of dyᵀx over all
+        # tokens (one program per tile, tokens in order: deterministic without a second pass), then
+        # a masked epilogue writes only the tile's entries. Row n's entries inside the tile are the
+        # contiguous run tile_ptr[n, k0/TILE] .. tile_ptr[n, k1/TILE] of the canonical order, so an
+        # element's position is its run's start plus the number of run entries left of it.
+        rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        cols = (tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+        row_mask = rows < out_features
+        first_tile = tl.program_id(1) * (BLOCK_K // TILE)
+        last_tile = tl.minimum(first_tile + BLOCK_K // TILE, tile_ptr_stride - 1)
+        starts = tl.load(tile_ptr_ptr + rows * tile_ptr_stride + first_tile, mask=row_mask, other=0).to(tl.int64)
+        ends = tl.load(tile_ptr_ptr + rows * tile_ptr_stride + last_tile, mask=row_mask, other=0).to(tl.int64)
+        longest = tl.max(ends - starts, axis=0)
+        if longest > 0:
+            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            col_mask = cols < in_features
+            for t0 in range(0, num_tokens, BLOCK_T):
+                tokens = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+                token_mask = tokens < num_tokens
+                dy = tl.load(dy_ptr + tokens[:, None] * stride_dy + rows[None, :],
+                             mask=token_mask[:, None] & row_mask[None, :], other=0.0)
+                x = tl.load(x_ptr + tokens[:, None] * stride_x + cols[None, :],
+                            mask=token_mask[:, None] & col_mask[None, :], other=0.0)
+                # ieee: fp32 inputs must not drop to tf32; bf16/fp16 run on tensor cores either way
+                acc += tl.dot(tl.trans(dy), x, input_precision="ieee")
+            positions = starts[:, None] + tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int64)
+            present = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int1)
+            for j in range(0, longest):
+                in_run = (starts + j) < ends
+                entry_cols = tl.load(flat_ptr + starts + j, mask=in_run, other=0).to(tl.int64) - rows * in_features
+                present = present | (in_run[:, None] & (entry_cols[:, None] == cols[None, :]))
+                positions += (in_run[:, None] & (entry_cols[:, None] < cols[None, :])).to(tl.int64)
+            tl.store(grad_ptr + positions, acc, mask=present)
+
+    def _sddmm_tiles(x, dy, index, tile_ptr):
+        grad = torch.empty(index.numel(), dtype=torch.float32, device=x.device)
+        block_n, block_k = 64, 64
+        grid = (triton.cdiv(dy.shape[1], block_n), triton.cdiv(x.shape[1], block_k))
+        _sddmm_tile_kernel[grid](
+            x, dy, index, tile_ptr, grad, x.shape[0], dy.shape[1], x.shape[1], x.stride(0), dy.stride(0),
+            tile_ptr.shape[1], BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_T=32, TILE=TILE_K,
+        )
+        return grad
+
     @register("sddmm", "triton")
-    def _sddmm_triton(x, dy, index):
+    def _sddmm_triton(x, dy, index, tile_ptr):
         acc = naive.accumulate_dtype(x, dy)
         nnz, num_tokens = index.numel(), x.shape[0]
         if nnz == 0 or num_tokens == 0:
@@ -81,6 +135,8 @@ if triton is not None:
             x = x.contiguous()
         if dy.stride(-1) != 1:
             dy = dy.contiguous()
+        if tile_ptr is not None and acc == torch.float32:
+            return _sddmm_tiles(x, dy, index, tile_ptr)
         # The split count depends on the shapes only, never on the device: same inputs, same bits.
         splits = max(1, min(64, triton.cdiv(num_tokens, 512), _MAX_PARTIALS // nnz))
         tokens_per_split = triton.cdiv(num_tokens, splits)

@@ -38,6 +38,7 @@ def _sparse_delta_linear_op(
     row_ptr: Tensor,
     col_ptr: Tensor,
     csc_perm: Tensor,
+    tile_ptr: Optional[Tensor],
     bias: Optional[Tensor],
     merged: bool,
     backend: str,
@@ -51,20 +52,20 @@ def _sparse_delta_linear_op(
 
 
 @_sparse_delta_linear_op.register_fake
-def _(x, weight, delta, index, row_ptr, col_ptr, csc_perm, bias, merged, backend):
+def _(x, weight, delta, index, row_ptr, col_ptr, csc_perm, tile_ptr, bias, merged, backend):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, delta, index, row_ptr, col_ptr, csc_perm, bias, merged, backend = inputs
-    ctx.save_for_backward(x, weight, delta, index, col_ptr, csc_perm)
+    x, weight, delta, index, row_ptr, col_ptr, csc_perm, tile_ptr, bias, merged, backend = inputs
+    ctx.save_for_backward(x, weight, delta, index, col_ptr, csc_perm, tile_ptr)
     ctx.merged = merged
     ctx.backend = backend
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, dy):
-    x, weight, delta, index, col_ptr, csc_perm = ctx.saved_tensors
+    x, weight, delta, index, col_ptr, csc_perm, tile_ptr = ctx.saved_tensors
     out_features, in_features = weight.shape
     dy2d = dy.reshape(-1, out_features)
     x2d = x.reshape(-1, in_features)
@@ -77,10 +78,10 @@ def _backward(ctx, dy):
     if ctx.needs_input_grad[1]:
         dweight = dy2d.t().mm(x2d)
     if ctx.needs_input_grad[2]:
-        ddelta = sddmm(x2d, dy2d, index, ctx.backend).to(delta.dtype)
-    if ctx.needs_input_grad[7]:
+        ddelta = sddmm(x2d, dy2d, index, tile_ptr, ctx.backend).to(delta.dtype)
+    if ctx.needs_input_grad[8]:
         dbias = dy2d.sum(dim=0, dtype=naive.accumulate_dtype(dy2d)).to(ctx.bias_dtype)
-    return dx, dweight, ddelta, None, None, None, None, dbias, None, None
+    return dx, dweight, ddelta, None, None, None, None, None, dbias, None, None
 
 
 _sparse_delta_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -148,6 +149,7 @@ def sparse_delta_linear(
         sparse_index.row_ptr,
         sparse_index.col_ptr,
         sparse_index.csc_perm,
+        sparse_index.tile_ptr,
         bias,
         merged,
         backend,
