@@ -241,6 +241,26 @@ def test_score_magnitude_term_changes_the_weight_gradient():
         torch.testing.assert_close(grads[True][index], grads[False][index], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_functional_gradient_of_a_trainable_w0(backend):
+    # W0 is frozen in the layer; through the functional API it may require grad: dW0 = dW_eff.
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    layer = make_layer(7, 9, 0.4, backend=backend, dtype=dtype, seed=12)
+    x, dy = torch.randn(5, 9, dtype=dtype, device=DEVICE), torch.randn(5, 7, dtype=dtype, device=DEVICE)
+    w0 = layer.weight.detach().clone().requires_grad_(True)
+    factors = [p.detach() for p in layer.factors()]
+    y = spft.pst_linear(x, w0, *factors, layer.bias, sparsity=0.4, beta=0.7, alpha1=1.3, alpha2=0.6, backend=backend)
+    (dw,) = torch.autograd.grad(y, [w0], dy)
+    w0_ref = w0.detach().cpu().double().requires_grad_(True)
+    U, V, A, B, R, C = (f.cpu().double() for f in factors)
+    w = w0_ref + 0.7 * U @ V
+    score = w.abs() + 1.3 * A @ B + 0.6 * (R + C)
+    masked = w * _StraightThrough.apply(score, top_v_mask(score.detach(), layer.kept))
+    y_ref = F.linear(x.cpu().double(), masked, layer.bias.detach().cpu().double())
+    (dw_ref,) = torch.autograd.grad(y_ref, [w0_ref], dy.cpu().double())
+    torch.testing.assert_close(dw.cpu().double(), dw_ref, rtol=1e-5, atol=1e-5)
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", CASES + [(9, 13, (1100,), 0.6, True, 2, 3)])
