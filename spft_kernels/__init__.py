@@ -9,6 +9,7 @@ from .backends import available_backends
 from .dynamic_mask import DynamicMask
 from .index import SparseIndex, random_index
 from .layers import RowSparseLinear, SparseDeltaLinear
+from .pst import PSTLinear, cubic_sparsity, pst_linear, pst_threshold
 from .row_delta_linear import row_delta_linear
 from .row_gather import row_gather
 from .row_importance import row_importance, select_rows
@@ -22,12 +23,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DynamicMask",
+    "PSTLinear",
     "RowSparseLinear",
     "SparseDeltaLinear",
     "SparseIndex",
     "SpftExtensionWarning",
     "available_backends",
+    "cubic_sparsity",
     "lora_equivalent_params",
+    "pst_linear",
+    "pst_threshold",
     "random_index",
     "random_indices",
     "row_delta_linear",

@@ -1,0 +1,661 @@
+"""PST, parameter-efficient sparse training (Li et al., IJCAI 2022, "Parameter-Efficient
+Sparsity for Large Language Models Fine-Tuning"): prune a frozen weight to a target sparsity
+during fine-tuning while training only small matrices.
+
+For ``W0`` [n, k] the layer trains ``U`` [n, r2], ``V`` [r2, k] (the update ``βUV``) and the
+importance parts ``A`` [n, r1], ``B`` [r1, k], ``R`` [n, 1], ``C`` [1, k]
+((n + k)(r1 + r2 + 1) values):
+
+- ``W_eff = W0 + βUV``; score ``S = |W_eff| + α1·AB + α2·(R + C)`` (paper eq. 6);
+- ``M`` keeps the top-v entries of S, ``v = round((1 - sparsity)·n·k)`` (Python's round, half to
+  even). Ties are broken by flat position ``row * k + col``: the lower position is kept, so the
+  mask keeps exactly v entries whatever the scores;
+- ``y = x (W_eff ⊙ M)ᵀ + b`` (eq. 7).
+
+Backward (straight-through through the top-v, as in movement pruning and the paper's released
+code: the mask's gradient is passed to S unchanged). With ``G = dyᵀx`` [n, k], the gradient
+of the masked weight:
+
+- ``dS = G ⊙ W_eff`` (the gradient reaching M is that of the masked weight times the weight);
+- ``dW_eff = G ⊙ M + dS ⊙ sign(W_eff) = G ⊙ (M + |W_eff|)``: the data-free term ``|W_eff|`` of
+  S is differentiated, as in eq. (8), which optimises U, V through ``f(|W0 + βUV| + ...)``, and
+  as the authors' code does (autograd through ``weight.abs()``). ``abs_score_grad=False`` treats
+  it as a detached signal instead (``dW_eff = G ⊙ M``, the movement-pruning reading);
+- ``dU = β dW_eff Vᵀ``, ``dV = β Uᵀ dW_eff``, ``dA = α1 dS Bᵀ``, ``dB = α1 Aᵀ dS``,
+  ``dR = α2 Σ_cols dS``, ``dC = α2 Σ_rows dS``; ``dx = dy (W_eff ⊙ M)``; ``db = Σ dy``.
+
+The top-v threshold is computed once per step (``pst_threshold``) as the pair ``(t, p)``: the
+v-th largest score's order key and the cut position among the scores equal to it; the mask is
+``key > t or (key == t and position < p)``. ``PSTLinear`` caches it until the sparsity or one of
+W0, U, V, A, B, R, C changes (their version counters), so gradient accumulation pays it once.
+
+Backends: ``reference`` (pure PyTorch, fp32/fp64; it materialises n x k tensors: W_eff, S, the
+keys, G; it is the oracle, not the fast path) and ``triton`` (pst_kernels.py: the threshold by a
+streamed radix select and GEMMs that build the masked weight tile in registers; no n x k
+temporary in a training step). Scores are computed in fp32 (fp64 for fp64 inputs in the
+reference); the two backends round the score differently, so their masks can differ where two
+scores are within rounding of each other at the threshold.
+
+Initialisation (the authors' code): ``U ~ N(0, 1)``, ``V = 0`` (so βUV = 0 and the layer starts
+as ``W0 ⊙ M``), ``A ~ N(0, 1)``, ``B = 0``, ``R = C = 0`` (so every entry starts with the same
+data-driven score, paper §3.2). Defaults ``β = α1 = α2 = 1``, ``r1 = r2 = 8`` (paper §4.1).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import naive
+from . import pst_kernels  # noqa: F401  (registers the Triton implementations)
+from .backends import check_backend_name, implementation, register, resolve_backend
+
+Tensor = torch.Tensor
+
+_FACTORS = ("U", "V", "A", "B", "R", "C")
+_OPS = ("pst_threshold", "pst_linear", "pst_linear_backward")
+_INT64 = torch.iinfo(torch.int64)
+
+
+# --- schedule and sizes -------------------------------------------------------------------------
+
+
+def _check_sparsity(sparsity, name: str = "sparsity") -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0.0 <= float(sparsity) < 1.0:
+        raise ValueError(f"pst: {name} must be a number with 0 <= {name} < 1, got {sparsity!r}")
+    return float(sparsity)
+
+
+def keep_count(numel: int, sparsity: float) -> int:
+    """v, the number of entries the mask keeps: ``round((1 - sparsity) * numel)``."""
+    return int(round((1.0 - _check_sparsity(sparsity)) * numel))
+
+
+def cubic_sparsity(step, total_steps: int, final_sparsity: float, warmup: float = 0.1, cooldown: float = 0.3) -> float:
+    """The paper's schedule (§4.1, Zhu & Gupta's cubic rule with warm-up and cool-down phases):
+    0 for ``step <= warmup * total_steps``, ``final_sparsity`` for
+    ``step > (1 - cooldown) * total_steps``, and in between
+    ``final * (1 - (1 - (step - w) / (total - w - c))**3)`` with ``w = warmup * total``,
+    ``c = cooldown * total``: it rises fast first and flattens as it nears the target."""
+    if isinstance(step, bool) or not isinstance(step, numbers.Real) or step < 0:
+        raise ValueError(f"cubic_sparsity: step must be a number >= 0, got {step!r}")
+    if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral) or total_steps <= 0:
+        raise ValueError(f"cubic_sparsity: total_steps must be an integer > 0, got {total_steps!r}")
+    final = _check_sparsity(final_sparsity, "final_sparsity")
+    for name, value in (("warmup", warmup), ("cooldown", cooldown)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"cubic_sparsity: {name} must be a fraction in [0, 1], got {value!r}")
+    if warmup + cooldown > 1.0:
+        raise ValueError(f"cubic_sparsity: warmup + cooldown must be <= 1, got {warmup} + {cooldown}")
+    warmup_steps = warmup * total_steps
+    if step <= warmup_steps:
+        return 0.0
+    if step > total_steps - cooldown * total_steps:
+        return final
+    remaining = 1.0 - (step - warmup_steps) / (total_steps - (warmup + cooldown) * total_steps)
+    return final * (1.0 - remaining**3)
+
+
+# --- reference (pure PyTorch; materialises n x k: the oracle, not the fast path) ---------------
+
+
+def _reference_weight_and_score(weight, U, V, A, B, R, C, beta, alpha1, alpha2):
+    """(W_eff, S), both [n, k] in the accumulate dtype (fp32, or fp64 if any input is fp64)."""
+    acc = naive.accumulate_dtype(weight, U, V, A, B, R, C)
+    effective = torch.addmm(weight.to(acc), U.to(acc), V.to(acc), alpha=beta)
+    score = torch.addmm(effective.abs(), A.to(acc), B.to(acc), alpha=alpha1)
+    score += alpha2 * (R.to(acc) + C.to(acc))
+    return effective, score
+
+
+def order_keys(scores: Tensor) -> Tensor:
+    """int64 keys that order like the fp32/fp64 ``scores`` (their bit patterns with the magnitude
+    bits of negatives flipped); ``-0.0`` gets the key of ``+0.0``."""
+    if scores.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"order_keys: scores must be fp32 or fp64, got {scores.dtype}")
+    int_dtype, sign = (torch.int64, 63) if scores.dtype == torch.float64 else (torch.int32, 31)
+    bits = scores.contiguous().view(int_dtype)
+    bits = bits.masked_fill(bits == torch.iinfo(int_dtype).min, 0)
+    return (bits ^ ((bits >> sign) & torch.iinfo(int_dtype).max)).to(torch.int64)
+
+
+def _keep_mask(scores: Tensor, threshold: Tensor) -> Tensor:
+    keys = order_keys(scores)
+    position = torch.arange(keys.numel(), device=keys.device).view(keys.shape)
+    t_key, p_cut = threshold[0], threshold[1]
+    return (keys > t_key) | ((keys == t_key) & (position < p_cut))
+
+
+@register("pst_threshold", "reference")
+def _threshold_reference(weight, U, V, A, B, R, C, beta, alpha1, alpha2, keep):
+    _, score = _reference_weight_and_score(weight, U, V, A, B, R, C, beta, alpha1, alpha2)
+    # A stable descending sort keeps equal keys in position order: the v-th entry fixes (t, p).
+    ordered, order = torch.sort(order_keys(score).view(-1), descending=True, stable=True)
+    return torch.stack([ordered[keep - 1], order[keep - 1] + 1])
+
+
+@register("pst_dense", "reference")
+def _dense_reference(weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2):
+    effective, score = _reference_weight_and_score(weight, U, V, A, B, R, C, beta, alpha1, alpha2)
+    return effective, _keep_mask(score, threshold)
+
+
+def _reference_masked_weight(weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2, dtype):
+    """(W_eff, M, W_eff ⊙ M rounded to ``dtype``: the weight the GEMM sees, as in the fused kernel)."""
+    effective, mask = _dense_reference(weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2)
+    return effective, mask, torch.where(mask, effective, 0.0).to(dtype)
+
+
+@register("pst_linear", "reference")
+def _forward_reference(x2d, weight, U, V, A, B, R, C, bias, threshold, beta, alpha1, alpha2):
+    _, _, masked = _reference_masked_weight(weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2, x2d.dtype)
+    acc = naive.accumulate_dtype(x2d, masked)
+    y = F.linear(x2d.to(acc), masked.to(acc), None if bias is None else bias.to(acc))
+    return y.to(x2d.dtype)
+
+
+def _effective_weight_grad(g, mask, effective, abs_score_grad):
+    """dL/dW_eff = G ⊙ M, plus dS ⊙ sign(W_eff) = G ⊙ |W_eff| through the score's |W_eff| term."""
+    return g * (mask + effective.abs()) if abs_score_grad else g * mask
+
+
+@register("pst_linear_backward", "reference")
+def _backward_reference(
+    dy2d, x2d, weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2, abs_score_grad, needs_dx, needs_params
+):
+    effective, mask, masked = _reference_masked_weight(
+        weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2, x2d.dtype
+    )
+    acc = naive.accumulate_dtype(dy2d, x2d, effective)
+    dx = (dy2d.to(acc) @ masked.to(acc)).to(x2d.dtype) if needs_dx else None
+    if not needs_params:
+        return dx, None
+    g = dy2d.to(acc).t() @ x2d.to(acc)
+    d_effective = _effective_weight_grad(g, mask, effective, abs_score_grad)
+    d_score = g * effective
+    U, V, A, B = (t.to(acc) for t in (U, V, A, B))
+    grads = (
+        beta * d_effective @ V.t(), beta * U.t() @ d_effective, alpha1 * d_score @ B.t(), alpha1 * A.t() @ d_score,
+        alpha2 * d_score.sum(1, keepdim=True), alpha2 * d_score.sum(0, keepdim=True),
+    )
+    return dx, grads
+
+
+# --- the ops ------------------------------------------------------------------------------------
+
+
+def _run(op: str, backend: str, device: torch.device, *args):
+    """The backend's implementation of ``op``, with autocast off: the ops choose their own
+    precision (scores in fp32/fp64), and pst_linear casts x for autocast before the op."""
+    chosen = resolve_backend(op, backend, device)
+    with torch.autocast(device.type, enabled=False):
+        return implementation(op, chosen)(*args)
+
+
+@torch.library.custom_op("spft::pst_threshold", mutates_args=())
+def _pst_threshold_op(
+    weight: Tensor, U: Tensor, V: Tensor, A: Tensor, B: Tensor, R: Tensor, C: Tensor,
+    beta: float, alpha1: float, alpha2: float, keep: int, backend: str,
+) -> Tensor:
+    """int64 [2]: (t, p) such that ``key > t or (key == t and position < p)`` keeps exactly ``keep``."""
+    numel = weight.numel()
+    if keep >= numel:
+        return torch.tensor([_INT64.min, numel], dtype=torch.int64, device=weight.device)
+    if keep <= 0:
+        return torch.tensor([_INT64.max, 0], dtype=torch.int64, device=weight.device)
+    return _run("pst_threshold", backend, weight.device, weight, U, V, A, B, R, C, beta, alpha1, alpha2, keep)
+
+
+@_pst_threshold_op.register_fake
+def _(weight, U, V, A, B, R, C, beta, alpha1, alpha2, keep, backend):
+    return weight.new_empty(2, dtype=torch.int64)
+
+
+@torch.library.custom_op("spft::pst_dense", mutates_args=())
+def _pst_dense_op(
+    weight: Tensor, U: Tensor, V: Tensor, A: Tensor, B: Tensor, R: Tensor, C: Tensor, threshold: Tensor,
+    beta: float, alpha1: float, alpha2: float, backend: str,
+) -> tuple[Tensor, Tensor]:
+    """(W_eff [n, k] in fp32 (fp64 for fp64 inputs), M [n, k] bool): n x k outputs, for export."""
+    return _run("pst_dense", backend, weight.device, weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2)
+
+
+@_pst_dense_op.register_fake
+def _(weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2, backend):
+    acc = naive.accumulate_dtype(weight, U, V, A, B, R, C)
+    return weight.new_empty(weight.shape, dtype=acc), weight.new_empty(weight.shape, dtype=torch.bool)
+
+
+@torch.library.custom_op("spft::pst_linear", mutates_args=())
+def _pst_linear_op(
+    x: Tensor, weight: Tensor, U: Tensor, V: Tensor, A: Tensor, B: Tensor, R: Tensor, C: Tensor,
+    bias: Optional[Tensor], threshold: Tensor, beta: float, alpha1: float, alpha2: float,
+    abs_score_grad: bool, backend: str,
+) -> Tensor:
+    out_features, in_features = weight.shape
+    y2d = _run(
+        "pst_linear", backend, x.device, x.reshape(-1, in_features), weight, U, V, A, B, R, C, bias, threshold,
+        beta, alpha1, alpha2,
+    )
+    return y2d.reshape(*x.shape[:-1], out_features)
+
+
+@_pst_linear_op.register_fake
+def _(x, weight, U, V, A, B, R, C, bias, threshold, beta, alpha1, alpha2, abs_score_grad, backend):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("spft::pst_linear_backward", mutates_args=())
+def _pst_linear_backward_op(
+    dy2d: Tensor, x2d: Tensor, weight: Tensor, U: Tensor, V: Tensor, A: Tensor, B: Tensor, R: Tensor, C: Tensor,
+    threshold: Tensor, beta: float, alpha1: float, alpha2: float, abs_score_grad: bool,
+    needs_dx: bool, needs_params: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dU, dV, dA, dB, dR, dC) for 2-D dy, x; an output that was not asked for is empty."""
+    dx, grads = _run(
+        "pst_linear_backward", backend, x2d.device, dy2d, x2d, weight, U, V, A, B, R, C, threshold, beta, alpha1,
+        alpha2, abs_score_grad, needs_dx, needs_params,
+    )
+    factors = (U, V, A, B, R, C)
+    dx = dx if needs_dx else x2d.new_empty(0)
+    grads = [g.to(p.dtype) for g, p in zip(grads, factors)] if needs_params else [p.new_empty(0) for p in factors]
+    return (dx, *grads)
+
+
+@_pst_linear_backward_op.register_fake
+def _(dy2d, x2d, weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2, abs_score_grad, needs_dx, needs_params, backend):
+    factors = (U, V, A, B, R, C)
+    dx = x2d.new_empty(x2d.shape) if needs_dx else x2d.new_empty(0)
+    return (dx, *(p.new_empty(p.shape if needs_params else (0,)) for p in factors))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, U, V, A, B, R, C, bias, threshold, beta, alpha1, alpha2, abs_score_grad, backend = inputs
+    ctx.save_for_backward(x, weight, U, V, A, B, R, C, threshold)
+    ctx.config = (beta, alpha1, alpha2, abs_score_grad)
+    ctx.backend = backend
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, dy):
+    x, weight, U, V, A, B, R, C, threshold = ctx.saved_tensors
+    beta, alpha1, alpha2, abs_score_grad = ctx.config
+    needs = ctx.needs_input_grad
+    out_features, in_features = weight.shape
+    dy2d, x2d = dy.reshape(-1, out_features), x.reshape(-1, in_features)
+    needs_params = any(needs[2:8])
+    dx, *factor_grads = _pst_linear_backward_op(
+        dy2d, x2d, weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2, abs_score_grad,
+        needs[0], needs_params, ctx.backend,
+    )
+    dweight = dbias = None
+    if needs[1]:
+        # dW0 = dW_eff is n x k by nature: only when the frozen weight was made trainable.
+        effective, mask = _pst_dense_op(weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2, ctx.backend)
+        g = dy2d.to(effective.dtype).t() @ x2d.to(effective.dtype)
+        dweight = _effective_weight_grad(g, mask, effective, abs_score_grad).to(weight.dtype)
+    if needs[8]:
+        dbias = dy2d.sum(dim=0, dtype=naive.accumulate_dtype(dy2d)).to(ctx.bias_dtype)
+    factor_grads = [g if needs[2 + i] else None for i, g in enumerate(factor_grads)]
+    return (dx.reshape(x.shape) if needs[0] else None, dweight, *factor_grads, dbias, None, None, None, None, None, None)
+
+
+_pst_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- functional entry points ---------------------------------------------------------------------
+
+
+def _check_factors(weight, factors, name: str) -> None:
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError(f"{name}: weight must be a 2-D tensor [out, in]")
+    n, k = weight.shape
+    U, V, A, B, R, C = factors
+    if not all(isinstance(t, Tensor) for t in factors):
+        raise ValueError(f"{name}: U, V, A, B, R and C must be tensors")
+    r2 = U.shape[1] if U.dim() == 2 else -1
+    r1 = A.shape[1] if A.dim() == 2 else -1
+    expected = dict(U=(n, r2), V=(r2, k), A=(n, r1), B=(r1, k), R=(n, 1), C=(1, k))
+    for label, tensor in zip(_FACTORS, factors):
+        if tuple(tensor.shape) != expected[label] or min(expected[label]) < 0:
+            raise ValueError(
+                f"{name}: {label} has shape {tuple(tensor.shape)}; for a weight of shape {(n, k)} expected "
+                f"U [n, r2], V [r2, k], A [n, r1], B [r1, k], R [n, 1], C [1, k]"
+            )
+        if not tensor.is_floating_point():
+            raise ValueError(f"{name}: {label} must be floating point, got {tensor.dtype}")
+    if not weight.is_floating_point():
+        raise ValueError(f"{name}: weight must be floating point, got {weight.dtype}")
+    devices = {t.device for t in (weight,) + tuple(factors)}
+    if len(devices) > 1:
+        raise ValueError(f"{name}: all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def _check_scalars(beta, alpha1, alpha2, name: str) -> tuple[float, float, float]:
+    for label, value in (("beta", beta), ("alpha1", alpha1), ("alpha2", alpha2)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"{name}: {label} must be a finite number, got {value!r}")
+    return float(beta), float(alpha1), float(alpha2)
+
+
+def _resolve_all(backend: str, device: torch.device, tensors, name: str) -> None:
+    """Resolve every op a step needs now, so a missing kernel or an fp64 tensor for the Triton
+    kernels fails here and not in the backward."""
+    chosen = {resolve_backend(op, backend, device) for op in _OPS}
+    if "triton" in chosen:
+        try:
+            pst_kernels._check_dtypes(*tensors)
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from None
+
+
+@torch.no_grad()
+def pst_threshold(
+    weight: Tensor, U: Tensor, V: Tensor, A: Tensor, B: Tensor, R: Tensor, C: Tensor, sparsity: float,
+    *, beta: float = 1.0, alpha1: float = 1.0, alpha2: float = 1.0, backend: str = "auto",
+) -> Tensor:
+    """The top-v threshold ``(t, p)`` (int64 [2], on the weight's device) for ``sparsity``: pass
+    it to :func:`pst_linear` (``threshold=``) to reuse it over several forwards. The same backend
+    must compute and use it (each backend has its own score rounding)."""
+    name = "pst_threshold"
+    check_backend_name(backend)
+    factors = (U, V, A, B, R, C)
+    _check_factors(weight, factors, name)
+    beta, alpha1, alpha2 = _check_scalars(beta, alpha1, alpha2, name)
+    keep = keep_count(weight.numel(), sparsity)
+    _resolve_all(backend, weight.device, (weight,) + factors, name)
+    factors = tuple(t.detach() for t in factors)
+    return _pst_threshold_op(weight.detach(), *factors, beta, alpha1, alpha2, keep, backend)
+
+
+def pst_linear(
+    x: Tensor, weight: Tensor, U: Tensor, V: Tensor, A: Tensor, B: Tensor, R: Tensor, C: Tensor,
+    bias: Optional[Tensor] = None, *, sparsity: Optional[float] = None, threshold: Optional[Tensor] = None,
+    beta: float = 1.0, alpha1: float = 1.0, alpha2: float = 1.0, abs_score_grad: bool = True, backend: str = "auto",
+) -> Tensor:
+    """``y = x ((W0 + βUV) ⊙ M)ᵀ + b`` with M the top-v mask of ``|W0 + βUV| + α1·AB + α2·(R + C)``.
+
+    Give exactly one of ``sparsity`` (the threshold is then computed here) and ``threshold`` (from
+    :func:`pst_threshold`, e.g. cached over gradient-accumulation steps). ``x``: [..., in] in
+    W0's dtype (under autocast: the autocast dtype; W0 is then read as is, never copied);
+    factors: any float dtype (fp32 masters). See the module docstring for the backward.
+    """
+    name = "pst_linear"
+    check_backend_name(backend)
+    factors = (U, V, A, B, R, C)
+    _check_factors(weight, factors, name)
+    beta, alpha1, alpha2 = _check_scalars(beta, alpha1, alpha2, name)
+    out_features, in_features = weight.shape
+    if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(
+            f"{name}: x must be a tensor of shape [..., {in_features}] to match weight {tuple(weight.shape)}, got "
+            f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
+        )
+    if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (out_features,)):
+        raise ValueError(f"{name}: bias must have shape ({out_features},)")
+    if (sparsity is None) == (threshold is None):
+        raise ValueError(f"{name}: give exactly one of sparsity and threshold")
+    if threshold is not None and (
+        not isinstance(threshold, Tensor) or threshold.dtype != torch.int64 or threshold.shape != (2,)
+    ):
+        raise ValueError(f"{name}: threshold must be the int64 [2] tensor returned by pst_threshold")
+    extra = tuple(t for t in (x, bias, threshold) if t is not None)
+    devices = {t.device for t in (weight,) + extra}
+    if len(devices) > 1:
+        raise ValueError(f"{name}: all tensors must be on one device, got {sorted(map(str, devices))}")
+    if torch.is_autocast_enabled(x.device.type):
+        # As F.linear under autocast: the GEMM runs in the autocast dtype. The masked weight tile
+        # is built in fp32 from W0 as stored and rounded to it, so W0 needs no cast copy.
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+        bias = None if bias is None else bias.to(x.dtype)
+    elif x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError(
+            f"{name}: x, weight and bias must share a dtype, got x {x.dtype}, weight {weight.dtype}"
+            + ("" if bias is None else f", bias {bias.dtype}")
+        )
+    _resolve_all(backend, x.device, (x, weight, bias) + factors, name)
+    if threshold is None:
+        threshold = pst_threshold(
+            weight, *factors, sparsity, beta=beta, alpha1=alpha1, alpha2=alpha2, backend=backend
+        )
+    return _pst_linear_op(
+        x, weight, U, V, A, B, R, C, bias, threshold, beta, alpha1, alpha2, bool(abs_score_grad), backend
+    )
+
+
+# --- the layer ----------------------------------------------------------------------------------
+
+
+class PSTLinear(nn.Linear):
+    """A drop-in ``nn.Linear`` that prunes its frozen weight W0 to ``sparsity`` while training
+    only U, V, A, B, R, C (``(n + k)(r1 + r2 + 1)`` values, fp32 masters):
+    ``y = x ((W0 + βUV) ⊙ M)ᵀ + b``, M the top-v mask of ``|W0 + βUV| + α1·AB + α2·(R + C)``.
+
+    A training loop calls ``layer.set_sparsity(spft.cubic_sparsity(step, ...))`` each step; the
+    threshold is recomputed only when the sparsity or a factor changed. ``to_linear()`` exports
+    the pruned weight as a plain ``nn.Linear``; ``sparsity_report()`` says what it holds.
+    The state dict holds W0, bias, the factors and (extra state) sparsity, β, α1, α2.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        sparsity: float = 0.0,
+        r1: int = 8,
+        r2: int = 8,
+        beta: float = 1.0,
+        alpha1: float = 1.0,
+        alpha2: float = 1.0,
+        abs_score_grad: bool = True,
+        backend: str = "auto",
+        generator: Optional[torch.Generator] = None,
+        name: Optional[str] = None,
+    ) -> None:
+        layer_name = name or "PSTLinear"
+        for label, rank in (("r1", r1), ("r2", r2)):
+            if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 0:
+                raise ValueError(f"{layer_name}: {label} must be an integer >= 0, got {rank!r}")
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.layer_name = layer_name
+        self.r1, self.r2 = int(r1), int(r2)
+        self.beta, self.alpha1, self.alpha2 = _check_scalars(beta, alpha1, alpha2, layer_name)
+        self.abs_score_grad = bool(abs_score_grad)
+        self.backend = check_backend_name(backend)
+        self.sparsity = _check_sparsity(sparsity)
+        self._threshold_cache: Optional[tuple] = None
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.reset_factors(generator)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        sparsity: float,
+        r1: int = 8,
+        r2: int = 8,
+        *,
+        beta: float = 1.0,
+        alpha1: float = 1.0,
+        alpha2: float = 1.0,
+        abs_score_grad: bool = True,
+        backend: str = "auto",
+        generator: Optional[torch.Generator] = None,
+        name: Optional[str] = None,
+    ) -> "PSTLinear":
+        """Wrap ``linear`` without copying its weight (shared and frozen, as is its bias); the
+        layer starts as ``W0 ⊙ M`` with M the top-v mask of ``|W0|`` at ``sparsity``."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        if linear.weight.device.type == "meta":
+            raise ValueError(f"{name or 'PSTLinear'}: the linear's weight is on the meta device; materialise it first")
+        # Built on the meta device, so no second weight is allocated or initialised.
+        layer = cls(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
+            dtype=linear.weight.dtype, sparsity=sparsity, r1=r1, r2=r2, beta=beta, alpha1=alpha1, alpha2=alpha2,
+            abs_score_grad=abs_score_grad, backend=backend, name=name,
+        )
+        layer.weight = linear.weight
+        layer.weight.requires_grad_(False)
+        if linear.bias is not None:
+            layer.bias = linear.bias
+            layer.bias.requires_grad_(False)
+        layer.reset_factors(generator)
+        return layer
+
+    # --- factors, sparsity and threshold ------------------------------------------------------
+
+    def _master_dtype(self) -> torch.dtype:
+        return torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+
+    @torch.no_grad()
+    def reset_factors(self, generator: Optional[torch.Generator] = None) -> None:
+        """The paper's initialisation: U, A ~ N(0, 1); V, B, R, C = 0 (so βUV = 0, AB = 0)."""
+        n, k, device, dtype = self.out_features, self.in_features, self.weight.device, self._master_dtype()
+
+        def normal(*shape):
+            if generator is None or device.type == "meta":
+                return torch.randn(*shape, dtype=dtype, device=device)
+            return torch.randn(*shape, dtype=dtype, generator=generator, device=generator.device).to(device)
+
+        values = dict(
+            U=normal(n, self.r2), V=torch.zeros(self.r2, k, dtype=dtype, device=device),
+            A=normal(n, self.r1), B=torch.zeros(self.r1, k, dtype=dtype, device=device),
+            R=torch.zeros(n, 1, dtype=dtype, device=device), C=torch.zeros(1, k, dtype=dtype, device=device),
+        )
+        for label, value in values.items():
+            setattr(self, label, nn.Parameter(value))
+        self._threshold_cache = None
+
+    def factors(self) -> tuple[Tensor, ...]:
+        return tuple(getattr(self, label) for label in _FACTORS)
+
+    def set_sparsity(self, sparsity: float) -> None:
+        """The sparsity the mask applies from the next forward on (0 <= sparsity < 1)."""
+        self.sparsity = _check_sparsity(sparsity)
+
+    @property
+    def kept(self) -> int:
+        """v: how many entries of the weight the mask keeps at the current sparsity."""
+        return keep_count(self.weight.numel(), self.sparsity)
+
+    def invalidate_threshold(self) -> None:
+        """Forget the cached threshold (needed only after replacing a factor's ``.data`` by hand;
+        in-place updates such as optimizer steps are seen through the version counters)."""
+        self._threshold_cache = None
+
+    def _threshold_key(self) -> tuple:
+        tensors = (self.weight,) + self.factors()
+        return (self.sparsity, self.beta, self.alpha1, self.alpha2, self.backend) + tuple(
+            (t._version, t.data_ptr(), t.dtype, t.device) for t in tensors
+        )
+
+    def threshold(self) -> Tensor:
+        """The top-v threshold for the current sparsity and factors, computed at most once per
+        change of either (so once per optimizer step, whatever the gradient accumulation)."""
+        key = self._threshold_key()
+        if self._threshold_cache is None or self._threshold_cache[0] != key:
+            value = pst_threshold(
+                self.weight, *self.factors(), self.sparsity, beta=self.beta, alpha1=self.alpha1,
+                alpha2=self.alpha2, backend=self.backend,
+            )
+            self._threshold_cache = (key, value)
+        return self._threshold_cache[1]
+
+    # --- forward ------------------------------------------------------------------------------
+
+    def forward(self, x: Tensor) -> Tensor:
+        return pst_linear(
+            x, self.weight, *self.factors(), self.bias, threshold=self.threshold(), beta=self.beta,
+            alpha1=self.alpha1, alpha2=self.alpha2, abs_score_grad=self.abs_score_grad, backend=self.backend,
+        )
+
+    # --- export -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _dense(self) -> tuple[Tensor, Tensor]:
+        effective, mask = _pst_dense_op(
+            self.weight, *(t.detach() for t in self.factors()), self.threshold(), self.beta, self.alpha1,
+            self.alpha2, self.backend,
+        )
+        return torch.where(mask, effective, 0.0).to(self.weight.dtype), mask
+
+    def mask(self) -> Tensor:
+        """M as a bool [n, k] tensor (an n x k allocation: for inspection and export)."""
+        return self._dense()[1]
+
+    def masked_weight(self) -> Tensor:
+        """``(W0 + βUV) ⊙ M`` in W0's dtype (a new n x k tensor)."""
+        return self._dense()[0]
+
+    @staticmethod
+    def _report(sparsity: float, weight: Tensor, mask: Tensor) -> dict:
+        numel = mask.numel()
+        kept, nonzero = int(mask.sum()), int(weight.count_nonzero())
+        return dict(
+            target_sparsity=sparsity, numel=numel, kept=kept, mask_sparsity=1.0 - kept / numel if numel else 0.0,
+            nonzero=nonzero, weight_sparsity=1.0 - nonzero / numel if numel else 0.0,
+        )
+
+    def sparsity_report(self) -> dict:
+        """What the export holds: ``kept`` (entries of the mask; exactly v), ``mask_sparsity``
+        (1 - kept / numel), ``nonzero`` and ``weight_sparsity`` (of the exported weight: a kept
+        entry can still be 0, e.g. a W_eff that rounds to 0 in W0's dtype)."""
+        return self._report(self.sparsity, *self._dense())
+
+    def to_linear(self, *, return_report: bool = False):
+        """A plain ``nn.Linear`` holding ``(W0 + βUV) ⊙ M`` in W0's dtype (new tensors; this layer
+        is unchanged), and with ``return_report=True`` also its :meth:`sparsity_report`."""
+        weight, mask = self._dense()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta",
+                           dtype=self.weight.dtype)
+        linear.weight = nn.Parameter(weight)
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach().clone())
+        return (linear, self._report(self.sparsity, weight, mask)) if return_report else linear
+
+    # --- state dict, dtype and device ---------------------------------------------------------
+
+    def get_extra_state(self) -> dict:
+        return dict(sparsity=self.sparsity, beta=self.beta, alpha1=self.alpha1, alpha2=self.alpha2,
+                    abs_score_grad=self.abs_score_grad)
+
+    def set_extra_state(self, state) -> None:
+        if not isinstance(state, dict) or not {"sparsity", "beta", "alpha1", "alpha2"} <= set(state):
+            raise ValueError(f"{self.layer_name}: the extra state must hold sparsity, beta, alpha1 and alpha2")
+        sparsity = _check_sparsity(state["sparsity"])
+        self.beta, self.alpha1, self.alpha2 = _check_scalars(state["beta"], state["alpha1"], state["alpha2"], self.layer_name)
+        self.abs_score_grad = bool(state.get("abs_score_grad", self.abs_score_grad))
+        self.sparsity = sparsity
+        self._threshold_cache = None
+
+    def _apply(self, fn, recurse=True):
+        # A cast of the module to bf16/fp16 must not round the fp32 masters: keep their values
+        # and move them to the new device in the master dtype instead.
+        before = {label: (p.data, p.grad) for label, p in self._parameters.items() if label in _FACTORS}
+        super()._apply(fn, recurse)
+        master = self._master_dtype()
+        for label, (values, grad) in before.items():
+            parameter = self._parameters[label]
+            if parameter.dtype != master:
+                parameter.data = values.to(device=parameter.device, dtype=master)
+                parameter.grad = None if grad is None else grad.to(device=parameter.device, dtype=master)
+        self._threshold_cache = None
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, r1={self.r1}, r2={self.r2}, sparsity={self.sparsity:.4g}, "
+            f"beta={self.beta:g}, alpha1={self.alpha1:g}, alpha2={self.alpha2:g}, backend={self.backend}"
+        )
