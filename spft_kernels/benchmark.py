@@ -11,7 +11,8 @@ Providers at the same number of trainable parameters (DESIGN.md names):
 - ``naive-sparse``: that same approach written here (for versions of peft without them);
 - ``torch-sparse``: ``x W0ᵀ + (Δ_coo xᵀ)ᵀ`` with ``torch.sparse``, where it supports the dtype;
 - ``spft-<mode>-<backend>``: every SparseDeltaLinear mode × backend that runs on the device;
-- ``spruft-<mode>-<backend>``: RowSparseLinear with ``round(nnz / in)`` random rows.
+- ``spruft-<mode>-<backend>``: RowSparseLinear with ``round(nnz / in)`` random rows;
+- ``pst-<backend>``: PSTLinear at 50% sparsity with r1 = r2 = r / 2 (PST prunes as it trains).
 
 Times are medians over repeats (CUDA events on a GPU); peak memory comes from the CUDA
 allocator on a GPU and from :class:`~spft_kernels.memory.TensorMemoryTracker` on the CPU, and
@@ -40,6 +41,7 @@ from . import bench_report
 from .backends import available_backends
 from .index import random_index
 from .layers import RowSparseLinear, SparseDeltaLinear
+from .pst import PSTLinear
 from .memory import TensorMemoryTracker
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -204,6 +206,14 @@ def build_providers(case: dict, device: torch.device, seed: int = 0) -> dict[str
     backends = ["reference"]
     if device.type == "cuda":
         backends += [b for b in ("triton", "cuda") if b in available_backends()]
+    # PST at about the same budget ((in + out)(r1 + r2 + 1) with r1 = r2 = r / 2), pruning half the weight.
+    pst_rank = max(1, rank // 2)
+    for backend in ["reference"] + (["triton"] if device.type == "cuda" and "triton" in available_backends() else []):
+        providers[f"pst-{backend}"] = with_base(
+            lambda base, backend=backend: PSTLinear.from_linear(
+                base, 0.5, r1=pst_rank, r2=pst_rank, backend=backend, generator=torch.Generator().manual_seed(seed)
+            )
+        )
     # SPruFT at the same budget: R = round(r (in + out) / in) whole rows.
     num_rows = min(out_features, max(1, round(index.numel() / in_features)))
     rows = torch.randperm(out_features, generator=generator)[:num_rows].sort().values
