@@ -233,10 +233,26 @@ class _FrozenBaseDeltaLinear(nn.Linear):
     # --- forward ----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._traced_forward(x)
         if not self._merged and self._wants_merged():
             self.merge()
         if self._merged:
             self._resync_if_stale()
+        return self._functional(x)
+
+    def _traced_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward as torch.compile sees it. The eager staleness check compares ``delta``'s
+        version counter and data pointer in Python, which Dynamo cannot trace (a graph break at
+        every layer, and a recompile at every optimizer step when it guards on the version), so a
+        merged layer re-syncs unconditionally instead: one O(nnz) (or O(R * in)) write in the
+        graph, a tiny fraction of the layer's GEMM, giving the same weight as the eager re-sync.
+        A layer that is not merged yet computes the split form here: merging installs new state
+        on the module, which a traced graph must not do (``get_spft_model`` merges up front, and
+        any eager forward merges too; Dynamo then recompiles once for the merged layer)."""
+        if self._merged:
+            with torch.no_grad():
+                self._write(self.weight, base=self._w0_at_index, delta=self.delta.detach())
         return self._functional(x)
 
     # --- state dict, dtype and device -------------------------------------------------------
