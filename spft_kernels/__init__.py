@@ -9,6 +9,14 @@ from .backends import available_backends
 from .dynamic_mask import DynamicMask
 from .index import SparseIndex, random_index
 from .layers import RowSparseLinear, SparseDeltaLinear
+from .model import (
+    SpftConfig,
+    get_spft_model,
+    make_dynamic_mask,
+    merge_and_unload,
+    print_trainable_parameters,
+    unload,
+)
 from .row_delta_linear import row_delta_linear
 from .row_gather import row_gather
 from .row_importance import row_importance, select_rows
@@ -25,9 +33,14 @@ __all__ = [
     "RowSparseLinear",
     "SparseDeltaLinear",
     "SparseIndex",
+    "SpftConfig",
     "SpftExtensionWarning",
     "available_backends",
+    "get_spft_model",
     "lora_equivalent_params",
+    "make_dynamic_mask",
+    "merge_and_unload",
+    "print_trainable_parameters",
     "random_index",
     "random_indices",
     "row_delta_linear",
@@ -39,4 +52,5 @@ __all__ = [
     "select_rows",
     "select_topk",
     "sparse_delta_linear",
+    "unload",
 ]
