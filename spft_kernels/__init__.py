@@ -5,6 +5,7 @@ CUDA; see ``available_backends()``.
 """
 
 from ._extension import SpftExtensionWarning
+from .adapter_io import load_adapter, merge_adapters, save_adapter
 from .backends import available_backends
 from .dynamic_mask import DynamicMask
 from .index import SparseIndex, random_index
@@ -37,8 +38,10 @@ __all__ = [
     "SpftExtensionWarning",
     "available_backends",
     "get_spft_model",
+    "load_adapter",
     "lora_equivalent_params",
     "make_dynamic_mask",
+    "merge_adapters",
     "merge_and_unload",
     "print_trainable_parameters",
     "random_index",
@@ -48,6 +51,7 @@ __all__ = [
     "row_importance",
     "row_scatter_add_",
     "salience_scores",
+    "save_adapter",
     "scatter_delta_",
     "select_rows",
     "select_topk",
