@@ -203,6 +203,42 @@ def test_merged_mode_resyncs_after_each_optimizer_step():
     assert torch.equal(layers["merged"].weight, dense_weight(w0, layers["merged"].delta, index))
 
 
+UPDATES = {
+    "fused AdamW": lambda delta: torch.optim.AdamW([delta], lr=1e-2, fused=True),
+    "foreach Adam": lambda delta: torch.optim.Adam([delta], lr=1e-2, foreach=True),
+    "SGD on .data": None,
+}
+
+
+@pytest.mark.parametrize("update", list(UPDATES))
+@pytest.mark.parametrize("layer_class", [spft.SparseDeltaLinear, spft.RowSparseLinear])
+def test_merged_mode_sees_updates_that_skip_the_version_counter(layer_class, update):
+    """A fused optimizer (the transformers Trainer's default) and ``p.data`` updates leave the
+    version counter as it was; a merged layer still re-syncs, also on a deep copy whose delta
+    Parameter is new."""
+    import copy
+
+    torch.manual_seed(0)
+    positions = spft.random_index(24, 19, 0.3) if layer_class is spft.SparseDeltaLinear else torch.tensor([2, 5, 11])
+    split = layer_class.from_linear(make_linear(dtype=torch.float64), positions, mode="split")
+    merged = copy.deepcopy(layer_class.from_linear(make_linear(dtype=torch.float64), positions, mode="merged"))
+    make = UPDATES[update]
+    optimizers = [make(layer.delta) for layer in (split, merged)] if make else None
+    x, target = torch.randn(16, 19, dtype=torch.float64), torch.randn(16, 24, dtype=torch.float64)
+    for _ in range(4):
+        for number, layer in enumerate((split, merged)):
+            ((layer(x) - target) ** 2).mean().backward()
+            if optimizers:
+                optimizers[number].step()
+            else:
+                layer.delta.data.add_(layer.delta.grad, alpha=-0.1)
+            layer.delta.grad = None
+    assert merged.merged
+    torch.testing.assert_close(merged.delta, split.delta, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(merged(x), split(x), rtol=1e-10, atol=1e-12)
+    assert torch.equal(merged.weight, merged.merged_weight())
+
+
 @pytest.mark.parametrize("mode", ["split", "merged"])
 def test_training_reduces_loss(mode):
     # The target is reachable: the teacher differs from the base only at the trained positions.

@@ -7,9 +7,10 @@ Modes (DESIGN.md "Execution modes"), the same for both layers:
   ``x Wfᵀ`` scattered into the selected output rows); W0 is never modified.
 - ``merged``: the weight holds ``W_eff = W0 + Δ`` in its own dtype and W0 at the trained
   positions is kept aside (nnz values, or R rows); forward and dx are plain GEMMs, only the delta
-  gradient is sparse. When ``delta`` has changed since the last forward (its version counter
-  moved, e.g. after an optimizer step) the trained positions are rewritten from W0 and the fp32
-  master (O(nnz) or O(R * in)). Note that the weight tensor is shared with the linear the layer
+  gradient is sparse. When ``delta`` may have changed since the last forward (its version counter
+  or storage moved, or a gradient was accumulated into it since, after which any optimizer step
+  may follow) the trained positions are rewritten from W0 and the fp32 master (O(nnz) or
+  O(R * in)). Note that the weight tensor is shared with the linear the layer
   was built from, so that linear sees ``W_eff`` while the layer is merged; ``unmerge()`` restores
   W0 exactly.
 - ``fused``: one GEMM with the delta added into the weight tile; arrives with the kernel issue.
@@ -36,6 +37,14 @@ from .scatter_delta import scatter_delta_
 from .sparse_delta_linear import sparse_delta_linear
 
 MODES = ("auto", "merged", "split", "fused")
+
+_GRADIENTS_SEEN = "_spft_gradients_seen"
+
+
+def _count_gradient(delta: torch.Tensor) -> None:
+    """Post-accumulate-grad hook of a layer's delta: counts the gradients accumulated into it, so
+    that a merged layer re-syncs after an optimizer step that did not bump the version counter."""
+    setattr(delta, _GRADIENTS_SEEN, getattr(delta, _GRADIENTS_SEEN, 0) + 1)
 
 
 class _FrozenBaseDeltaLinear(nn.Linear):
@@ -171,7 +180,22 @@ class _FrozenBaseDeltaLinear(nn.Linear):
         return self._merged
 
     def _delta_key(self):
-        return (self.delta._version, self.delta.data_ptr(), self.delta.dtype)
+        # The version counter alone misses updates that bypass it: fused optimizers (torch's
+        # AdamW(fused=True), the transformers Trainer's default) and ``p.data`` updates leave
+        # ``_version`` unchanged. Every such update follows a backward, so a gradient accumulated
+        # into the delta also counts as a change (``_count_gradient``).
+        self._watch_delta()
+        delta = self.delta
+        return (delta._version, delta.data_ptr(), delta.dtype, getattr(delta, _GRADIENTS_SEEN, 0))
+
+    def _watch_delta(self) -> None:
+        """Make sure the current delta Parameter counts its accumulated gradients (a Parameter
+        replaced by ``_apply``, a deepcopy or unpickling comes without the hook)."""
+        delta = self.delta
+        if delta.requires_grad:
+            hooks = getattr(delta, "_post_accumulate_grad_hooks", None) or {}
+            if not any(hook is _count_gradient for hook in hooks.values()):
+                delta.register_post_accumulate_grad_hook(_count_gradient)
 
     @torch.no_grad()
     def merge(self) -> None:
