@@ -32,7 +32,8 @@ For spruft, whole rows are trained, so the count is met to within rounding to wh
 
 Conversion shares every weight (no copy): each target ``nn.Linear`` is replaced by a layer built
 on its own weight and bias, with a zero delta, so the converted model computes exactly what the
-original did. Everything else is frozen except ``modules_to_save`` (e.g. a new classification
+original did (a target that gets no position at all stays a plain linear, unless the mask is
+dynamic). Everything else is frozen except ``modules_to_save`` (e.g. a new classification
 head, which SpaRTA keeps fully trainable); those are trained in place and stored whole in the
 adapter. Layers whose mode resolves to ``merged`` are merged at conversion (O(nnz)), so that a
 ``torch.compile`` of the converted model traces the merged forward from the start.
@@ -443,6 +444,13 @@ def get_spft_model(
             "batches=(an iterable of batches) and loss_fn=(loss_fn(model, batch) -> scalar loss)"
         )
     positions = spec.select(root, targets, config, batches, loss_fn, scoring_kwargs)
+    if config.mask_update_interval is None:
+        # A target that got no position (a global top-k can leave a layer empty) stays a plain
+        # linear: it has nothing to train, and FSDP2 cannot reduce-scatter an empty gradient. A
+        # dynamic mask keeps every target, since a later update may move positions there.
+        targets = {name: linear for name, linear in targets.items() if positions[name].numel() > 0}
+        if not targets:
+            raise ValueError("get_spft_model: the budget selects no trainable position in any target")
     remember_requires_grad(root)
     replace_linears(
         root,
