@@ -98,10 +98,10 @@ def _sample_positions(out_features: int, in_features: int) -> torch.Tensor:
     return torch.tensor([(k * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % total for k in range(count)], dtype=torch.int64)
 
 
-def _w0_entries(module: nn.Linear, flat: torch.Tensor) -> torch.Tensor:
+def _w0_entries(module: nn.Linear, flat: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """W0 at the flat positions (any weight layout); a merged spft layer's own positions read the
-    W0 values it keeps aside."""
-    weight = module.weight.detach()
+    W0 values it keeps aside. ``weight``: the module's weight as a plain tensor (default: its own)."""
+    weight = (module.weight if weight is None else weight).detach()
     flat = flat.to(weight.device, torch.int64)
     rows = torch.div(flat, module.in_features, rounding_mode="floor")
     cols = flat - rows * module.in_features
@@ -117,9 +117,9 @@ def _w0_entries(module: nn.Linear, flat: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def _w0_rows(module: nn.Linear, rows: torch.Tensor) -> torch.Tensor:
+def _w0_rows(module: nn.Linear, rows: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """W0 at whole output rows [R, in] (any weight layout), merged layers as in ``_w0_entries``."""
-    weight = module.weight.detach()
+    weight = (module.weight if weight is None else weight).detach()
     rows = rows.to(weight.device, torch.int64)
     values = weight.index_select(0, rows)
     if isinstance(module, SPFT_LAYER_TYPES) and module.merged and rows.numel():
@@ -146,10 +146,11 @@ def _lookup(sorted_keys: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Ten
 def fingerprint(module: nn.Linear, kind: str, positions: torch.Tensor) -> str:
     """The base-weight fingerprint of an adapter layer (module docstring): sha256 hex."""
     digest = hashlib.sha256()
-    weight = module.weight
+    weight = _full(module.weight)
     digest.update(f"{module.out_features}x{module.in_features}:{_dtype_name(weight.dtype)}".encode())
-    digest.update(_tensor_bytes(_w0_entries(module, _sample_positions(module.out_features, module.in_features))))
-    trained = _w0_entries(module, positions) if kind == "entries" else _w0_rows(module, positions)
+    sample = _sample_positions(module.out_features, module.in_features)
+    digest.update(_tensor_bytes(_w0_entries(module, sample, weight)))
+    trained = _w0_entries(module, positions, weight) if kind == "entries" else _w0_rows(module, positions, weight)
     digest.update(_tensor_bytes(trained))
     return digest.hexdigest()
 
@@ -227,9 +228,25 @@ def _resolve_path(path: PathLike) -> str:
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """A plain tensor (a DTensor is gathered: with FSDP2 every rank must call save_adapter)."""
-    full_tensor = getattr(tensor, "full_tensor", None)
-    return full_tensor() if callable(full_tensor) else tensor
+    """A plain tensor: a DTensor (FSDP2's sharded parameters) is gathered, which is a collective,
+    so under FSDP2 every rank must call save_adapter; a weight is then gathered whole, one layer at
+    a time, for its fingerprint."""
+    return tensor.full_tensor() if _is_dtensor(tensor) else tensor
+
+
+def _is_dtensor(tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def _writes_files() -> bool:
+    """Under torch.distributed (DDP, FSDP2) rank 0 writes; every other rank only takes part in the
+    gathers."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return not distributed or torch.distributed.get_rank() == 0
 
 
 def save_adapter(model: nn.Module, path: PathLike, *, dtype: Optional[torch.dtype] = None) -> str:
@@ -237,7 +254,9 @@ def save_adapter(model: nn.Module, path: PathLike, *, dtype: Optional[torch.dtyp
     and the config) to ``path`` (a file, or a directory that gets ``spft_adapter.safetensors``);
     returns the file's path. ``dtype`` stores the values in another precision, e.g.
     ``torch.bfloat16`` for 4 bytes per trainable entry (default: the deltas' own fp32). The file
-    is written to a temporary name and renamed, so a crash never leaves a half-written adapter."""
+    is written to a temporary name and renamed, so a crash never leaves a half-written adapter.
+    DDP-wrapped models are unwrapped; under torch.distributed only rank 0 writes, and with FSDP2
+    every rank must call it (the sharded deltas are gathered)."""
     from safetensors.torch import save_file
 
     if dtype is not None and dtype not in _VALUE_DTYPES:
@@ -286,6 +305,8 @@ def save_adapter(model: nn.Module, path: PathLike, *, dtype: Optional[torch.dtyp
     }
     metadata["checksum"] = _checksum(metadata, tensors)
     target = _resolve_path(path)
+    if not _writes_files():
+        return target
     temporary = f"{target}.tmp-{os.getpid()}"
     try:
         save_file(tensors, temporary, metadata=metadata)
@@ -440,6 +461,8 @@ def _check_against(root: nn.Module, adapter: _Adapter, check_base: bool) -> dict
         if shape != record.shape:
             raise ValueError(f"{where}: the adapter is for a weight of shape {record.shape}, the model's is {shape}")
         weight = module.weight
+        if _is_dtensor(weight):
+            raise ValueError(f"{where}: the model is sharded (FSDP2); load the adapter before fully_shard")
         if weight.device.type == "meta":
             raise ValueError(f"{where}: the model's weight is on the meta device; materialise the model first")
         if check_base and _dtype_name(weight.dtype) != record.weight_dtype:
