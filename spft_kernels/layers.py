@@ -91,6 +91,9 @@ class _FrozenBaseDeltaLinear(nn.Linear):
         self.delta_dtype = delta_dtype
         self._merged = False
         self._synced_delta_key = None
+        # (the weight Parameter merge() wrote W0 + Δ into,) while merged; see _check_weight_kept.
+        self._merged_into = None
+        self._merge_disabled = False  # mode 'auto' after the weight was swapped out (FSDP2)
         self.register_buffer("_w0_at_index", None, persistent=False)
         self.weight.requires_grad_(False)
         if self.bias is not None:
@@ -209,6 +212,7 @@ class _FrozenBaseDeltaLinear(nn.Linear):
         self._w0_at_index = self._gather_w0()
         self._write(self.weight, base=self._w0_at_index, delta=self.delta)
         self._merged = True
+        self._merged_into = (self.weight,)
         self._synced_delta_key = self._delta_key()
 
     @torch.no_grad()
@@ -220,6 +224,7 @@ class _FrozenBaseDeltaLinear(nn.Linear):
         self._write(self.weight, base=self._w0_at_index, delta=None)
         self._w0_at_index = None
         self._merged = False
+        self._merged_into = None
         self._synced_delta_key = None
 
     @torch.no_grad()
@@ -231,7 +236,32 @@ class _FrozenBaseDeltaLinear(nn.Linear):
 
     def _wants_merged(self) -> bool:
         return self.mode == "merged" or (
-            self.mode == "auto" and (self.weight.is_contiguous() or not self._MERGE_NEEDS_CONTIGUOUS_WEIGHT)
+            self.mode == "auto"
+            and not self._merge_disabled
+            and (self.weight.is_contiguous() or not self._MERGE_NEEDS_CONTIGUOUS_WEIGHT)
+        )
+
+    def _weight_swapped(self) -> bool:
+        return self._merged and self.weight is not self._merged_into[0]
+
+    def _check_weight_kept(self) -> None:
+        """Merged mode needs the weight Parameter it wrote W0 + Δ into to stay the module's weight.
+        FSDP2 (and FSDP1) swap a gathered copy in for every forward and gather it again from the
+        shards for backward, so W0 + Δ would be lost between forward and backward (dx would use
+        the shards' weight). Mode 'auto' then falls back to split for good, which is exact when
+        the shards hold W0, i.e. the delta was still zero when the model was sharded (one host
+        sync, once); otherwise, and for mode 'merged', this is an error."""
+        if not self._weight_swapped():
+            return
+        if self.mode == "auto" and not bool(self.delta.detach().any()):
+            self._merged, self._merged_into, self._merge_disabled = False, None, True
+            self._w0_at_index = None
+            self._synced_delta_key = None
+            return
+        raise RuntimeError(
+            f"{self.layer_name}: the weight Parameter of this merged layer was replaced (FSDP swaps gathered "
+            "parameters in for every forward), so W0 + delta cannot persist in it; use mode='split' with "
+            "FSDP, or unmerge() before replacing the weight"
         )
 
     @torch.no_grad()
@@ -259,6 +289,7 @@ class _FrozenBaseDeltaLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return self._traced_forward(x)
+        self._check_weight_kept()
         if not self._merged and self._wants_merged():
             self.merge()
         if self._merged:
@@ -273,7 +304,14 @@ class _FrozenBaseDeltaLinear(nn.Linear):
         graph, a tiny fraction of the layer's GEMM, giving the same weight as the eager re-sync.
         A layer that is not merged yet computes the split form here: merging installs new state
         on the module, which a traced graph must not do (``get_spft_model`` merges up front, and
-        any eager forward merges too; Dynamo then recompiles once for the merged layer)."""
+        any eager forward merges too; Dynamo then recompiles once for the merged layer). A
+        swapped weight (FSDP, see ``_check_weight_kept``) is an error here: the fallback to split
+        changes module state; run one eager forward first, or use mode='split'."""
+        if self._weight_swapped():
+            raise RuntimeError(
+                f"{self.layer_name}: the weight Parameter of this merged layer was replaced (FSDP); use "
+                "mode='split' with FSDP and torch.compile"
+            )
         if self._merged:
             with torch.no_grad():
                 self._write(self.weight, base=self._w0_at_index, delta=self.delta.detach())
@@ -342,8 +380,10 @@ class _FrozenBaseDeltaLinear(nn.Linear):
             delta.grad = None if grad is None else grad.to(device=delta.device, dtype=master)
         if self._merged:
             # The cast rounded W_eff as a whole; rewrite the positions from the (cast) W0 values
-            # and the master so that the merged weight is again W0 + Δ rounded once.
+            # and the master so that the merged weight is again W0 + Δ rounded once. A cast may
+            # also have made a new weight Parameter (torch.__future__ overwrite semantics).
             self._synced_delta_key = None
+            self._merged_into = (self.weight,)
         return self
 
     def extra_repr(self) -> str:
