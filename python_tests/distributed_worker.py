@@ -26,7 +26,7 @@ GLOBAL_BATCH = 4
 PHASES = ("ddp", "fsdp2")
 
 
-def build(mode: str) -> torch.nn.Module:
+def build(mode: str = "auto") -> torch.nn.Module:
     """The converted model every run starts from (gradient salience on fixed calibration batches,
     so every rank picks the same positions)."""
     model = tiny_model("llama", dtype=torch.float64)
@@ -55,9 +55,9 @@ def train(model: torch.nn.Module, rank: int = 0, world_size: int = 1) -> list[fl
     return losses
 
 
-# Each phase: the layers' mode and how the model is wrapped. FSDP2 re-gathers the weight from its
-# shards for backward, so it runs the split mode (merged mode writes W0 + Δ into the gathered weight).
-MODES = {"ddp": "auto", "fsdp2": "split"}
+# The mode the layers of each phase end up in: FSDP2 swaps gathered weights in for every forward,
+# so mode 'auto' falls back from merged to split there (the single-process reference runs that).
+REFERENCE_MODES = {"ddp": "auto", "fsdp2": "split"}
 
 
 def wrap(phase: str, model: torch.nn.Module) -> torch.nn.Module:
@@ -81,7 +81,7 @@ def main() -> None:
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         for phase in phases.split(","):
-            model = wrap(phase, build(MODES[phase]))
+            model = wrap(phase, build())
             losses = train(model, rank, world_size)
             spft.save_adapter(model, os.path.join(out_dir, f"{phase}.safetensors"))  # collective under FSDP2
             with open(os.path.join(out_dir, f"{phase}_rank{rank}.json"), "w") as handle:

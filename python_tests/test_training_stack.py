@@ -216,7 +216,7 @@ def distributed_run(tmp_path_factory):
 def _check_parity(out_dir, phase):
     import distributed_worker as worker
 
-    reference = worker.build(worker.MODES[phase])
+    reference = worker.build(worker.REFERENCE_MODES[phase])
     reference_losses = worker.train(reference)
     losses = [json.loads((out_dir / f"{phase}_rank{rank}.json").read_text()) for rank in range(2)]
     # The two halves have the same number of tokens: their mean loss is the global batch's.
