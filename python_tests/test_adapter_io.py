@@ -96,7 +96,7 @@ def test_directory_path_uses_the_default_file_name(tmp_path):
 
 
 def test_bf16_file_is_at_most_6_bytes_per_trainable_parameter(tmp_path):
-    # Realistic per-layer counts (the header costs ~400 bytes a layer): hidden 256, 1% of 2 blocks.
+    # Realistic per-layer counts (the header costs ~570 bytes a layer): hidden 256, 1% of 2 blocks.
     sizes = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=4)
     model = tiny_model("llama", dtype=torch.float32, **sizes)
     spft.get_spft_model(model, spft.SpftConfig(method="sparta", density=0.01))

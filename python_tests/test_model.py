@@ -248,6 +248,20 @@ def test_get_spft_model_rejects_bad_input():
         spft.get_spft_model(model, spft.SpftConfig(method="sparta", density=0.1))
 
 
+def test_a_layer_that_cannot_be_built_leaves_the_model_as_it_was():
+    model = tiny_model("llama", dtype=torch.float32)
+    last = list(find_target_linears(model))[-1]
+    linear = model.get_submodule(last)
+    linear.weight = nn.Parameter(linear.weight.detach().t().contiguous().t())  # same values, not contiguous
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="contiguous"):
+        spft.get_spft_model(model, spft.SpftConfig(method="sparta", density=0.5, mode="merged"))
+    assert not spft_layers(model) and not hasattr(model, "spft_config")
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    spft.get_spft_model(model, spft.SpftConfig(method="sparta", density=0.5))  # auto: split for that layer
+    assert spft_layers(model)[last].mode == "auto" and not spft_layers(model)[last].merged
+
+
 def test_gpt2_conv1d_gets_a_clear_error():
     config = pytest.importorskip("transformers").GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=32)
     model = pytest.importorskip("transformers").GPT2LMHeadModel(config)

@@ -37,7 +37,9 @@ W0 + Δ at its positions, so there W0 comes from the values the layer keeps asid
 a copy of the weight).
 
 Sizes: fp32 values + split index = 6 bytes per trainable entry, bf16 values + split index =
-4 bytes (+ the header, and 4 bytes per 65536 weight entries); rows cost 2 or 4 bytes a value.
+4 bytes, plus 4 bytes per 65536 weight entries and the header (~570 bytes a layer). Measured on
+one 4096 x 4096 layer at 1% density: bf16 4.01, fp32 6.01 bytes per trainable parameter (0.1%:
+bf16 4.12). Rows cost 2 (bf16) or 4 (fp32) bytes a value.
 
 Loading is all-or-nothing: the whole file is read and checked (integrity, format, config, layer
 names, shapes, dtypes, position validity with ``SparseIndex.build`` / ``canonical_rows``,

@@ -325,12 +325,12 @@ def replace_linears(
     targets: Optional[Mapping[str, nn.Linear]] = None,
 ) -> dict[str, nn.Module]:
     """Swap each target linear (default: ``find_target_linears(model)``, every ``nn.Linear`` inside
-    the transformer blocks) for ``make(name, linear)``; returns ``{name: new module}``."""
+    the transformer blocks) for ``make(name, linear)``; returns ``{name: new module}``. Every new
+    module is made before the first is put in, so a ``make`` that raises leaves the model as it was."""
     targets = find_target_linears(model) if targets is None else targets
-    replaced = {}
-    for name, linear in targets.items():
-        replaced[name] = make(name, linear)
-        set_submodule(model, name, replaced[name])
+    replaced = {name: make(name, linear) for name, linear in targets.items()}
+    for name, module in replaced.items():
+        set_submodule(model, name, module)
     return replaced
 
 
@@ -451,14 +451,18 @@ def get_spft_model(
         targets = {name: linear for name, linear in targets.items() if positions[name].numel() > 0}
         if not targets:
             raise ValueError("get_spft_model: the budget selects no trainable position in any target")
-    remember_requires_grad(root)
-    replace_linears(
-        root,
-        lambda name, linear: spec.layer.from_linear(
-            linear, positions[name], mode=config.mode, backend=config.backend, name=name
-        ),
-        targets,
-    )
+    remember_requires_grad(root)  # before from_linear, which freezes the shared weights
+    try:
+        replace_linears(
+            root,
+            lambda name, linear: spec.layer.from_linear(
+                linear, positions[name], mode=config.mode, backend=config.backend, name=name
+            ),
+            targets,
+        )
+    except Exception:
+        _finish_unload(root)  # the flags back; no module was replaced
+        raise
     prepare_for_training(root, saved)
     setattr(root, CONFIG_ATTR, config)
     return model
