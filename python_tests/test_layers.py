@@ -203,6 +203,80 @@ def test_merged_mode_resyncs_after_each_optimizer_step():
     assert torch.equal(layers["merged"].weight, dense_weight(w0, layers["merged"].delta, index))
 
 
+UPDATES = {
+    "fused AdamW": lambda delta: torch.optim.AdamW([delta], lr=1e-2, fused=True),
+    "foreach Adam": lambda delta: torch.optim.Adam([delta], lr=1e-2, foreach=True),
+    "SGD on .data": None,
+}
+
+
+@pytest.mark.parametrize("update", list(UPDATES))
+@pytest.mark.parametrize("layer_class", [spft.SparseDeltaLinear, spft.RowSparseLinear])
+def test_merged_mode_sees_updates_that_skip_the_version_counter(layer_class, update):
+    """A fused optimizer (the transformers Trainer's default) and ``p.data`` updates leave the
+    version counter as it was; a merged layer still re-syncs, also on a deep copy whose delta
+    Parameter is new."""
+    import copy
+
+    torch.manual_seed(0)
+    positions = spft.random_index(24, 19, 0.3) if layer_class is spft.SparseDeltaLinear else torch.tensor([2, 5, 11])
+    split = layer_class.from_linear(make_linear(dtype=torch.float64), positions, mode="split")
+    merged = copy.deepcopy(layer_class.from_linear(make_linear(dtype=torch.float64), positions, mode="merged"))
+    make = UPDATES[update]
+    optimizers = [make(layer.delta) for layer in (split, merged)] if make else None
+    x, target = torch.randn(16, 19, dtype=torch.float64), torch.randn(16, 24, dtype=torch.float64)
+    for _ in range(4):
+        for number, layer in enumerate((split, merged)):
+            ((layer(x) - target) ** 2).mean().backward()
+            if optimizers:
+                optimizers[number].step()
+            else:
+                layer.delta.data.add_(layer.delta.grad, alpha=-0.1)
+            layer.delta.grad = None
+    assert merged.merged
+    torch.testing.assert_close(merged.delta, split.delta, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(merged(x), split(x), rtol=1e-10, atol=1e-12)
+    assert torch.equal(merged.weight, merged.merged_weight())
+
+
+@pytest.mark.parametrize("layer_class", [spft.SparseDeltaLinear, spft.RowSparseLinear])
+def test_a_swapped_weight_parameter_falls_back_to_split_or_fails_clearly(layer_class):
+    """What FSDP does to a merged layer: a gathered copy of the weight Parameter is swapped in for
+    each forward. Mode 'auto' with a zero delta (the shards hold W0) falls back to split for
+    good; a merged layer with a trained delta, or mode 'merged', raises instead of training with
+    a weight that loses W0 + Δ between forward and backward."""
+    torch.manual_seed(0)
+    positions = spft.random_index(24, 19, 0.3) if layer_class is spft.SparseDeltaLinear else torch.tensor([2, 5, 11])
+    x = torch.randn(6, 19)
+
+    def swapped(mode, trained):
+        layer = layer_class.from_linear(make_linear(), positions, mode=mode)
+        layer.merge()
+        if trained:
+            with torch.no_grad():
+                layer.delta.add_(0.5)
+        layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+        return layer
+
+    layer = swapped("auto", trained=False)
+    expected = make_linear()(x)
+    assert torch.equal(layer(x), expected) and not layer.merged
+    layer(x).sum().backward()
+    assert not layer.merged and layer.delta.grad is not None  # split from now on
+    for mode, trained in (("auto", True), ("merged", False)):
+        with pytest.raises(RuntimeError, match="weight Parameter of this merged layer was replaced"):
+            swapped(mode, trained)(x)
+    # A cast that makes new Parameters is not a swap.
+    layer = layer_class.from_linear(make_linear(), positions, mode="auto")
+    layer.merge()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        layer.double()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(False)
+    assert layer.merged and torch.equal(layer(x.double()), make_linear().double()(x.double()))
+
+
 @pytest.mark.parametrize("mode", ["split", "merged"])
 def test_training_reduces_loss(mode):
     # The target is reachable: the teacher differs from the base only at the trained positions.

@@ -19,11 +19,14 @@ CONFIGS = {
         vocab_size=64)),
     "opt": ("OPTConfig", "OPTForCausalLM", dict(
         hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=64, word_embed_proj_dim=32)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64)),
 }
 
 
 def tiny_model(kind: str, seed: int = 0, dtype=torch.float64, **overrides):
-    """A 2-block BERT / Llama / OPT in eval mode (no dropout); ``overrides`` change the config."""
+    """A 2-block BERT / Llama / OPT / Qwen2 in eval mode (no dropout); ``overrides`` change the config."""
     config_class, model_class, sizes = CONFIGS[kind]
     torch.manual_seed(seed)
     model = getattr(transformers, model_class)(getattr(transformers, config_class)(**{**sizes, **overrides}))

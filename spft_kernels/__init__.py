@@ -5,10 +5,19 @@ CUDA; see ``available_backends()``.
 """
 
 from ._extension import SpftExtensionWarning
+from .adapter_io import load_adapter, merge_adapters, save_adapter
 from .backends import available_backends
 from .dynamic_mask import DynamicMask
 from .index import SparseIndex, random_index
 from .layers import RowSparseLinear, SparseDeltaLinear
+from .model import (
+    SpftConfig,
+    get_spft_model,
+    make_dynamic_mask,
+    merge_and_unload,
+    print_trainable_parameters,
+    unload,
+)
 from .pst import PSTLinear, cubic_sparsity, pst_linear, pst_threshold
 from .row_delta_linear import row_delta_linear
 from .row_gather import row_gather
@@ -27,10 +36,17 @@ __all__ = [
     "RowSparseLinear",
     "SparseDeltaLinear",
     "SparseIndex",
+    "SpftConfig",
     "SpftExtensionWarning",
     "available_backends",
     "cubic_sparsity",
+    "get_spft_model",
+    "load_adapter",
     "lora_equivalent_params",
+    "make_dynamic_mask",
+    "merge_adapters",
+    "merge_and_unload",
+    "print_trainable_parameters",
     "pst_linear",
     "pst_threshold",
     "random_index",
@@ -40,8 +56,10 @@ __all__ = [
     "row_importance",
     "row_scatter_add_",
     "salience_scores",
+    "save_adapter",
     "scatter_delta_",
     "select_rows",
     "select_topk",
     "sparse_delta_linear",
+    "unload",
 ]

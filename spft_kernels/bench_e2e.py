@@ -21,6 +21,7 @@ import torch.nn as nn
 from .index import random_index
 from .layers import SparseDeltaLinear
 from .memory import TensorMemoryTracker
+from .model import replace_linears
 from .targets import find_target_linears
 
 # (hidden, intermediate, layers, heads, kv heads, vocab, sequence, batch)
@@ -44,14 +45,6 @@ def build_llama(spec: dict, device: torch.device, dtype: torch.dtype) -> nn.Modu
     with torch.device(device):
         model = LlamaForCausalLM(config)
     return model.to(dtype)
-
-
-def replace_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module]) -> None:
-    """Swap every targeted linear layer (the default targets: inside the blocks) for make(name, linear)."""
-    for name, linear in find_target_linears(model).items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, make(name, linear))
 
 
 def _freeze(model: nn.Module) -> None:

@@ -7,9 +7,10 @@ Modes (DESIGN.md "Execution modes"), the same for both layers:
   ``x Wfᵀ`` scattered into the selected output rows); W0 is never modified.
 - ``merged``: the weight holds ``W_eff = W0 + Δ`` in its own dtype and W0 at the trained
   positions is kept aside (nnz values, or R rows); forward and dx are plain GEMMs, only the delta
-  gradient is sparse. When ``delta`` has changed since the last forward (its version counter
-  moved, e.g. after an optimizer step) the trained positions are rewritten from W0 and the fp32
-  master (O(nnz) or O(R * in)). Note that the weight tensor is shared with the linear the layer
+  gradient is sparse. When ``delta`` may have changed since the last forward (its version counter
+  or storage moved, or a gradient was accumulated into it since, after which any optimizer step
+  may follow) the trained positions are rewritten from W0 and the fp32 master (O(nnz) or
+  O(R * in)). Note that the weight tensor is shared with the linear the layer
   was built from, so that linear sees ``W_eff`` while the layer is merged; ``unmerge()`` restores
   W0 exactly.
 - ``fused``: one GEMM with the delta added into the weight tile; arrives with the kernel issue.
@@ -36,6 +37,14 @@ from .scatter_delta import scatter_delta_
 from .sparse_delta_linear import sparse_delta_linear
 
 MODES = ("auto", "merged", "split", "fused")
+
+_GRADIENTS_SEEN = "_spft_gradients_seen"
+
+
+def _count_gradient(delta: torch.Tensor) -> None:
+    """Post-accumulate-grad hook of a layer's delta: counts the gradients accumulated into it, so
+    that a merged layer re-syncs after an optimizer step that did not bump the version counter."""
+    setattr(delta, _GRADIENTS_SEEN, getattr(delta, _GRADIENTS_SEEN, 0) + 1)
 
 
 class _FrozenBaseDeltaLinear(nn.Linear):
@@ -82,6 +91,9 @@ class _FrozenBaseDeltaLinear(nn.Linear):
         self.delta_dtype = delta_dtype
         self._merged = False
         self._synced_delta_key = None
+        # (the weight Parameter merge() wrote W0 + Δ into,) while merged; see _check_weight_kept.
+        self._merged_into = None
+        self._merge_disabled = False  # mode 'auto' after the weight was swapped out (FSDP2)
         self.register_buffer("_w0_at_index", None, persistent=False)
         self.weight.requires_grad_(False)
         if self.bias is not None:
@@ -171,7 +183,22 @@ class _FrozenBaseDeltaLinear(nn.Linear):
         return self._merged
 
     def _delta_key(self):
-        return (self.delta._version, self.delta.data_ptr(), self.delta.dtype)
+        # The version counter alone misses updates that bypass it: fused optimizers (torch's
+        # AdamW(fused=True), the transformers Trainer's default) and ``p.data`` updates leave
+        # ``_version`` unchanged. Every such update follows a backward, so a gradient accumulated
+        # into the delta also counts as a change (``_count_gradient``).
+        self._watch_delta()
+        delta = self.delta
+        return (delta._version, delta.data_ptr(), delta.dtype, getattr(delta, _GRADIENTS_SEEN, 0))
+
+    def _watch_delta(self) -> None:
+        """Make sure the current delta Parameter counts its accumulated gradients (a Parameter
+        replaced by ``_apply``, a deepcopy or unpickling comes without the hook)."""
+        delta = self.delta
+        if delta.requires_grad:
+            hooks = getattr(delta, "_post_accumulate_grad_hooks", None) or {}
+            if not any(hook is _count_gradient for hook in hooks.values()):
+                delta.register_post_accumulate_grad_hook(_count_gradient)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -185,6 +212,7 @@ class _FrozenBaseDeltaLinear(nn.Linear):
         self._w0_at_index = self._gather_w0()
         self._write(self.weight, base=self._w0_at_index, delta=self.delta)
         self._merged = True
+        self._merged_into = (self.weight,)
         self._synced_delta_key = self._delta_key()
 
     @torch.no_grad()
@@ -196,6 +224,7 @@ class _FrozenBaseDeltaLinear(nn.Linear):
         self._write(self.weight, base=self._w0_at_index, delta=None)
         self._w0_at_index = None
         self._merged = False
+        self._merged_into = None
         self._synced_delta_key = None
 
     @torch.no_grad()
@@ -207,7 +236,32 @@ class _FrozenBaseDeltaLinear(nn.Linear):
 
     def _wants_merged(self) -> bool:
         return self.mode == "merged" or (
-            self.mode == "auto" and (self.weight.is_contiguous() or not self._MERGE_NEEDS_CONTIGUOUS_WEIGHT)
+            self.mode == "auto"
+            and not self._merge_disabled
+            and (self.weight.is_contiguous() or not self._MERGE_NEEDS_CONTIGUOUS_WEIGHT)
+        )
+
+    def _weight_swapped(self) -> bool:
+        return self._merged and self.weight is not self._merged_into[0]
+
+    def _check_weight_kept(self) -> None:
+        """Merged mode needs the weight Parameter it wrote W0 + Δ into to stay the module's weight.
+        FSDP2 (and FSDP1) swap a gathered copy in for every forward and gather it again from the
+        shards for backward, so W0 + Δ would be lost between forward and backward (dx would use
+        the shards' weight). Mode 'auto' then falls back to split for good, which is exact when
+        the shards hold W0, i.e. the delta was still zero when the model was sharded (one host
+        sync, once); otherwise, and for mode 'merged', this is an error."""
+        if not self._weight_swapped():
+            return
+        if self.mode == "auto" and not bool(self.delta.detach().any()):
+            self._merged, self._merged_into, self._merge_disabled = False, None, True
+            self._w0_at_index = None
+            self._synced_delta_key = None
+            return
+        raise RuntimeError(
+            f"{self.layer_name}: the weight Parameter of this merged layer was replaced (FSDP swaps gathered "
+            "parameters in for every forward), so W0 + delta cannot persist in it; use mode='split' with "
+            "FSDP, or unmerge() before replacing the weight"
         )
 
     @torch.no_grad()
@@ -233,10 +287,34 @@ class _FrozenBaseDeltaLinear(nn.Linear):
     # --- forward ----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._traced_forward(x)
+        self._check_weight_kept()
         if not self._merged and self._wants_merged():
             self.merge()
         if self._merged:
             self._resync_if_stale()
+        return self._functional(x)
+
+    def _traced_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward as torch.compile sees it. The eager staleness check compares ``delta``'s
+        version counter and data pointer in Python, which Dynamo cannot trace (a graph break at
+        every layer, and a recompile at every optimizer step when it guards on the version), so a
+        merged layer re-syncs unconditionally instead: one O(nnz) (or O(R * in)) write in the
+        graph, a tiny fraction of the layer's GEMM, giving the same weight as the eager re-sync.
+        A layer that is not merged yet computes the split form here: merging installs new state
+        on the module, which a traced graph must not do (``get_spft_model`` merges up front, and
+        any eager forward merges too; Dynamo then recompiles once for the merged layer). A
+        swapped weight (FSDP, see ``_check_weight_kept``) is an error here: the fallback to split
+        changes module state; run one eager forward first, or use mode='split'."""
+        if self._weight_swapped():
+            raise RuntimeError(
+                f"{self.layer_name}: the weight Parameter of this merged layer was replaced (FSDP); use "
+                "mode='split' with FSDP and torch.compile"
+            )
+        if self._merged:
+            with torch.no_grad():
+                self._write(self.weight, base=self._w0_at_index, delta=self.delta.detach())
         return self._functional(x)
 
     # --- state dict, dtype and device -------------------------------------------------------
@@ -302,8 +380,10 @@ class _FrozenBaseDeltaLinear(nn.Linear):
             delta.grad = None if grad is None else grad.to(device=delta.device, dtype=master)
         if self._merged:
             # The cast rounded W_eff as a whole; rewrite the positions from the (cast) W0 values
-            # and the master so that the merged weight is again W0 + Δ rounded once.
+            # and the master so that the merged weight is again W0 + Δ rounded once. A cast may
+            # also have made a new weight Parameter (torch.__future__ overwrite semantics).
             self._synced_delta_key = None
+            self._merged_into = (self.weight,)
         return self
 
     def extra_repr(self) -> str:
