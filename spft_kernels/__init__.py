@@ -16,6 +16,7 @@ from .model import (
     make_dynamic_mask,
     merge_and_unload,
     print_trainable_parameters,
+    set_pst_sparsity,
     unload,
 )
 from .pst import PSTLinear, cubic_sparsity, pst_linear, pst_threshold
@@ -60,6 +61,7 @@ __all__ = [
     "scatter_delta_",
     "select_rows",
     "select_topk",
+    "set_pst_sparsity",
     "sparse_delta_linear",
     "unload",
 ]

@@ -23,12 +23,22 @@ spruft    RowSparseLinear        top rows of each layer by neuron importance (``
                                  the neuron's ℓ2 norm for LLMs (no data, no memory beyond the model);
                                  ``"taylor"``/``"qm_taylor"`` score slightly better in its ablations
                                  but cost a gradient pass. Rows are always chosen per layer.
-pst       (not in this version)  raises NotImplementedError; adding it is one entry in ``_METHODS``
+pst       PSTLinear              none: PST trains low-rank factors and prunes W0 to ``sparsity``
+                                 with a learned top-v mask (``metric`` is always ``"magnitude"``:
+                                 the mask starts as the magnitude top-v of W0). Data-free.
 ========  =====================  ==================================================================
 
 The budget is exactly one of ``density`` (fraction of the target weights), ``num_params`` (a
 total) or ``match_lora_rank=r`` (as many as a rank-r LoRA on the same modules, ``Σ r·(in+out)``).
 For spruft, whole rows are trained, so the count is met to within rounding to whole rows per layer.
+
+PST's trainable count is fixed by its ranks, ``(n + k)(r1 + r2 + 1)`` per [n, k] layer, so it
+takes no ``density`` / ``num_params``: give ``pst_r1`` / ``pst_r2`` (default 8 / 8) or
+``match_lora_rank=r``, which picks ``r1 = r2 = max(0, (r - 1) // 2)`` (the largest equal ranks
+with ``(n + k)(r1 + r2 + 1) <= r(n + k)``, i.e. at most a rank-r LoRA's count; odd r matches it
+exactly). ``sparsity`` is the final target sparsity; the layers start at sparsity 0 (so the
+converted model computes exactly what the original did) and a training loop raises it with
+``set_pst_sparsity(model, cubic_sparsity(step, total_steps, config.sparsity))``.
 
 Conversion shares every weight (no copy): each target ``nn.Linear`` is replaced by a layer built
 on its own weight and bias, with a zero delta, so the converted model computes exactly what the
@@ -53,6 +63,7 @@ import torch.nn as nn
 
 from .backends import check_backend_name
 from .layers import MODES, RowSparseLinear, SparseDeltaLinear
+from .pst import PSTLinear
 from .row_importance import METRICS as ROW_METRICS
 from .row_importance import _DATA_METRICS as ROW_DATA_METRICS
 from .row_importance import row_importance, select_rows
@@ -60,8 +71,8 @@ from .salience import DATA_FREE_METRICS, METRICS as SALIENCE_METRICS, salience_s
 from .select import lora_equivalent_params, random_indices, select_topk
 from .targets import find_target_linears, matches_target
 
-# Every layer type a converted model may hold (PSTLinear joins here when it lands).
-SPFT_LAYER_TYPES: tuple = (SparseDeltaLinear, RowSparseLinear)
+# Every layer type a converted model may hold.
+SPFT_LAYER_TYPES: tuple = (SparseDeltaLinear, RowSparseLinear, PSTLinear)
 
 # Attributes get_spft_model leaves on the converted model (removed again by unload/merge_and_unload).
 CONFIG_ATTR = "spft_config"
@@ -90,10 +101,15 @@ class SpftConfig:
     """How ``get_spft_model`` converts a model (serialises to JSON; stored in adapter files).
 
     Args:
-        method: ``"speft"``, ``"sparta"``, ``"spruft"`` (``"pst"`` is not in this version).
+        method: ``"speft"``, ``"sparta"``, ``"spruft"`` or ``"pst"``.
         density / num_params / match_lora_rank: the trainable budget, exactly one of them: a
             fraction in (0, 1] of the target weights, a number of parameters, or the parameter
-            count of a rank-r LoRA on the same modules.
+            count of a rank-r LoRA on the same modules. pst: no density / num_params (its count
+            is fixed by the ranks); ``match_lora_rank=r`` sets ``r1 = r2 = max(0, (r - 1) // 2)``.
+        sparsity: pst only, and required there: the final target sparsity in [0, 1) (the layers
+            start at 0; ``set_pst_sparsity`` moves them).
+        pst_r1 / pst_r2: pst only: the ranks of the importance term AB and of the update UV
+            (ints >= 0; ``None``: 8, or derived from ``match_lora_rank``, which excludes them).
         metric: how positions are scored; ``None`` picks the method's default (speft
             ``"gradient"``, sparta ``"random"``, spruft ``"l2"``). speft takes the
             ``salience_scores`` metrics, spruft the ``row_importance`` metrics.
@@ -129,11 +145,18 @@ class SpftConfig:
     backend: str = "auto"
     seed: int = 0
     num_calibration_batches: Optional[int] = None
+    sparsity: Optional[float] = None
+    pst_r1: Optional[int] = None
+    pst_r2: Optional[int] = None
 
     def __post_init__(self) -> None:
         spec = _method_spec(self.method)
         given = [n for n in ("density", "num_params", "match_lora_rank") if getattr(self, n) is not None]
-        if len(given) != 1:
+        if self.method == "pst":
+            self._check_pst(given)
+        elif [n for n in ("sparsity", "pst_r1", "pst_r2") if getattr(self, n) is not None]:
+            raise ValueError("SpftConfig: sparsity, pst_r1 and pst_r2 apply to method='pst' only")
+        elif len(given) != 1:
             raise ValueError(
                 f"SpftConfig: give exactly one of density, num_params or match_lora_rank, got {given or 'none'}"
             )
@@ -178,6 +201,32 @@ class SpftConfig:
         _check_int("seed", self.seed, minimum=0, optional=False)
         _check_int("num_calibration_batches", self.num_calibration_batches, minimum=1)
 
+    def _check_pst(self, given: list) -> None:
+        if self.density is not None or self.num_params is not None:
+            raise ValueError(
+                "SpftConfig: method='pst' takes no density or num_params: its trainable count is fixed by the "
+                "ranks, (in + out)(pst_r1 + pst_r2 + 1) per layer; give pst_r1/pst_r2 or match_lora_rank"
+            )
+        if self.match_lora_rank is not None and (self.pst_r1 is not None or self.pst_r2 is not None):
+            raise ValueError("SpftConfig: give either match_lora_rank or pst_r1/pst_r2 for method='pst', not both")
+        for name in ("pst_r1", "pst_r2"):
+            _check_int(name, getattr(self, name), minimum=0)
+        if self.sparsity is None:
+            raise ValueError("SpftConfig: method='pst' needs sparsity (the final target sparsity, 0 <= sparsity < 1)")
+        if _not_number(self.sparsity) or not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"SpftConfig: sparsity must be a number in [0, 1), got {self.sparsity!r}")
+        if self.mode != "auto":
+            raise ValueError(f"SpftConfig: mode applies to the sparse-delta methods, not to method='pst' (got {self.mode!r})")
+
+    @property
+    def pst_ranks(self) -> tuple[int, int]:
+        """``(r1, r2)`` of a pst config: the explicit ranks (8 where not given), or
+        ``max(0, (r - 1) // 2)`` twice for ``match_lora_rank=r``."""
+        if self.match_lora_rank is not None:
+            rank = max(0, (self.match_lora_rank - 1) // 2)
+            return rank, rank
+        return (8 if self.pst_r1 is None else self.pst_r1), (8 if self.pst_r2 is None else self.pst_r2)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -221,11 +270,6 @@ def _names(field: str, value) -> list:
 
 
 def _method_spec(method: str) -> _Method:
-    if method == "pst":
-        raise NotImplementedError(
-            "method='pst' (PST: pruning with low-rank and structured importance) is not in this version of "
-            "spft_kernels yet; use 'speft', 'sparta' or 'spruft'"
-        )
     if method not in _METHODS:
         raise ValueError(f"SpftConfig: unknown method {method!r}; choose one of {METHODS}")
     return _METHODS[method]
@@ -296,6 +340,7 @@ _METHODS: dict[str, _Method] = {
     ),
     "sparta": _Method(SparseDeltaLinear, ("random",), "random", (), ("global", "local"), _select_sparta),
     "spruft": _Method(RowSparseLinear, ROW_METRICS, "l2", ROW_DATA_METRICS, ("local",), _select_spruft),
+    "pst": _Method(PSTLinear, ("magnitude",), "magnitude", (), ("local",), None),  # no positions to choose
 }
 METHODS = ("speft", "sparta", "spruft", "pst")
 
@@ -344,7 +389,8 @@ def plain_linear(layer: nn.Module) -> nn.Linear:
     so the weight holds W0 exactly. A plain linear is returned as it is."""
     if not isinstance(layer, SPFT_LAYER_TYPES):
         return layer
-    layer.unmerge()
+    if not isinstance(layer, PSTLinear):  # a PST layer never writes into W0
+        layer.unmerge()
     linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
     linear.weight = layer.weight
     if layer.bias is not None:
@@ -389,6 +435,10 @@ def prepare_for_training(model: nn.Module, saved: Sequence[str]) -> None:
         for parameter in root.get_submodule(name).parameters():
             parameter.requires_grad_(True)
     for layer in spft_layers(root).values():
+        if isinstance(layer, PSTLinear):
+            for factor in layer.factors():
+                factor.requires_grad_(True)
+            continue
         layer.delta.requires_grad_(True)
         if layer._wants_merged():
             layer.merge()
@@ -414,8 +464,9 @@ def get_spft_model(
 ) -> nn.Module:
     """Convert ``model`` in place for sparse fine-tuning and return it (the same object).
 
-    The targets (``config.target_modules``) become ``SparseDeltaLinear`` (speft, sparta) or
-    ``RowSparseLinear`` (spruft) layers sharing the original weights, with positions chosen by
+    The targets (``config.target_modules``) become ``SparseDeltaLinear`` (speft, sparta),
+    ``RowSparseLinear`` (spruft) or ``PSTLinear`` (pst: at sparsity 0, no data needed; raise it
+    with ``set_pst_sparsity``) layers sharing the original weights, with positions chosen by
     ``config.metric`` (data metrics need ``batches`` and ``loss_fn(model, batch) -> scalar loss``);
     all other parameters are frozen except those of ``config.modules_to_save``. The converted
     model's output equals the original's exactly until the deltas change. ``scoring_kwargs`` go to
@@ -443,6 +494,35 @@ def get_spft_model(
             f"get_spft_model: metric {config.metric!r} of method {config.method!r} scores with data; pass "
             "batches=(an iterable of batches) and loss_fn=(loss_fn(model, batch) -> scalar loss)"
         )
+    if config.method == "pst":
+        make = _pst_maker(config, scoring_kwargs)
+    else:
+        targets, make = _delta_maker(root, targets, spec, config, batches, loss_fn, scoring_kwargs)
+    remember_requires_grad(root)  # before from_linear, which freezes the shared weights
+    try:
+        replace_linears(root, make, targets)
+    except Exception:
+        _finish_unload(root)  # the flags back; no module was replaced
+        raise
+    prepare_for_training(root, saved)
+    setattr(root, CONFIG_ATTR, config)
+    return model
+
+
+def _pst_maker(config: SpftConfig, scoring_kwargs: dict) -> Callable[[str, nn.Linear], nn.Module]:
+    """PSTLinear.from_linear for every target (data-free), at sparsity 0, the factors drawn from
+    one generator seeded with ``config.seed`` in target order."""
+    if scoring_kwargs:
+        raise ValueError(f"get_spft_model: method 'pst' takes no scoring options, got {sorted(scoring_kwargs)}")
+    r1, r2 = config.pst_ranks
+    generator = torch.Generator().manual_seed(config.seed)
+    return lambda name, linear: PSTLinear.from_linear(
+        linear, 0.0, r1, r2, backend=config.backend, generator=generator, name=name
+    )
+
+
+def _delta_maker(root, targets, spec, config, batches, loss_fn, scoring_kwargs):
+    """The targets that get positions and the maker of their sparse-delta layers."""
     positions = spec.select(root, targets, config, batches, loss_fn, scoring_kwargs)
     if config.mask_update_interval is None:
         # A target that got no position (a global top-k can leave a layer empty) stays a plain
@@ -451,21 +531,9 @@ def get_spft_model(
         targets = {name: linear for name, linear in targets.items() if positions[name].numel() > 0}
         if not targets:
             raise ValueError("get_spft_model: the budget selects no trainable position in any target")
-    remember_requires_grad(root)  # before from_linear, which freezes the shared weights
-    try:
-        replace_linears(
-            root,
-            lambda name, linear: spec.layer.from_linear(
-                linear, positions[name], mode=config.mode, backend=config.backend, name=name
-            ),
-            targets,
-        )
-    except Exception:
-        _finish_unload(root)  # the flags back; no module was replaced
-        raise
-    prepare_for_training(root, saved)
-    setattr(root, CONFIG_ATTR, config)
-    return model
+    return targets, lambda name, linear: spec.layer.from_linear(
+        linear, positions[name], mode=config.mode, backend=config.backend, name=name
+    )
 
 
 def _find_targets(root: nn.Module, config: SpftConfig) -> dict[str, nn.Linear]:
@@ -509,18 +577,27 @@ def print_trainable_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
+def merge_and_unload(model: nn.Module, *, return_report: bool = False):
     """Replace every spft layer with a plain ``nn.Linear`` holding ``W0 + Δ`` and return the model
     (the same object): bitwise the layer's ``merged_weight()`` (fp32 sum, rounded once to the
     weight's dtype), written in place into the layer's own weight tensor (O(nnz); no copy of the
     weight, except for a SparseDeltaLinear on a non-contiguous weight, which gets a new one).
-    The original ``requires_grad`` flags come back; ``modules_to_save`` keep their trained values."""
+    The original ``requires_grad`` flags come back; ``modules_to_save`` keep their trained values.
+
+    A ``PSTLinear`` becomes its pruned linear ``(W0 + βUV) ⊙ M`` (``to_linear``: new tensors) at
+    the sparsity the layer holds now, which need not be ``config.sparsity`` (e.g. a run stopped
+    before the schedule reached it): it exports what it has. ``return_report=True`` returns
+    ``(model, {name: PSTLinear.sparsity_report()})`` (achieved ``mask_sparsity``,
+    ``weight_sparsity``, ...; empty for the other methods) so that this can be checked."""
     root = unwrap_model(model)
     layers = spft_layers(root)
     if not layers:
         raise ValueError("merge_and_unload: the model has no sparse fine-tuning layers")
+    reports = {}
     for name, layer in layers.items():
-        if layer._MERGE_NEEDS_CONTIGUOUS_WEIGHT and not layer.weight.is_contiguous():
+        if isinstance(layer, PSTLinear):
+            linear, reports[name] = layer.to_linear(return_report=True)  # flags restored below
+        elif layer._MERGE_NEEDS_CONTIGUOUS_WEIGHT and not layer.weight.is_contiguous():
             linear = layer.to_linear()  # never merged in place: split mode
         else:
             layer.merge()  # W0 + Δ in the weight, rounded once; a stale merge re-syncs first
@@ -530,7 +607,19 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
                 linear.bias = layer.bias
         set_submodule(root, name, linear)
     _finish_unload(root)
-    return model
+    return (model, reports) if return_report else model
+
+
+def set_pst_sparsity(model: nn.Module, sparsity: float) -> int:
+    """Set the sparsity of every ``PSTLinear`` of the model (from its next forward on) and return
+    how many there are; the schedule of a training loop, e.g. the paper's cubic one:
+    ``spft.set_pst_sparsity(model, spft.cubic_sparsity(step, total_steps, config.sparsity))``."""
+    layers = [m for m in spft_layers(model).values() if isinstance(m, PSTLinear)]
+    if not layers:
+        raise ValueError("set_pst_sparsity: the model has no PSTLinear layers (convert it with method='pst')")
+    for layer in layers:
+        layer.set_sparsity(sparsity)
+    return len(layers)
 
 
 def unload(model: nn.Module) -> nn.Module:
