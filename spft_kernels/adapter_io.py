@@ -13,14 +13,18 @@ File format (version 1): a safetensors file whose tensors are, for every spft la
   count per block of 65536 flat positions): 2 bytes an entry plus 4 bytes per 65536 weight
   entries, against 4 (or 8) for the flat form. The writer picks the smaller form per layer.
 
-and, for every module in ``modules_to_save``, its state dict as ``<module>.<key>``.
+and, for a PSTLinear, ``<name>.U``, ``.V``, ``.A``, ``.B``, ``.R``, ``.C`` (its trained factors, in
+their fp32 masters or ``dtype``); and, for every module in ``modules_to_save``, its state dict as
+``<module>.<key>``.
 
 Metadata (safetensors' string map):
 
 - ``format`` = ``"spft_adapter"``, ``format_version`` = ``"1"``;
 - ``config``: the ``SpftConfig`` as JSON;
-- ``layers``: JSON ``{name: {"kind": "entries"|"rows", "shape": [out, in], "count": nnz or R,
-  "index": "flat"|"split16"|null, "weight_dtype": "float32", "fingerprint": sha256 hex}}``;
+- ``layers``: JSON ``{name: {"kind": "entries"|"rows"|"pst", "shape": [out, in], "count": nnz or R
+  (pst: the trainable count (out + in)(r1 + r2 + 1)), "index": "flat"|"split16"|null,
+  "weight_dtype": "float32", "fingerprint": sha256 hex}}``; a ``pst`` layer adds ``"pst": {"r1",
+  "r2", "sparsity" (the layer's current one), "beta", "alpha1", "alpha2", "abs_score_grad"}``;
 - ``saved_modules``: JSON ``{module: [state dict keys]}``;
 - ``checksum``: sha256 over every other metadata entry and every tensor (name, dtype, shape,
   bytes), so that a truncated file, a flipped byte or an edited entry is reported instead of
@@ -28,7 +32,8 @@ Metadata (safetensors' string map):
 
 Base-weight fingerprint (per layer): sha256 of the weight's shape and dtype, of W0 at 256 fixed
 pseudo-random positions spread over the whole matrix (the same for every file of that shape), and
-of W0 at every position the adapter trains (its entries, or its whole rows). Values are hashed
+of W0 at every position the adapter trains (its entries, or its whole rows; none for a PST
+layer, whose mask depends on all of W0: only the sample guards it). Values are hashed
 bitwise in the weight's dtype. W0 at the trained positions is what the adapter's deltas are added
 to, so a base that differs there (or anywhere in the sample) is refused; a base of another dtype
 is refused too (load onto the dtype the adapter was trained on and cast afterwards, or pass
@@ -60,6 +65,7 @@ import torch.nn as nn
 
 from .index import SparseIndex, canonical_rows, index_dtype_for
 from .layers import RowSparseLinear, SparseDeltaLinear
+from .pst import PSTLinear, _check_scalars, _check_sparsity
 from .model import (
     CONFIG_ATTR,
     SPFT_LAYER_TYPES,
@@ -78,7 +84,8 @@ FORMAT_VERSION = 1
 ADAPTER_FILE = "spft_adapter.safetensors"  # the file name used when a directory is given
 SAMPLE_POSITIONS = 256
 _BLOCK = 1 << 16  # flat positions per high-count block of the split index form
-_KINDS = {"entries": SparseDeltaLinear, "rows": RowSparseLinear}
+_KINDS = {"entries": SparseDeltaLinear, "rows": RowSparseLinear, "pst": PSTLinear}
+_PST_FACTORS = ("U", "V", "A", "B", "R", "C")
 _VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 PathLike = Union[str, os.PathLike]
@@ -108,7 +115,7 @@ def _w0_entries(module: nn.Linear, flat: torch.Tensor, weight: Optional[torch.Te
     rows = torch.div(flat, module.in_features, rounding_mode="floor")
     cols = flat - rows * module.in_features
     values = weight[rows, cols]
-    if isinstance(module, SPFT_LAYER_TYPES) and module.merged and flat.numel():
+    if isinstance(module, SPFT_LAYER_TYPES) and getattr(module, "merged", False) and flat.numel():
         aside = module._w0_at_index
         if isinstance(module, SparseDeltaLinear):
             hit, where = _lookup(module.index.long(), flat)
@@ -124,7 +131,7 @@ def _w0_rows(module: nn.Linear, rows: torch.Tensor, weight: Optional[torch.Tenso
     weight = (module.weight if weight is None else weight).detach()
     rows = rows.to(weight.device, torch.int64)
     values = weight.index_select(0, rows)
-    if isinstance(module, SPFT_LAYER_TYPES) and module.merged and rows.numel():
+    if isinstance(module, SPFT_LAYER_TYPES) and getattr(module, "merged", False) and rows.numel():
         aside = module._w0_at_index
         if isinstance(module, RowSparseLinear):
             hit, where = _lookup(module.rows, rows)
@@ -152,7 +159,12 @@ def fingerprint(module: nn.Linear, kind: str, positions: torch.Tensor) -> str:
     digest.update(f"{module.out_features}x{module.in_features}:{_dtype_name(weight.dtype)}".encode())
     sample = _sample_positions(module.out_features, module.in_features)
     digest.update(_tensor_bytes(_w0_entries(module, sample, weight)))
-    trained = _w0_entries(module, positions, weight) if kind == "entries" else _w0_rows(module, positions, weight)
+    if kind == "pst":
+        trained = weight.new_empty(0)
+    elif kind == "entries":
+        trained = _w0_entries(module, positions, weight)
+    else:
+        trained = _w0_rows(module, positions, weight)
     digest.update(_tensor_bytes(trained))
     return digest.hexdigest()
 
@@ -273,6 +285,11 @@ def save_adapter(model: nn.Module, path: PathLike, *, dtype: Optional[torch.dtyp
     tensors, entries = {}, {}
     with torch.no_grad():
         for name, layer in layers.items():
+            if isinstance(layer, PSTLinear):
+                for label, factor in zip(_PST_FACTORS, layer.factors()):
+                    tensors[f"{name}.{label}"] = _full(factor).detach().to(dtype or factor.dtype).cpu().contiguous()
+                entries[name] = _pst_entry(layer)
+                continue
             kind = "entries" if isinstance(layer, SparseDeltaLinear) else "rows"
             positions = layer.index if kind == "entries" else layer.rows
             values = _full(layer.delta).detach()
@@ -319,8 +336,27 @@ def save_adapter(model: nn.Module, path: PathLike, *, dtype: Optional[torch.dtyp
     return target
 
 
+def _pst_entry(layer: PSTLinear) -> dict:
+    return {
+        "kind": "pst",
+        "shape": [layer.out_features, layer.in_features],
+        "count": sum(factor.numel() for factor in layer.factors()),
+        "index": None,
+        "weight_dtype": _dtype_name(layer.weight.dtype),
+        "fingerprint": fingerprint(layer, "pst", None),
+        "pst": dict(r1=layer.r1, r2=layer.r2, **layer.get_extra_state()),
+    }
+
+
 def _describe(layers: dict) -> SpftConfig:
-    """A config for layers converted by hand (no ``spft_config``): their total count."""
+    """A config for layers converted by hand (no ``spft_config``): their total count (pst: the
+    first layer's ranks, the highest sparsity)."""
+    pst = [layer for layer in layers.values() if isinstance(layer, PSTLinear)]
+    if pst:
+        if len(pst) != len(layers):
+            raise ValueError("save_adapter: a model mixing PSTLinear with other spft layers needs model.spft_config")
+        sparsity = max(layer.sparsity for layer in pst)
+        return SpftConfig(method="pst", sparsity=sparsity, pst_r1=pst[0].r1, pst_r2=pst[0].r2)
     rows = all(isinstance(layer, RowSparseLinear) for layer in layers.values())
     total = sum(layer.delta.numel() for layer in layers.values())
     return SpftConfig(method="spruft" if rows else "speft", num_params=max(total, 1))
@@ -335,8 +371,9 @@ class _LayerRecord:
     shape: tuple
     weight_dtype: str
     fingerprint: str
-    positions: torch.Tensor  # decoded, as stored (int64 or int32), CPU
-    values: torch.Tensor  # CPU, as stored
+    positions: Optional[torch.Tensor]  # decoded, as stored (int64 or int32), CPU; None for pst
+    values: Union[torch.Tensor, dict]  # CPU, as stored; pst: {factor label: tensor}
+    pst: Optional[dict] = None  # pst: r1, r2, sparsity, beta, alpha1, alpha2, abs_score_grad
 
 
 @dataclasses.dataclass
@@ -413,6 +450,8 @@ def _parse_layer(path: str, name: str, entry, tensors: dict) -> tuple[_LayerReco
     if not isinstance(weight_dtype, str) or not isinstance(digest, str):
         raise ValueError(f"{where}: bad weight dtype or fingerprint")
     out_features, in_features = shape
+    if kind == "pst":
+        return _parse_pst_layer(where, name, entry, tensors)
     if kind == "entries":
         if encoding not in ("flat", "split16"):
             raise ValueError(f"{where}: unknown index encoding {encoding!r}")
@@ -437,13 +476,50 @@ def _parse_layer(path: str, name: str, entry, tensors: dict) -> tuple[_LayerReco
     return record, set(names.values())
 
 
+def _parse_pst_layer(where: str, name: str, entry: dict, tensors: dict) -> tuple[_LayerRecord, set]:
+    n, k = entry["shape"]
+    options = entry.get("pst")
+    required = {"r1", "r2", "sparsity", "beta", "alpha1", "alpha2", "abs_score_grad"}
+    if not isinstance(options, dict) or set(options) != required:
+        raise ValueError(f"{where}: a pst layer's metadata must hold {sorted(required)}, got {options!r}")
+    r1, r2 = options["r1"], options["r2"]
+    if any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in (r1, r2)):
+        raise ValueError(f"{where}: bad ranks r1={r1!r}, r2={r2!r}")
+    try:  # the layer's own checks of the sparsity and the scalars
+        _check_sparsity(options["sparsity"])
+        _check_scalars(options["beta"], options["alpha1"], options["alpha2"], where)
+    except ValueError as error:
+        raise ValueError(f"{where}: bad pst options: {error}") from None
+    if not isinstance(options["abs_score_grad"], bool):
+        raise ValueError(f"{where}: abs_score_grad must be a bool")
+    if entry["count"] != (n + k) * (r1 + r2 + 1) or entry["index"] is not None:
+        raise ValueError(f"{where}: a pst layer of shape {[n, k]} with r1={r1}, r2={r2} has {(n + k) * (r1 + r2 + 1)} values")
+    shapes = dict(U=(n, r2), V=(r2, k), A=(n, r1), B=(r1, k), R=(n, 1), C=(1, k))
+    names = {label: f"{name}.{label}" for label in _PST_FACTORS}
+    missing = [key for key in names.values() if key not in tensors]
+    if missing:
+        raise ValueError(f"{where}: missing tensors {missing}")
+    for label, key in names.items():
+        _expect(key, tensors[key], _VALUE_DTYPES, shapes[label])
+    values = {label: tensors[key] for label, key in names.items()}
+    record = _LayerRecord("pst", (n, k), entry["weight_dtype"], entry["fingerprint"], None, values, dict(options))
+    return record, set(names.values())
+
+
 @dataclasses.dataclass
 class _Plan:
     """One layer, checked against the model and ready to install."""
 
     kind: str
-    positions: torch.Tensor  # canonical, on the weight's device
-    values: torch.Tensor  # sorted like the positions, master dtype, on the weight's device
+    positions: Optional[torch.Tensor]  # canonical, on the weight's device; None for pst
+    values: Union[torch.Tensor, dict]  # sorted like the positions, master dtype, on the weight's device
+    pst: Optional[dict] = None
+
+
+_BASE_DIFFERS = (
+    "{where}: the model's base weight differs from the one the adapter was trained on (fingerprint "
+    "mismatch: same shape and dtype, different values); load it onto the base model it was trained on"
+)
 
 
 def _check_against(root: nn.Module, adapter: _Adapter, check_base: bool) -> dict:
@@ -474,6 +550,13 @@ def _check_against(root: nn.Module, adapter: _Adapter, check_base: bool) -> dict
                 "check_base=False"
             )
         device = weight.device
+        master = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        if record.kind == "pst":
+            if check_base and fingerprint(module, "pst", None) != record.fingerprint:
+                raise ValueError(_BASE_DIFFERS.format(where=where))
+            values = {label: t.to(device, master) for label, t in record.values.items()}
+            plans[name] = _Plan("pst", None, values, record.pst)
+            continue
         positions = record.positions.to(device)
         if record.kind == "entries":
             if not weight.is_contiguous() and _layer_mode(module, adapter.config) == "merged":
@@ -485,12 +568,8 @@ def _check_against(root: nn.Module, adapter: _Adapter, check_base: bool) -> dict
         values = record.values.to(device)
         if order is not None:
             values = values[order]
-        master = torch.float64 if weight.dtype == torch.float64 else torch.float32
         if check_base and fingerprint(module, record.kind, positions) != record.fingerprint:
-            raise ValueError(
-                f"{where}: the model's base weight differs from the one the adapter was trained on (fingerprint "
-                "mismatch: same shape and dtype, different values); load it onto the base model it was trained on"
-            )
+            raise ValueError(_BASE_DIFFERS.format(where=where))
         plans[name] = _Plan(record.kind, positions, values.to(master))
     for module_name, state in adapter.saved.items():
         module = modules.get(module_name)
@@ -511,7 +590,7 @@ def _check_against(root: nn.Module, adapter: _Adapter, check_base: bool) -> dict
 
 
 def _layer_mode(module: nn.Module, config: SpftConfig) -> str:
-    return module.mode if isinstance(module, SPFT_LAYER_TYPES) else config.mode
+    return module.mode if isinstance(module, (SparseDeltaLinear, RowSparseLinear)) else config.mode
 
 
 # --- installing --------------------------------------------------------------------------------
@@ -529,8 +608,11 @@ def _install(root: nn.Module, plans: dict, saved: dict, config: SpftConfig) -> N
             set_submodule(root, name, plain_linear(layer))
     for name, plan in plans.items():
         current = modules[name]
-        mode = _layer_mode(current, config)
         backend = current.backend if isinstance(current, SPFT_LAYER_TYPES) else config.backend
+        if plan.kind == "pst":
+            set_submodule(root, name, _pst_layer(plain_linear(current), plan, backend, name))
+            continue
+        mode = _layer_mode(current, config)
         layer = _KINDS[plan.kind].from_linear(plain_linear(current), plan.positions, mode=mode, backend=backend, name=name)
         with torch.no_grad():
             layer.delta.copy_(plan.values)
@@ -539,6 +621,18 @@ def _install(root: nn.Module, plans: dict, saved: dict, config: SpftConfig) -> N
         root.get_submodule(module_name).load_state_dict(state)
     prepare_for_training(root, list(saved))
     setattr(root, CONFIG_ATTR, config)
+
+
+def _pst_layer(linear: nn.Linear, plan: _Plan, backend: str, name: str) -> PSTLinear:
+    options = plan.pst
+    layer = PSTLinear.from_linear(
+        linear, options["sparsity"], options["r1"], options["r2"], beta=options["beta"], alpha1=options["alpha1"],
+        alpha2=options["alpha2"], abs_score_grad=options["abs_score_grad"], backend=backend, name=name,
+    )
+    with torch.no_grad():
+        for label, factor in zip(_PST_FACTORS, layer.factors()):
+            factor.copy_(plan.values[label])
+    return layer
 
 
 def load_adapter(model: nn.Module, path: PathLike, *, check_base: bool = True) -> nn.Module:
@@ -594,6 +688,12 @@ def merge_adapters(
         raise ValueError(f"merge_adapters: saved_modules must be 'error' or 'skip', got {saved_modules!r}")
     root = unwrap_model(model)
     adapters = [read_adapter(p) for p in paths]
+    for adapter in adapters:
+        if any(record.kind == "pst" for record in adapter.layers.values()):
+            raise ValueError(
+                f"merge_adapters: {adapter.path} is a PST adapter; PST adapters are not additive (each prunes W0 "
+                "with its own learned mask), so they cannot be merged: load one with load_adapter"
+            )
     checked = [_check_against(root, adapter, check_base) for adapter in adapters]
     order = {name: position for position, (name, _) in enumerate(root.named_modules())}
     names = sorted({name for plans in checked for name in plans}, key=order.__getitem__)
