@@ -14,7 +14,7 @@ import spft_kernels as spft
 from spft_kernels.model import spft_layers, trainable_parameters
 from spft_kernels.targets import find_target_linears
 
-from tiny_models import hf_loss, one_thread, tiny_batches, tiny_model  # noqa: F401 (fixture)
+from tiny_models import hf_loss, one_thread, tiny_batches, tiny_model, train  # noqa: F401 (fixture)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,18 +39,6 @@ def convert(kind, method="speft", model_seed=0, dtype=torch.float32, **overrides
 def logits(model, batch):
     with torch.no_grad():
         return model(**batch).logits.clone()
-
-
-def train(model, batches, steps=4, lr=1e-2):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for step in range(steps):
-        loss = hf_loss(model, batches[step % len(batches)])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
 
 
 # --- conversion --------------------------------------------------------------------------------
@@ -219,9 +207,10 @@ def test_config_rejects_bad_input(kwargs, message):
         spft.SpftConfig(**kwargs)
 
 
-def test_config_pst_and_fused_are_not_in_this_version():
-    with pytest.raises(NotImplementedError, match="PST.*not in this version"):
-        spft.SpftConfig(method="pst", density=0.1)
+def test_config_fused_is_not_in_this_version_and_pst_takes_no_density():
+    # pst is in (test_model_pst.py); its trainable count is fixed by the ranks, not by a density.
+    with pytest.raises(ValueError, match="pst.*takes no density"):
+        spft.SpftConfig(method="pst", density=0.1, sparsity=0.5)
     with pytest.raises(NotImplementedError, match="fused"):
         spft.SpftConfig(density=0.1, mode="fused")
     with pytest.raises(ValueError, match="unknown fields"):

@@ -51,6 +51,22 @@ def hf_loss(model, batch):
     return model(**batch).loss
 
 
+def train(model, batches, steps=4, lr=1e-2, before_step=None):
+    """AdamW on the trainable parameters over the batches in turn; ``before_step(step)`` runs
+    before each step (e.g. a PST sparsity schedule). Returns the losses."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for step in range(steps):
+        if before_step is not None:
+            before_step(step)
+        loss = hf_loss(model, batches[step % len(batches)])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def convert(model, indices, mode="merged"):
     """Replace each named linear by a SparseDeltaLinear on ``indices[name]``; only the deltas train."""
     for name, index in indices.items():
