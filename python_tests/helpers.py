@@ -63,3 +63,15 @@ def random_problem(out_features, in_features, lead, density, bias, seed=0, dtype
     dy = torch.randn(*lead, out_features, generator=generator, dtype=torch.float64)
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     return cast(x), cast(weight), delta, index, cast(b), cast(dy)
+
+
+def fit_mse(layer, optimizer, x, target, steps):
+    """``steps`` optimizer steps on the mean squared error of ``layer(x)``; returns the losses."""
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = ((layer(x) - target) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

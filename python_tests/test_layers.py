@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 
 import spft_kernels as spft
-from helpers import dense_weight
+from helpers import dense_weight, fit_mse
 from spft_kernels.memory import TensorMemoryTracker
 
 MODES = ["split", "merged", "auto"]
@@ -288,13 +288,7 @@ def test_training_reduces_loss(mode):
     optimizer = torch.optim.Adam([layer.delta], lr=3e-2)
     x = torch.randn(256, 40)
     target = torch.nn.functional.linear(x, teacher_weight, base.bias).detach()
-    losses = []
-    for _ in range(60):
-        optimizer.zero_grad()
-        loss = ((layer(x) - target) ** 2).mean()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = fit_mse(layer, optimizer, x, target, steps=60)
     assert losses[-1] < 0.05 * losses[0]
 
 

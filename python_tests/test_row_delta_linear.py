@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import spft_kernels as spft
 from conftest import cuda_extension_or_skip
-from helpers import assert_within_budget, dense_oracle, plain_pytorch
+from helpers import assert_within_budget, dense_oracle, fit_mse, plain_pytorch
 from spft_kernels import naive
 from spft_kernels.memory import TensorMemoryTracker
 
@@ -429,13 +429,7 @@ def test_training_reduces_loss(mode):
     optimizer = torch.optim.Adam([layer.delta], lr=3e-2)
     x = torch.randn(256, 40)
     target = torch.nn.functional.linear(x, teacher_weight, base.bias).detach()
-    losses = []
-    for _ in range(60):
-        optimizer.zero_grad()
-        loss = ((layer(x) - target) ** 2).mean()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = fit_mse(layer, optimizer, x, target, steps=60)
     assert losses[-1] < 0.05 * losses[0]
 
 
