@@ -93,3 +93,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Skip interpreter teardown: a gloo or autograd worker thread still joinable at exit makes
+    # libstdc++ abort ("terminate called without an active exception", seen once in 4 CI runs)
+    # after all results were written and the process group was destroyed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
