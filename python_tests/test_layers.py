@@ -189,13 +189,9 @@ def test_merged_mode_resyncs_after_each_optimizer_step():
         mode: spft.SparseDeltaLinear.from_linear(make_linear(dtype=torch.float64), index, mode=mode)
         for mode in ("split", "merged")
     }
-    optimizers = {mode: torch.optim.Adam([layer.delta], lr=1e-2) for mode, layer in layers.items()}
     x, target = torch.randn(16, 19, dtype=torch.float64), torch.randn(16, 24, dtype=torch.float64)
-    for _ in range(5):
-        for mode, layer in layers.items():
-            optimizers[mode].zero_grad()
-            ((layer(x) - target) ** 2).mean().backward()
-            optimizers[mode].step()
+    for layer in layers.values():
+        fit_mse(layer, torch.optim.Adam([layer.delta], lr=1e-2), x, target, steps=5)
     torch.testing.assert_close(layers["split"].delta, layers["merged"].delta, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(layers["split"](x), layers["merged"](x), rtol=1e-10, atol=1e-12)
     # after the last step the merged weight is exactly W0 + delta again
