@@ -60,3 +60,16 @@ inline unsigned int grid_for(int64_t work_items, int threads_per_block) {
       break;                                                                 \
     default: return cudaErrorInvalidValue;                                   \
   }
+
+// Calls f with null pointers of the index type and the pointer type. Pointers (row_ptr, col_ptr,
+// csc_perm, tile_ptr) are int64 only when nnz >= 2^31, which implies int64 flat positions, so
+// three of the four combinations occur; the fourth is refused.
+#define SPFT_DISPATCH_INDEX_AND_POINTERS(index_is_int64, pointers_are_int64, f) \
+  if (pointers_are_int64) {                                                    \
+    if (!(index_is_int64)) return cudaErrorInvalidValue;                       \
+    f(static_cast<int64_t*>(nullptr), static_cast<int64_t*>(nullptr));         \
+  } else if (index_is_int64) {                                                 \
+    f(static_cast<int64_t*>(nullptr), static_cast<int32_t*>(nullptr));         \
+  } else {                                                                     \
+    f(static_cast<int32_t*>(nullptr), static_cast<int32_t*>(nullptr));         \
+  }
