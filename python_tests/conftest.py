@@ -12,6 +12,7 @@ import pytest  # noqa: E402
 
 import spft_kernels as spft  # noqa: E402
 from spft_kernels._triton import interpreter_enabled  # noqa: E402
+from spft_kernels.backends import implemented_backends  # noqa: E402
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -58,11 +59,19 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def usable_backends(device: torch.device) -> list[str]:
-    """Backends that can run spft ops on tensors of ``device`` here."""
+def usable_backends(device: torch.device, ops: tuple = ()) -> list[str]:
+    """Backends that can run spft ops on tensors of ``device`` here; with ``ops`` named, also the
+    cuda backend (on a GPU, with the extension built) when it implements all of them."""
     backends = ["reference"]
     if "triton" in spft.available_backends() and (device.type == "cuda" or interpreter_enabled()):
         backends.append("triton")
+    if (
+        ops
+        and device.type == "cuda"
+        and "cuda" in spft.available_backends()
+        and all("cuda" in implemented_backends(op) for op in ops)
+    ):
+        backends.append("cuda")
     return backends
 
 

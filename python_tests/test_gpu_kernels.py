@@ -107,3 +107,98 @@ def test_layer_training_step_on_cuda():
     x = torch.randn(8, 16, 300, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     layer(x).float().square().mean().backward()
     assert layer.delta.grad is not None and torch.isfinite(layer.delta.grad).all()
+
+
+# --- SpMM, SDDMM and the fused GEMM (csrc/spmm.cu, sddmm.cu, fused_delta_linear.cu) -------------
+# The fp64-oracle tests over awkward shapes run the cuda backend in test_spmm.py, test_sddmm.py,
+# test_fused_delta_linear.py and test_sparse_delta_linear.py; these cover what those do not.
+
+
+def _sddmm_problem(tokens, out_features, in_features, density, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    index = spft.random_index(out_features, in_features, density, generator=generator)
+    x = torch.randn(tokens, in_features, generator=generator).to(dtype)
+    dy = torch.randn(tokens, out_features, generator=generator).to(dtype)
+    si, _ = spft.SparseIndex.build(index.cuda(), out_features, in_features, tile_metadata=True)
+    return index, x, dy, si
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(70, 136, 200, 0.1), (300, 64, 64, 1.0), (33, 8, 520, 0.03), (1, 16, 8, 0.5)])
+def test_cuda_sddmm_variants_on_aligned_shapes(dtype, shape):
+    """Multiples of 8 take the 16-byte cp.async loads of the tensor-core variant; both variants
+    stay within the error budget of the fp64 dense gradient and repeat bitwise."""
+    from helpers import ATOL, max_error
+    from spft_kernels.sddmm import sddmm
+
+    index, x, dy, si = _sddmm_problem(*shape, dtype)
+    reference = (dy.double().t() @ x.double()).view(-1)[index.long()]
+    plain = (dy.float().t() @ x.float()).view(-1)[index.long()]
+    bound = 2 * max_error(plain, reference) + ATOL[torch.float32] * max(reference.abs().max().item(), 1.0)
+    xc, dyc = x.cuda(), dy.cuda()
+    for tile_ptr in (si.tile_ptr, None):
+        runs = [sddmm(xc, dyc, si.flat, tile_ptr, "cuda") for _ in range(3)]
+        assert all(torch.equal(runs[0], r) for r in runs[1:])
+        assert max_error(runs[0].cpu(), reference) <= bound
+
+
+def test_cuda_kernels_take_int64_positions():
+    from spft_kernels.fused_delta_linear import fused_delta_linear
+    from spft_kernels.sddmm import sddmm
+    from spft_kernels.spmm import spmm_add, spmm_t_add
+
+    index, x, dy, si = _sddmm_problem(50, 40, 72, 0.2, torch.bfloat16, seed=5)
+    xc, dyc = x.cuda(), dy.cuda()
+    delta = torch.randn(si.nnz, device="cuda")
+    wide = si.flat.long()
+    weight = torch.randn(40, 72, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(sddmm(xc, dyc, wide, None, "cuda"), sddmm(xc, dyc, si.flat, None, "cuda"))
+    assert torch.equal(sddmm(xc, dyc, wide, si.tile_ptr, "cuda"), sddmm(xc, dyc, si.flat, si.tile_ptr, "cuda"))
+    assert torch.equal(spmm_add(dyc, xc, delta, wide, si.row_ptr, "cuda"), spmm_add(dyc, xc, delta, si.flat, si.row_ptr, "cuda"))
+    assert torch.equal(
+        spmm_t_add(xc, dyc, delta, wide, si.col_ptr, si.csc_perm, "cuda"),
+        spmm_t_add(xc, dyc, delta, si.flat, si.col_ptr, si.csc_perm, "cuda"),
+    )
+    assert torch.equal(
+        fused_delta_linear(xc, weight, delta, wide, si.row_ptr, None, "cuda"),
+        fused_delta_linear(xc, weight, delta, si.flat, si.row_ptr, None, "cuda"),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_fused_forward_uses_the_merged_weight(dtype):
+    """The fused GEMM sees bitwise the merged mode's W0 + Δ: its output is a GEMM with that weight
+    (up to the order of the sum), and W0 is untouched."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(264, 136, device="cuda", dtype=dtype)
+    index = spft.random_index(136, 264, 0.05, device="cuda")
+    layer = spft.SparseDeltaLinear.from_linear(linear, index, mode="fused", backend="cuda")
+    with torch.no_grad():
+        layer.delta.normal_()
+    w0 = layer.weight.detach().clone()
+    x = torch.randn(3, 70, 264, device="cuda", dtype=dtype)
+    y = layer(x)
+    assert torch.equal(layer.weight, w0) and not layer.merged
+    expected = torch.nn.functional.linear(x.float(), layer.merged_weight().float(), layer.bias.float())
+    tolerance = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-4}[dtype]
+    torch.testing.assert_close(y.float(), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("mode", ["fused", "split", "merged"])
+def test_cuda_training_matches_the_reference_backend(mode):
+    """A few AdamW steps of every mode on the cuda backend follow the reference backend's run."""
+    from helpers import fit_mse
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(136, 72, dtype=torch.float32)
+    index = spft.random_index(72, 136, 0.05)
+    x, target = torch.randn(64, 136), torch.randn(64, 72)
+    runs = {}
+    for backend, device in (("reference", "cuda"), ("cuda", "cuda")):
+        linear = torch.nn.Linear(136, 72, device=device)
+        linear.load_state_dict(base.state_dict())
+        layer = spft.SparseDeltaLinear.from_linear(linear, index.to(device), mode=mode, backend=backend)
+        optimizer = torch.optim.AdamW([layer.delta], lr=1e-2)
+        fit_mse(layer, optimizer, x.to(device), target.to(device), steps=5)
+        runs[backend] = layer.delta.detach().cpu()
+    torch.testing.assert_close(runs["cuda"], runs["reference"], rtol=1e-4, atol=1e-5)

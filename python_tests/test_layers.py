@@ -69,11 +69,9 @@ def test_merged_mode_needs_a_contiguous_weight_and_auto_falls_back_to_split():
     assert not layer.merged
 
 
-def test_unknown_and_future_modes():
+def test_unknown_modes_and_backends():
     with pytest.raises(ValueError, match="unknown mode"):
         spft.SparseDeltaLinear.from_linear(make_linear(), torch.tensor([1]), mode="dense")
-    with pytest.raises(NotImplementedError, match="fused"):
-        spft.SparseDeltaLinear.from_linear(make_linear(), torch.tensor([1]), mode="fused")
     with pytest.raises(ValueError, match="unknown backend"):
         spft.SparseDeltaLinear.from_linear(make_linear(), torch.tensor([1]), backend="cutlass")
 

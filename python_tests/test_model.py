@@ -102,6 +102,18 @@ def test_split_mode_and_a_single_target():
     assert losses[-1] < losses[0]
 
 
+def test_fused_mode_trains_and_never_writes_w0():
+    original = tiny_model("llama", dtype=torch.float32)
+    model, batches = convert("llama", "sparta", mode="fused")
+    layers = spft_layers(model)
+    assert layers and all(layer.mode == "fused" and not layer.merged for layer in layers.values())
+    torch.testing.assert_close(logits(model, batches[0]), logits(original, batches[0]), rtol=0, atol=0)
+    w0 = {name: layer.weight.detach().clone() for name, layer in layers.items()}
+    losses = train(model, batches[:1], steps=4)
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(layer.weight, w0[name]) for name, layer in layers.items())
+
+
 # --- budgets -----------------------------------------------------------------------------------
 
 
@@ -207,12 +219,13 @@ def test_config_rejects_bad_input(kwargs, message):
         spft.SpftConfig(**kwargs)
 
 
-def test_config_fused_is_not_in_this_version_and_pst_takes_no_density():
+def test_config_fused_is_for_sparse_deltas_and_pst_takes_no_density():
     # pst is in (test_model_pst.py); its trainable count is fixed by the ranks, not by a density.
     with pytest.raises(ValueError, match="pst.*takes no density"):
         spft.SpftConfig(method="pst", density=0.1, sparsity=0.5)
-    with pytest.raises(NotImplementedError, match="fused"):
-        spft.SpftConfig(density=0.1, mode="fused")
+    assert spft.SpftConfig(density=0.1, mode="fused").mode == "fused"
+    with pytest.raises(ValueError, match="mode='fused'.*spruft"):
+        spft.SpftConfig(method="spruft", density=0.1, mode="fused")
     with pytest.raises(ValueError, match="unknown fields"):
         spft.SpftConfig.from_dict({"density": 0.1, "rank": 4})
     with pytest.raises(ValueError, match="not valid JSON"):

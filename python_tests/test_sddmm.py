@@ -26,7 +26,7 @@ def problem(tokens, out_features, in_features, density, dtype, seed=0):
 
 
 @pytest.mark.parametrize("variant", ["gather-dot", "tensor-core"])
-@pytest.mark.parametrize("backend", usable_backends(DEVICE))
+@pytest.mark.parametrize("backend", usable_backends(DEVICE, ("sddmm",)))
 @pytest.mark.parametrize("dtype", kernel_dtypes(DEVICE))
 @pytest.mark.parametrize("shape", SHAPES)
 def test_sddmm_matches_dense_gradient(backend, dtype, shape, variant):
@@ -43,7 +43,7 @@ def test_sddmm_matches_dense_gradient(backend, dtype, shape, variant):
     assert max_error(got.cpu(), reference) <= 2 * max_error(plain, reference) + ATOL[dtype] * scale
 
 
-@pytest.mark.parametrize("backend", usable_backends(DEVICE))
+@pytest.mark.parametrize("backend", usable_backends(DEVICE, ("sddmm",)))
 def test_sddmm_is_bitwise_reproducible(backend):
     index, x, dy = problem(1100, 30, 20, 0.2, torch.float32, seed=2)
     x, dy, index = x.to(DEVICE), dy.to(DEVICE), index.to(DEVICE)
@@ -55,7 +55,7 @@ def test_sddmm_is_bitwise_reproducible(backend):
     assert all(torch.equal(runs[0], r) for r in runs[1:])
 
 
-@pytest.mark.parametrize("backend", usable_backends(DEVICE))
+@pytest.mark.parametrize("backend", usable_backends(DEVICE, ("sddmm",)))
 def test_sddmm_reads_strided_inputs(backend):
     index, x, dy = problem(40, 12, 10, 0.5, torch.float32, seed=3)
     wide_x = torch.randn(40, 25)

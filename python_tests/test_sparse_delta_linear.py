@@ -4,6 +4,8 @@ import torch
 import spft_kernels as spft
 from conftest import default_device, usable_backends
 from helpers import assert_within_budget, dense_oracle, plain_pytorch, random_problem
+from spft_kernels.backends import implemented_backends
+from spft_kernels.fused_delta_linear import fused_delta_linear
 from spft_kernels.sddmm import sddmm
 from spft_kernels.spmm import spmm_add, spmm_t_add
 
@@ -31,7 +33,7 @@ def _layer(x, weight, delta, index, bias, mode):
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("mode", ["split", "merged"])
+@pytest.mark.parametrize("mode", ["split", "merged", "fused"])
 def test_fp64_matches_dense_definition(case, mode):
     x, weight, delta, index, bias, dy = random_problem(*case)
     layer = _layer(x, weight, delta, index, bias, mode)
@@ -63,7 +65,7 @@ def test_gradcheck_functional(case):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("mode", ["split", "merged"])
+@pytest.mark.parametrize("mode", ["split", "merged", "fused"])
 @pytest.mark.parametrize("case", [CASES[2], CASES[5], (96, 80, (50,), 0.05, True)])
 def test_low_precision_within_twice_plain_pytorch_error(case, mode, dtype):
     x, weight, delta, index, bias, dy = random_problem(*case, dtype=dtype)
@@ -80,17 +82,21 @@ def test_low_precision_within_twice_plain_pytorch_error(case, mode, dtype):
     assert_within_budget("d delta", layer.delta.grad, ddelta_plain, ddelta_ref, dtype)
 
 
-@pytest.mark.parametrize("backend", usable_backends(default_device()))
+@pytest.mark.parametrize("backend", usable_backends(default_device(), ("spmm_add", "spmm_t_add", "sddmm")))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_full_step_on_each_backend(backend, dtype):
-    """Forward and backward through the layer op with every kernel from one backend."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_full_step_on_each_backend(backend, dtype, fused):
+    """Forward and backward through the layer op with every kernel from one backend (split, and
+    fused where the backend has the fused GEMM)."""
+    if fused and backend not in implemented_backends("fused_delta_linear"):
+        pytest.skip(f"the {backend} backend has no fused GEMM")
     device = default_device()
     x, weight, delta, index, bias, dy = random_problem(45, 38, (3, 7), 0.15, True, seed=21, dtype=dtype)
     x, weight, bias, dy = (t.to(device) for t in (x, weight, bias, dy))
     sparse_index, _ = spft.SparseIndex.build(index.to(device), 45, 38)
     x.requires_grad_(True)
     delta_param = delta.float().to(device).requires_grad_(True)
-    y = spft.sparse_delta_linear(x, weight, delta_param, sparse_index, bias, backend=backend)
+    y = spft.sparse_delta_linear(x, weight, delta_param, sparse_index, bias, backend=backend, fused=fused)
     y.backward(dy)
     x_cpu, w_cpu, b_cpu, dy_cpu = (t.detach().cpu() for t in (x, weight, bias, dy))
     y_ref, dx_ref, ddelta_ref, _ = dense_oracle(x_cpu, w_cpu, delta_param.detach().cpu(), index, b_cpu, dy_cpu)
@@ -104,15 +110,24 @@ def test_full_step_on_each_backend(backend, dtype):
     assert_within_budget("d delta", delta_param.grad.cpu(), ddelta_plain, ddelta_ref, dtype)
 
 
-def test_merged_and_split_gradients_agree():
+def test_merged_fused_and_split_gradients_agree():
     x, weight, delta, index, bias, dy = random_problem(40, 30, (6, 2), 0.2, True, seed=3)
     grads = {}
-    for mode in ("split", "merged"):
+    for mode in ("split", "merged", "fused"):
         layer = _layer(x, weight, delta, index, bias, mode)
         xx = x.clone().requires_grad_(True)
         layer(xx).backward(dy)
         grads[mode] = (xx.grad, layer.delta.grad)
+        if mode == "fused":
+            assert not layer.merged and torch.equal(layer.weight, weight)  # W0 is never written
     torch.testing.assert_close(grads["split"], grads["merged"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads["split"], grads["fused"], rtol=0, atol=0)
+
+
+def test_merged_and_fused_are_exclusive():
+    x, weight, delta, index, bias, _ = random_problem(4, 3, (2,), 0.5, True)
+    with pytest.raises(ValueError, match="exclusive"):
+        spft.sparse_delta_linear(x, weight, delta, index, bias, merged=True, fused=True)
 
 
 def test_unsorted_index_permutes_delta_with_it():
@@ -170,12 +185,12 @@ def _opcheck_args(requires_grad):
     return x, weight, delta, sparse_index, bias
 
 
-@pytest.mark.parametrize("merged", [False, True])
+@pytest.mark.parametrize("mode", ["split", "merged", "fused"])
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck_layer_op(merged, requires_grad):
+def test_opcheck_layer_op(mode, requires_grad):
     x, weight, delta, si, bias = _opcheck_args(requires_grad)
     assert si.tile_ptr is not None  # density 0.2: the tile metadata rides along
-    args = (x, weight, delta, si.flat, si.row_ptr, si.col_ptr, si.csc_perm, si.tile_ptr, bias, merged, "reference")
+    args = (x, weight, delta, si.flat, si.row_ptr, si.col_ptr, si.csc_perm, si.tile_ptr, bias, mode, "reference")
     torch.library.opcheck(torch.ops.spft.sparse_delta_linear.default, args)
 
 
@@ -189,6 +204,7 @@ def test_opcheck_kernel_ops():
     torch.library.opcheck(spmm_t_add, (base_in, dy2d, delta, si.flat, si.col_ptr, si.csc_perm, "reference"))
     torch.library.opcheck(sddmm, (x2d, dy2d, si.flat, si.tile_ptr, "reference"))
     torch.library.opcheck(sddmm, (x2d, dy2d, si.flat, None, "reference"))
+    torch.library.opcheck(fused_delta_linear, (x2d, weight, delta, si.flat, si.row_ptr, bias, "reference"))
 
 
 def test_kernel_ops_match_dense():
@@ -247,10 +263,17 @@ class TestBadInput:
         with pytest.raises(ValueError, match="unknown backend"):
             spft.sparse_delta_linear(self.x, self.weight, self.delta, self.index, self.bias, backend="cublas")
 
-    def test_backend_without_kernels_fails_before_running(self):
-        error = NotImplementedError if "cuda" in spft.available_backends() else RuntimeError
-        with pytest.raises(error, match="cuda"):
-            spft.sparse_delta_linear(self.x, self.weight, self.delta, self.index, self.bias, backend="cuda")
+    def test_cuda_backend_on_cpu_tensors_fails_before_running(self):
+        error = ValueError if "cuda" in spft.available_backends() else RuntimeError
+        for fused in (False, True):
+            with pytest.raises(error, match="cuda"):
+                spft.sparse_delta_linear(self.x, self.weight, self.delta, self.index, self.bias, backend="cuda", fused=fused)
+
+    def test_fused_on_a_backend_without_the_fused_gemm_fails_before_running(self):
+        if "triton" not in spft.available_backends():
+            pytest.skip("triton is not installed")
+        with pytest.raises(NotImplementedError, match="fused_delta_linear: backend 'triton' has no implementation"):
+            spft.sparse_delta_linear(self.x, self.weight, self.delta, self.index, self.bias, backend="triton", fused=True)
 
     def test_triton_on_cpu_tensors_needs_the_interpreter(self, monkeypatch):
         if "triton" not in spft.available_backends():
@@ -262,3 +285,17 @@ class TestBadInput:
     def test_mixed_devices(self):
         with pytest.raises(ValueError, match="one device"):
             self.call(x=self.x.to("meta"))
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("shape", [(4, 0), (0, 4)])
+@pytest.mark.parametrize("mode", ["split", "merged", "fused"])
+def test_zero_width_layers_train(shape, mode):
+    """A layer with no inputs or no outputs (hence no entries) runs forward and backward."""
+    linear = torch.nn.Linear(shape[1], shape[0], dtype=torch.float64)
+    layer = spft.SparseDeltaLinear.from_linear(linear, torch.tensor([], dtype=torch.int64), mode=mode)
+    x = torch.randn(3, 2, shape[1], dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (3, 2, shape[0])
+    y.sum().backward()
+    assert x.grad.shape == x.shape and layer.delta.grad.shape == (0,)

@@ -57,6 +57,22 @@ def _register_fakes():
     def _(y, z, rows):
         return None
 
+    @torch.library.register_fake("spft::cuda_spmm_add")
+    def _(base, x, delta, index, row_ptr):
+        return torch.empty_like(base, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("spft::cuda_spmm_t_add")
+    def _(base, dy, delta, index, col_ptr, csc_perm):
+        return torch.empty_like(base, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("spft::cuda_sddmm")
+    def _(x, dy, index, tile_ptr):
+        return x.new_empty(index.shape, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+    @torch.library.register_fake("spft::cuda_fused_delta_linear")
+    def _(x, weight, delta, index, row_ptr, bias):
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
 
 def cuda_extension_error() -> Optional[str]:
     """Why the extension is unavailable, or None when it loaded."""

@@ -21,21 +21,39 @@ AUTO = "auto"
 # op name -> backend -> implementation
 _IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {}
 
-# Preference of "auto" per device type. The Triton SpMM/SDDMM kernels are correct (interpreter
-# tests) but not yet measured on a GPU, so "auto" keeps the reference path for those ops until
+# (op, backend) pairs that "auto" never picks: implementations that have not been run and
+# measured on a GPU yet. They run when asked for by name.
+_NOT_AUTO: set[tuple[str, str]] = set()
+
+# Preference of "auto" per device type. The Triton kernels are correct (interpreter tests) but
+# not yet measured on a GPU, so "auto" keeps the reference path for those ops until
 # measurements say otherwise; they run when asked for by name.
 _AUTO_ORDER = {"cuda": ("cuda", "reference"), "cpu": ("reference",)}
 
 
-def register(op: str, backend: str) -> Callable[[Callable], Callable]:
+def register(op: str, backend: str, *, auto: bool = True) -> Callable[[Callable], Callable]:
+    """Register ``backend``'s implementation of ``op``; ``auto=False`` keeps "auto" from picking
+    it (for kernels not yet verified and measured on a GPU)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}")
 
     def decorator(fn: Callable) -> Callable:
         _IMPLEMENTATIONS.setdefault(op, {})[backend] = fn
+        if not auto:
+            _NOT_AUTO.add((op, backend))
         return fn
 
     return decorator
+
+
+def auto_candidates(op: str, device_type: str) -> list[str]:
+    """The backends "auto" may pick for ``op`` on ``device_type``, in order of preference."""
+    implemented = _IMPLEMENTATIONS.get(op, {})
+    return [
+        backend
+        for backend in _AUTO_ORDER.get(device_type, ("reference",))
+        if backend in implemented and (op, backend) not in _NOT_AUTO
+    ]
 
 
 def _triton_unavailable_reason() -> Optional[str]:
@@ -75,10 +93,11 @@ def resolve_backend(op: str, requested: str, device: torch.device) -> str:
     check_backend_name(requested)
     implemented = _IMPLEMENTATIONS.get(op, {})
     if requested == AUTO:
-        if device.type == "cuda" and "cuda" in implemented:
+        candidates = auto_candidates(op, device.type)
+        if device.type == "cuda" and "cuda" in candidates:
             _warn_once_if_cuda_missing(op)
-        for backend in _AUTO_ORDER.get(device.type, ("reference",)):
-            if backend in implemented and _unavailable_reason(backend) is None:
+        for backend in candidates:
+            if _unavailable_reason(backend) is None:
                 return backend
         raise RuntimeError(f"{op}: no backend implements it on {device.type}")
     reason = _unavailable_reason(requested)
@@ -113,6 +132,11 @@ def _warn_once_if_cuda_missing(op: str) -> None:
             SpftExtensionWarning,
             stacklevel=4,
         )
+
+
+def implemented_backends(op: str) -> list[str]:
+    """The backends that have an implementation of ``op`` (installed or not)."""
+    return [backend for backend in BACKENDS if backend in _IMPLEMENTATIONS.get(op, {})]
 
 
 def implementation(op: str, backend: str) -> Callable:

@@ -13,7 +13,9 @@ Modes (DESIGN.md "Execution modes"), the same for both layers:
   O(R * in)). Note that the weight tensor is shared with the linear the layer
   was built from, so that linear sees ``W_eff`` while the layer is merged; ``unmerge()`` restores
   W0 exactly.
-- ``fused``: one GEMM with the delta added into the weight tile; arrives with the kernel issue.
+- ``fused`` (SparseDeltaLinear): one GEMM whose weight tiles get the delta entries added on the
+  fly (the cuda backend's kernel; other backends compute the split form); W0 is never modified
+  and no merged copy is kept. The backward is the split mode's.
 - ``auto``: ``merged`` when it is possible (the fastest mode available: SparseDeltaLinear needs a
   contiguous weight, RowSparseLinear merges any layout), else ``split``.
 
@@ -62,6 +64,7 @@ class _FrozenBaseDeltaLinear(nn.Linear):
     _POSITIONS = ""
     _UNIT = ""
     _MERGE_NEEDS_CONTIGUOUS_WEIGHT = True
+    _HAS_FUSED_MODE = False
 
     def __init__(
         self,
@@ -81,9 +84,9 @@ class _FrozenBaseDeltaLinear(nn.Linear):
         self.layer_name = name or type(self).__name__
         if mode not in MODES:
             raise ValueError(f"{self.layer_name}: unknown mode {mode!r}; choose one of {MODES}")
-        if mode == "fused":
+        if mode == "fused" and not self._HAS_FUSED_MODE:
             raise NotImplementedError(
-                "mode='fused' needs the fused GEMM kernel, which this version does not ship yet; "
+                f"{type(self).__name__} has no mode='fused' (the fused GEMM is SparseDeltaLinear's); "
                 "use 'merged' (fastest) or 'split'"
             )
         self.mode = mode
@@ -403,6 +406,7 @@ class SparseDeltaLinear(_FrozenBaseDeltaLinear):
     _POSITIONS = "index"
     _UNIT = "entries"
     _MERGE_NEEDS_CONTIGUOUS_WEIGHT = True  # merged positions are flat offsets into the weight
+    _HAS_FUSED_MODE = True
 
     def __init__(self, in_features: int, out_features: int, index: Optional[torch.Tensor], *args, **kwargs) -> None:
         # bias, device, dtype and the keyword-only mode, backend, delta_dtype, name: see the base.
@@ -470,7 +474,8 @@ class SparseDeltaLinear(_FrozenBaseDeltaLinear):
 
     def _functional(self, x: torch.Tensor) -> torch.Tensor:
         return sparse_delta_linear(
-            x, self.weight, self.delta, self.sparse_index(), self.bias, backend=self.backend, merged=self._merged
+            x, self.weight, self.delta, self.sparse_index(), self.bias, backend=self.backend, merged=self._merged,
+            fused=self.mode == "fused" and not self._merged,
         )
 
     def _describe(self) -> str:

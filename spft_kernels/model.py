@@ -121,7 +121,8 @@ class SpftConfig:
             regular expression matching whole names (``find_target_linears``).
         mask_update_interval: speft only: refresh the mask every this many steps with
             ``make_dynamic_mask`` (``None``: static, which SPEFT found as good).
-        mode: the layers' execution mode (``"auto"``, ``"merged"``, ``"split"``).
+        mode: the layers' execution mode (``"auto"``, ``"merged"``, ``"split"``, or ``"fused"`` for
+            speft/sparta).
         exclude_attention: leave every module under an attention block out of the targets
             (SPruFT's "FA" setting).
         modules_to_save: names (or suffixes) of modules trained fully and saved whole in the
@@ -190,10 +191,10 @@ class SpftConfig:
             raise ValueError("SpftConfig: mask_update_interval (dynamic masks) applies to method='speft' only")
         if self.mode not in MODES:
             raise ValueError(f"SpftConfig: unknown mode {self.mode!r}; choose one of {MODES}")
-        if self.mode == "fused":
-            raise NotImplementedError(
-                "SpftConfig: mode='fused' needs the fused GEMM kernel, which this version does not ship yet; "
-                "use 'auto', 'merged' or 'split'"
+        if self.mode == "fused" and self.method == "spruft":
+            raise ValueError(
+                "SpftConfig: mode='fused' is the sparse-delta layers' (speft, sparta); spruft's rows merge "
+                "exactly, use 'auto', 'merged' or 'split'"
             )
         if not isinstance(self.exclude_attention, bool):
             raise ValueError(f"SpftConfig: exclude_attention must be a bool, got {self.exclude_attention!r}")

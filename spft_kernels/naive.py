@@ -43,7 +43,7 @@ def gather_scale_add(
     ``base + dy Δ``. The sum is formed in the accumulate dtype and rounded once to base's dtype.
     """
     acc = accumulate_dtype(base, src, values)
-    out = torch.empty_like(base)
+    out = torch.empty_like(base, memory_format=torch.contiguous_format)
     scaled_values = values.to(acc)
     step = token_chunk(src.shape[0], values.numel(), base.shape[1] * src.shape[1])
     for start in range(0, src.shape[0], step):

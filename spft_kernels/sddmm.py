@@ -40,6 +40,21 @@ def _sddmm_reference(x, dy, index, tile_ptr):
     return naive.sddmm(x, dy, rows, index - rows * x.shape[1])
 
 
+# --- CUDA (csrc/sddmm.cu) ---------------------------------------------------------------------
+
+
+# Not picked by "auto" until verified and measured on a GPU (see backends.register). Given
+# tile_ptr (the index builds it from TILE_SDDMM_MIN_DENSITY up), fp16/bf16 inputs run the
+# tensor-core variant, everything else the gather-dot variant.
+@register("sddmm", "cuda", auto=False)
+def _sddmm_cuda(x, dy, index, tile_ptr):
+    if x.stride(-1) != 1 and x.shape[-1] > 1:
+        x = x.contiguous()
+    if dy.stride(-1) != 1 and dy.shape[-1] > 1:
+        dy = dy.contiguous()
+    return torch.ops.spft.cuda_sddmm(x, dy, index, tile_ptr)
+
+
 # --- Triton -------------------------------------------------------------------------------------
 
 # Partial sums per token split are at most this many values (64 MiB in fp32).

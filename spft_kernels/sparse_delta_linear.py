@@ -2,7 +2,10 @@
 functional entry point.
 
 The op ``spft::sparse_delta_linear`` (with a fake implementation, so torch.compile traces
-through it) is built from ``spmm_add`` / ``spmm_t_add`` (spmm.py) and ``sddmm`` (sddmm.py).
+through it) is built from ``spmm_add`` / ``spmm_t_add`` (spmm.py), ``sddmm`` (sddmm.py) and, in
+the fused mode, ``fused_delta_linear`` (fused_delta_linear.py). Its ``mode`` is the layer's:
+``split`` (GEMM + SpMM), ``merged`` (the weight already holds W0 + Δ: a plain GEMM) or ``fused``
+(one GEMM adding Δ into the weight tiles).
 
 Backward: ``dx = dy W + dy Δ`` (``dy W`` alone in merged mode, where W already holds W0 + Δ),
 ``d delta = SDDMM(x, dy)``, ``db = Σ dy``; only ``x`` is saved (W, delta and the index are the
@@ -11,6 +14,7 @@ layer's own tensors). ``dW = dyᵀ x`` is computed only if the weight itself req
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -18,7 +22,8 @@ import torch.nn.functional as F
 
 from . import naive
 from ._linear_args import check_x_and_weight, prepare_operands
-from .backends import check_backend_name, resolve_backend
+from .backends import check_backend_name
+from .fused_delta_linear import fused_delta_linear
 from .index import SparseIndex
 from .sddmm import sddmm
 from .spmm import spmm_add, spmm_t_add
@@ -40,26 +45,29 @@ def _sparse_delta_linear_op(
     csc_perm: Tensor,
     tile_ptr: Optional[Tensor],
     bias: Optional[Tensor],
-    merged: bool,
+    mode: str,
     backend: str,
 ) -> Tensor:
-    y = F.linear(x, weight, bias)
-    if merged or index.numel() == 0:
-        return y
     out_features, in_features = weight.shape
+    if mode == "fused" and index.numel() > 0:
+        y2d = fused_delta_linear(x.reshape(-1, in_features), weight, delta, index, row_ptr, bias, backend)  # nnz > 0: in > 0
+        return y2d.reshape(*x.shape[:-1], out_features)
+    y = F.linear(x, weight, bias)
+    if mode == "merged" or index.numel() == 0:
+        return y
     y2d = spmm_add(y.reshape(-1, out_features), x.reshape(-1, in_features), delta, index, row_ptr, backend)
     return y2d.reshape(y.shape)
 
 
 @_sparse_delta_linear_op.register_fake
-def _(x, weight, delta, index, row_ptr, col_ptr, csc_perm, tile_ptr, bias, merged, backend):
+def _(x, weight, delta, index, row_ptr, col_ptr, csc_perm, tile_ptr, bias, mode, backend):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, delta, index, row_ptr, col_ptr, csc_perm, tile_ptr, bias, merged, backend = inputs
+    x, weight, delta, index, row_ptr, col_ptr, csc_perm, tile_ptr, bias, mode, backend = inputs
     ctx.save_for_backward(x, weight, delta, index, col_ptr, csc_perm, tile_ptr)
-    ctx.merged = merged
+    ctx.merged = mode == "merged"
     ctx.backend = backend
     ctx.bias_dtype = None if bias is None else bias.dtype
 
@@ -67,8 +75,10 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy):
     x, weight, delta, index, col_ptr, csc_perm, tile_ptr = ctx.saved_tensors
     out_features, in_features = weight.shape
-    dy2d = dy.reshape(-1, out_features)
-    x2d = x.reshape(-1, in_features)
+    # Explicit token counts: reshape(-1, 0) cannot infer them for a zero-width layer.
+    num_tokens = math.prod(x.shape[:-1])
+    dy2d = dy.reshape(num_tokens, out_features)
+    x2d = x.reshape(num_tokens, in_features)
     dx = dweight = ddelta = dbias = None
     if ctx.needs_input_grad[0]:
         dx2d = dy2d.mm(weight)
@@ -89,8 +99,11 @@ _sparse_delta_linear_op.register_autograd(_backward, setup_context=_setup_contex
 
 # --- functional entry point ------------------------------------------------------------------
 
-_SPLIT_OPS = ("spmm_add", "spmm_t_add", "sddmm")
-_MERGED_OPS = ("sddmm",)
+_KERNEL_OPS = {
+    "split": ("spmm_add", "spmm_t_add", "sddmm"),
+    "merged": ("sddmm",),
+    "fused": ("fused_delta_linear", "spmm_t_add", "sddmm"),
+}
 
 
 def sparse_delta_linear(
@@ -102,6 +115,7 @@ def sparse_delta_linear(
     backend: str = "auto",
     *,
     merged: bool = False,
+    fused: bool = False,
 ) -> Tensor:
     """``y = x (W0 + Δ)ᵀ + b`` where ``Δ`` holds ``delta[k]`` at flat position ``index[k]``.
 
@@ -110,9 +124,14 @@ def sparse_delta_linear(
     validated and its metadata built on every call (a host sync: layers cache a SparseIndex).
     An unsorted index tensor is sorted and ``delta`` permuted with it (differentiably).
     ``merged=True`` declares that ``weight`` already holds ``W0 + Δ``: the forward is then a plain
-    GEMM and only the delta gradient is sparse (the layer's merged mode).
+    GEMM and only the delta gradient is sparse (the layer's merged mode). ``fused=True`` computes
+    the forward as one GEMM that adds Δ into the weight tiles (the layer's fused mode; the cuda
+    backend has the kernel, the reference computes the split form).
     """
     check_backend_name(backend)
+    if merged and fused:
+        raise ValueError("sparse_delta_linear: merged and fused are exclusive (a merged weight already holds Δ)")
+    mode = "merged" if merged else "fused" if fused else "split"
     out_features, in_features = check_x_and_weight("sparse_delta_linear", x, weight, delta, "delta")
     if isinstance(index, SparseIndex):
         sparse_index = index
@@ -139,7 +158,7 @@ def sparse_delta_linear(
     if not delta.is_floating_point():
         raise ValueError(f"sparse_delta_linear: delta must be floating point, got {delta.dtype}")
     x, weight, bias = prepare_operands(
-        "sparse_delta_linear", x, weight, bias, (delta, sparse_index.flat), _MERGED_OPS if merged else _SPLIT_OPS, backend
+        "sparse_delta_linear", x, weight, bias, (delta, sparse_index.flat), _KERNEL_OPS[mode], backend
     )
     return _sparse_delta_linear_op(
         x,
@@ -151,6 +170,6 @@ def sparse_delta_linear(
         sparse_index.csc_perm,
         sparse_index.tile_ptr,
         bias,
-        merged,
+        mode,
         backend,
     )

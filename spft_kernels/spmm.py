@@ -31,7 +31,7 @@ def spmm_add(base: Tensor, x: Tensor, delta: Tensor, index: Tensor, row_ptr: Ten
 
 @spmm_add.register_fake
 def _(base, x, delta, index, row_ptr, backend):
-    return torch.empty_like(base)
+    return torch.empty_like(base, memory_format=torch.contiguous_format)
 
 
 @register("spmm_add", "reference")
@@ -54,13 +54,33 @@ def spmm_t_add(
 
 @spmm_t_add.register_fake
 def _(base, dy, delta, index, col_ptr, csc_perm, backend):
-    return torch.empty_like(base)
+    return torch.empty_like(base, memory_format=torch.contiguous_format)
 
 
 @register("spmm_t_add", "reference")
 def _spmm_t_add_reference(base, dy, delta, index, col_ptr, csc_perm):
     rows = torch.div(index, base.shape[1], rounding_mode="floor")
     return naive.gather_scale_add(base, dy, delta, rows, index - rows * base.shape[1])
+
+
+# --- CUDA (csrc/spmm.cu) ---------------------------------------------------------------------
+# Not picked by "auto" until verified and measured on a GPU (see backends.register).
+
+
+def _unit_feature_stride(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+@register("spmm_add", "cuda", auto=False)
+def _spmm_add_cuda(base, x, delta, index, row_ptr):
+    return torch.ops.spft.cuda_spmm_add(_unit_feature_stride(base), _unit_feature_stride(x), delta, index, row_ptr)
+
+
+@register("spmm_t_add", "cuda", auto=False)
+def _spmm_t_add_cuda(base, dy, delta, index, col_ptr, csc_perm):
+    return torch.ops.spft.cuda_spmm_t_add(
+        _unit_feature_stride(base), _unit_feature_stride(dy), delta, index, col_ptr, csc_perm
+    )
 
 
 # --- Triton -------------------------------------------------------------------------------------
