@@ -684,3 +684,14 @@ def test_functional_traces_without_graph_breaks(merged):
     torch.testing.assert_close(y, step(x, delta), rtol=0, atol=0)
     (grad,) = torch.autograd.grad(y, delta, dy)
     torch.testing.assert_close(grad, torch.autograd.grad(step(x, delta), delta, dy)[0], rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_zero_width_row_layer_trains():
+    """No input features: the selected rows' delta is [R, 0]; forward and backward still run."""
+    layer = spft.RowSparseLinear.from_linear(torch.nn.Linear(0, 4, dtype=torch.float64), torch.tensor([1, 3]), mode="split")
+    x = torch.randn(3, 2, 0, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (3, 2, 4)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and layer.delta.grad.shape == (2, 0)

@@ -11,6 +11,8 @@ is SPruFT's memory advantage over LoRA (which keeps ``x A`` and its dropout mask
 
 from __future__ import annotations
 
+import math
+
 from typing import Optional
 
 import torch
@@ -63,8 +65,9 @@ def _row_delta_linear_op(
     out_features, in_features = weight.shape
     if not y.is_contiguous():  # the scatter writes through a 2-D view of y
         y = y.contiguous()
-    y2d = y.view(-1, out_features)
-    x2d = x.reshape(-1, in_features)
+    num_tokens = math.prod(x.shape[:-1])  # explicit: reshape(-1, 0) fails for a zero-width layer
+    y2d = y.view(num_tokens, out_features)
+    x2d = x.reshape(num_tokens, in_features)
     _row_scatter_add_op(y2d, _linear_acc(x2d, delta, naive.accumulate_dtype(x, delta)), rows, backend)
     return y
 
@@ -85,8 +88,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy):
     x, weight, delta, rows = ctx.saved_tensors
     out_features, in_features = weight.shape
-    dy2d = dy.reshape(-1, out_features)
-    x2d = x.reshape(-1, in_features)
+    num_tokens = math.prod(x.shape[:-1])
+    dy2d = dy.reshape(num_tokens, out_features)
+    x2d = x.reshape(num_tokens, in_features)
     dx = dweight = ddelta = dbias = None
     need_dx, need_ddelta = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
     use_rows = rows.numel() > 0 and (need_ddelta or (need_dx and not ctx.merged))
