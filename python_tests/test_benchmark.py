@@ -17,11 +17,15 @@ def test_spft_bench_runs_and_writes_records_summary_and_plots(tmp_path, capsys):
     lora = "lora-peft" if "lora-peft" in providers else "lora-torch"
     assert {"dense-frozen", "dense-full", lora, "naive-sparse", "spft-merged-reference", "spft-split-reference",
             "spruft-merged-reference", "spruft-split-reference"} <= providers
-    assert {r["op"] for r in records} == {"linear_fwd", "linear_bwd", "linear_fwd_bwd"}
+    assert {r["op"] for r in records} == {"linear_fwd", "linear_bwd", "linear_fwd_bwd", "sddmm", "spmm"}
+    baseline = {"sddmm": "dense-full", "spmm": "dense-frozen"}
     for record in records:
         assert REQUIRED_FIELDS <= set(record), REQUIRED_FIELDS - set(record)
         assert record["median_ms"] > 0 and record["peak_mem_bytes"] > 0
-        assert record["ratio_vs_dense-frozen"] > 0
+        assert record[f"ratio_vs_{baseline.get(record['op'], 'dense-frozen')}"] > 0
+    kernel_providers = {(r["op"], r["provider"]) for r in records if r["op"] in baseline}
+    assert {("sddmm", "dense-full"), ("sddmm", "spft-gather-dot-reference"), ("spmm", "dense-frozen"),
+            ("spmm", "spft-csr-reference"), ("spmm", "spft-csc-reference")} <= kernel_providers
     by_provider = {r["provider"]: r for r in records if r["op"] == "linear_fwd_bwd"}
     # equal trainable parameters, to within one LoRA rank step
     assert abs(by_provider["spft-split-reference"]["trainable_params"] - by_provider[lora]["trainable_params"]) <= 96 + 80

@@ -40,7 +40,7 @@ def format_table(records: list[dict]) -> str:
     records = layer_records(records)
     lora = _lora_baseline(records)
     header = (
-        f"{'op':<15}{'shape':>12}{'tokens':>7}{'density':>8}{'provider':>24}{'trainable':>10}{'ms':>10}"
+        f"{'op':<15}{'shape':>12}{'tokens':>7}{'density':>8}{'provider':>27}{'trainable':>10}{'ms':>10}"
         f"{'x frozen':>9}{'x ' + lora:>14}{'peak MiB':>10}"
     )
     lines = [header, "-" * len(header)]
@@ -48,7 +48,7 @@ def format_table(records: list[dict]) -> str:
         frozen, vs_lora = r.get("ratio_vs_dense-frozen"), r.get(f"ratio_vs_{lora}")
         lines.append(
             f"{r['op']:<15}{_shape(r):>12}{r['tokens']:>7}{r['density']:>8.3g}"
-            f"{r['provider']:>24}{r['trainable_params']:>10}{r['median_ms']:>10.3f}"
+            f"{r['provider']:>27}{r['trainable_params']:>10}{r['median_ms']:>10.3f}"
             f"{(f'{frozen:.2f}' if frozen else '-'):>9}{(f'{vs_lora:.2f}' if vs_lora else '-'):>14}"
             f"{r['peak_mem_bytes'] / 2**20:>10.1f}"
         )
@@ -91,7 +91,7 @@ def format_comparison(records: list[dict], earlier: list[dict]) -> str:
     """This run's time against an earlier run's, case by case (new / old; < 1 is faster)."""
     records, earlier = layer_records(records), layer_records(earlier)
     old = {(_case(r), r["provider"]): r for r in earlier}
-    header = f"{'op':<15}{'shape':>12}{'tokens':>7}{'density':>8}{'provider':>24}{'old ms':>10}{'new ms':>10}{'new/old':>9}"
+    header = f"{'op':<15}{'shape':>12}{'tokens':>7}{'density':>8}{'provider':>27}{'old ms':>10}{'new ms':>10}{'new/old':>9}"
     lines = ["", f"compared with {earlier[0]['commit'][:12] if earlier else '?'} on {earlier[0]['device'] if earlier else '?'}",
              header, "-" * len(header)]
     for r in records:
@@ -100,7 +100,7 @@ def format_comparison(records: list[dict], earlier: list[dict]) -> str:
             continue
         lines.append(
             f"{r['op']:<15}{_shape(r):>12}{r['tokens']:>7}{r['density']:>8.3g}"
-            f"{r['provider']:>24}{before['median_ms']:>10.3f}{r['median_ms']:>10.3f}"
+            f"{r['provider']:>27}{before['median_ms']:>10.3f}{r['median_ms']:>10.3f}"
             f"{r['median_ms'] / before['median_ms']:>9.2f}"
         )
     return "\n".join(lines)

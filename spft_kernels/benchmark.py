@@ -14,6 +14,11 @@ Providers at the same number of trainable parameters (DESIGN.md names):
 - ``spruft-<mode>-<backend>``: RowSparseLinear with ``round(nnz / in)`` random rows;
 - ``pst-<backend>``: PSTLinear at 50% sparsity with r1 = r2 = r / 2 (PST prunes as it trains).
 
+Kernel ops on the same cases: ``sddmm`` (the delta gradient; ``spft-gather-dot-<backend>`` and,
+where a backend has it, ``spft-tensor-core-<backend>``, against ``dense-full``: the dense
+weight-gradient GEMM ``dyᵀx``) and ``spmm`` (``x Δᵀ`` added into y, ``spft-csr-<backend>``, and
+``dy Δ``, ``spft-csc-<backend>``, against ``dense-frozen``: the GEMM ``x W0ᵀ``).
+
 Times are medians over repeats (CUDA events on a GPU); peak memory comes from the CUDA
 allocator on a GPU and from :class:`~spft_kernels.memory.TensorMemoryTracker` on the CPU, and
 counts the layer, the input and everything allocated during the call.
@@ -38,14 +43,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import bench_report
-from .backends import available_backends
-from .index import random_index
+from .backends import available_backends, implemented_backends
+from .index import SparseIndex, random_index
 from .layers import RowSparseLinear, SparseDeltaLinear
 from .pst import PSTLinear
 from .memory import TensorMemoryTracker
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OPS = ("linear_fwd", "linear_bwd", "linear_fwd_bwd")
+KERNEL_OPS = ("sddmm", "spmm")
 SKIP_ERRORS = (NotImplementedError, RuntimeError, ValueError, TypeError, ImportError)
 
 
@@ -226,8 +232,10 @@ def build_providers(case: dict, device: torch.device, seed: int = 0) -> dict[str
                 return layer
 
             providers[f"spruft-{mode}-{backend}"] = make_rows
-    for mode in ("merged", "split"):
-        for backend in backends:
+    for mode in ("merged", "split", "fused"):
+        # The reference "fused" forward is the split one; only a real fused GEMM is worth timing.
+        for backend in [b for b in backends if mode != "fused" or b in implemented_backends("fused_delta_linear")
+                        and b != "reference"]:
             def make(mode=mode, backend=backend):
                 layer = SparseDeltaLinear.from_linear(base_linear(), index.to(device), mode=mode, backend=backend)
                 with torch.no_grad():  # a trained-looking delta, so the merged mode re-syncs real values
@@ -336,7 +344,7 @@ def run_case(case: dict, device: torch.device, repeats: int, warmup: int, env: d
                 progress.write(f"  skip {name}: {str(error).splitlines()[0][:160]}")
             continue
         trainable = sum(p.numel() for p in _trainable(module))
-        for op in case["ops"]:
+        for op in [op for op in case["ops"] if op in OPS]:
             setup, fn = _steps(module, x, grad_out, op)
             median = time_ms(setup, fn, device, repeats, warmup)
             records.append(
@@ -363,19 +371,96 @@ def run_case(case: dict, device: torch.device, repeats: int, warmup: int, env: d
     return records
 
 
+def _kernel_providers(case: dict, device: torch.device) -> dict[str, tuple[str, Callable[[], object]]]:
+    """name -> (op, call) for the kernel ops of ``case``."""
+    from .sddmm import sddmm
+    from .spmm import spmm_add, spmm_t_add
+
+    dtype = DTYPES[case["dtype"]]
+    out_features, in_features, tokens = case["out_features"], case["in_features"], case["tokens"]
+    generator = torch.Generator().manual_seed(2)
+    index = random_index(out_features, in_features, case["density"], generator=generator).to(device)
+    si, _ = SparseIndex.build(index, out_features, in_features, tile_metadata=True)
+    x = torch.randn(tokens, in_features, generator=generator).to(device, dtype)
+    dy = torch.randn(tokens, out_features, generator=generator).to(device, dtype)
+    weight = torch.randn(out_features, in_features, generator=generator).to(device, dtype)
+    delta = torch.randn(si.nnz, generator=generator).to(device)
+    y, dx = F.linear(x, weight), dy @ weight
+    providers = {}
+    if "sddmm" in case["ops"]:
+        providers["dense-full"] = ("sddmm", lambda: dy.t() @ x)
+    if "spmm" in case["ops"]:
+        providers["dense-frozen"] = ("spmm", lambda: F.linear(x, weight))
+    backends = ["reference"] + ([b for b in ("triton", "cuda") if b in available_backends()] if device.type == "cuda" else [])
+    for backend in backends:
+        if "sddmm" in case["ops"] and backend in implemented_backends("sddmm"):
+            providers[f"spft-gather-dot-{backend}"] = ("sddmm", lambda b=backend: sddmm(x, dy, si.flat, None, b))
+            if backend != "reference":  # the tensor-core variant; the reference ignores tile_ptr
+                providers[f"spft-tensor-core-{backend}"] = ("sddmm", lambda b=backend: sddmm(x, dy, si.flat, si.tile_ptr, b))
+        if "spmm" in case["ops"]:
+            if backend in implemented_backends("spmm_add"):
+                providers[f"spft-csr-{backend}"] = ("spmm", lambda b=backend: spmm_add(y, x, delta, si.flat, si.row_ptr, b))
+            if backend in implemented_backends("spmm_t_add"):
+                providers[f"spft-csc-{backend}"] = (
+                    "spmm", lambda b=backend: spmm_t_add(dx, dy, delta, si.flat, si.col_ptr, si.csc_perm, b)
+                )
+    return providers
+
+
+def run_kernel_case(case: dict, device: torch.device, repeats: int, warmup: int, env: dict, progress=None) -> list[dict]:
+    """The sddmm and spmm ops of ``case`` (see the module docstring)."""
+    if not any(op in case["ops"] for op in KERNEL_OPS):
+        return []
+    records = []
+    nnz = round(case["density"] * case["out_features"] * case["in_features"])
+    for name, (op, call) in _kernel_providers(case, device).items():
+        try:
+            call()
+        except SKIP_ERRORS as error:
+            if progress is not None:
+                progress.write(f"  skip {op} {name}: {str(error).splitlines()[0][:160]}")
+            continue
+        median = time_ms(lambda: None, call, device, repeats, warmup)
+        # Kernel ops record the bytes allocated during the call (operands excluded), on any device.
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            call()
+            torch.cuda.synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device) - before
+        else:
+            with TensorMemoryTracker() as tracker:
+                call()
+            peak = tracker.peak_bytes
+        records.append(
+            {
+                "op": op, "provider": name, "out_features": case["out_features"], "in_features": case["in_features"],
+                "tokens": case["tokens"], "density": case["density"], "dtype": case["dtype"],
+                "trainable_params": nnz, "median_ms": median,
+                "tflops": 2.0 * case["tokens"] * case["in_features"] * case["out_features"] / (median * 1e-3) / 1e12
+                if median > 0 and name.startswith("dense") else None,
+                "peak_mem_bytes": peak, "repeats": repeats, **env,
+            }
+        )
+    bench_report.add_ratios(records)
+    return records
+
+
 def default_cases(quick: bool, device: torch.device) -> list[dict]:
     if quick:
-        return [dict(out_features=1024, in_features=1024, tokens=256, density=0.01, dtype="float32", ops=list(OPS))]
+        return [dict(out_features=1024, in_features=1024, tokens=256, density=0.01, dtype="float32",
+                     ops=list(OPS + KERNEL_OPS))]
     if device.type == "cuda":
         shapes = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]
         return [
-            dict(out_features=o, in_features=i, tokens=t, density=d, dtype="bfloat16", ops=list(OPS))
+            dict(out_features=o, in_features=i, tokens=t, density=d, dtype="bfloat16", ops=list(OPS + KERNEL_OPS))
             for (o, i) in shapes
             for t in (4096, 16384)
             for d in (0.001, 0.005, 0.01, 0.05)
         ]
     return [
-        dict(out_features=o, in_features=i, tokens=512, density=d, dtype="float32", ops=list(OPS))
+        dict(out_features=o, in_features=i, tokens=512, density=d, dtype="float32", ops=list(OPS + KERNEL_OPS))
         for (o, i) in [(1024, 1024), (2048, 1024)]
         for d in (0.001, 0.01, 0.05)
     ]
@@ -424,7 +509,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 tokens=args.tokens or 512,
                 density=0.01 if args.density is None else args.density,
                 dtype=args.dtype or ("bfloat16" if device.type == "cuda" else "float32"),
-                ops=list(OPS),
+                ops=list(OPS + KERNEL_OPS),
             )
         ]
     else:
@@ -445,6 +530,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 f"d={case['density']}"
             )
         records += run_case(case, device, repeats, warmup, env, progress)
+        records += run_kernel_case(case, device, repeats, warmup, env, progress)
     if progress is not None:
         progress.close()
     if records:
