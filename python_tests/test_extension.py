@@ -117,3 +117,46 @@ def test_a_broken_extension_warns_once_and_falls_back(monkeypatch):
     finally:
         monkeypatch.undo()
         _extension.load_cuda_extension.cache_clear()
+
+
+def _embedded_cubins(library_path):
+    """(sm number, cubin bytes) of every ELF cubin in the library's .nv_fatbin section (the section
+    is parsed by hand: no CUDA tools needed)."""
+    import struct
+
+    data = open(library_path, "rb").read()
+    section_offset = struct.unpack_from("<Q", data, 0x28)[0]
+    entry_size, count, names_index = struct.unpack_from("<HHH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, section_offset + i * entry_size) for i in range(count)]
+    names_at = sections[names_index][4]
+
+    def section_name(offset):
+        return data[names_at + offset : data.index(b"\0", names_at + offset)].decode()
+
+    (fatbin,) = [s for s in sections if section_name(s[0]) == ".nv_fatbin"]
+    blob = data[fatbin[4] : fatbin[4] + fatbin[5]]
+    starts = [i for i in range(len(blob)) if blob.startswith(b"\x7fELF", i)]
+    cubins = []
+    for start, end in zip(starts, starts[1:] + [len(blob)]):
+        flags = struct.unpack_from("<I", blob, start + 0x30)[0]
+        cubins.append(((flags >> 8) & 0xFF, blob[start:end]))
+    return cubins
+
+
+def test_every_kernel_is_compiled_for_sm80_and_sm90():
+    """The fatbin holds machine code of every kernel for sm_80 and sm_90(a), so no kernel depends
+    on the driver's JIT (CI builds the extension without a GPU; this checks what it built)."""
+    from spft_kernels._extension import load_cuda_extension
+
+    module = load_cuda_extension()
+    if module is None:
+        pytest.skip("the CUDA extension is not built")
+    cubins = _embedded_cubins(module.__file__)
+    kernels = (
+        "scatter_delta_kernel", "row_gather_kernel", "row_scatter_add_kernel", "spmm_add_kernel",
+        "sddmm_gather_dot_kernel", "sum_splits_kernel", "sddmm_tile_kernel", "fused_delta_linear_tc_kernel",
+        "fused_delta_linear_simt_kernel",
+    )
+    for kernel in kernels:
+        archs = {sm for sm, cubin in cubins if kernel.encode() in cubin}
+        assert {80, 90} <= archs, f"{kernel}: machine code for sm {sorted(archs)}"
