@@ -83,11 +83,16 @@ void check_pointer_dtypes(const at::Tensor& index, const at::Tensor& pointers, c
                     " is int64 but index is int32; build the index with SparseIndex");
 }
 
+// Every tensor on the first one's CUDA device; null entries (absent optional tensors) are skipped.
 void check_same_cuda_device(std::initializer_list<std::pair<const at::Tensor*, const char*>> tensors,
                             const char* op) {
   const at::Tensor& first = *tensors.begin()->first;
-  for (const auto& [tensor, name] : tensors) check_cuda_on(*tensor, first, op, name);
+  for (const auto& [tensor, name] : tensors) {
+    if (tensor != nullptr) check_cuda_on(*tensor, first, op, name);
+  }
 }
+
+const at::Tensor* or_null(const std::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
 
 bool is_int64(const at::Tensor& t) { return t.scalar_type() == at::kLong; }
 
@@ -212,13 +217,8 @@ at::Tensor spmm_add_impl(const at::Tensor& base, const at::Tensor& src, const at
   TORCH_CHECK_VALUE(nnz == 0 || (base.size(1) > 0 && src.size(1) > 0), op, ": ", nnz,
                     " entries but a zero-width operand (base ", base.sizes(), ", ", transposed ? "dy " : "x ",
                     src.sizes(), ")");
-  if (perm != nullptr) {
-    check_same_cuda_device({{&base, "base"}, {&src, "dy"}, {&delta, "delta"}, {&index, "index"},
-                            {&pointers, "col_ptr"}, {perm, "csc_perm"}}, op);
-  } else {
-    check_same_cuda_device({{&base, "base"}, {&src, "x"}, {&delta, "delta"}, {&index, "index"},
-                            {&pointers, "row_ptr"}}, op);
-  }
+  check_same_cuda_device({{&base, "base"}, {&src, transposed ? "dy" : "x"}, {&delta, "delta"}, {&index, "index"},
+                          {&pointers, transposed ? "col_ptr" : "row_ptr"}, {perm, "csc_perm"}}, op);
   const bool fp64 = base.scalar_type() == at::kDouble || delta.scalar_type() == at::kDouble;
   const c10::cuda::CUDAGuard guard(base.device());
   const at::Tensor values = delta_in(delta, fp64);
@@ -269,10 +269,8 @@ at::Tensor sddmm(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& in
                       op, ": tile_ptr must be contiguous with shape [", out_features, ", ", tiles,
                       "] (SparseIndex.tile_ptr), got shape ", tile_ptr->sizes());
     check_pointer_dtypes(index, *tile_ptr, op, "tile_ptr");
-    check_same_cuda_device({{&x, "x"}, {&dy, "dy"}, {&index, "index"}, {&*tile_ptr, "tile_ptr"}}, op);
-  } else {
-    check_same_cuda_device({{&x, "x"}, {&dy, "dy"}, {&index, "index"}}, op);
   }
+  check_same_cuda_device({{&x, "x"}, {&dy, "dy"}, {&index, "index"}, {or_null(tile_ptr), "tile_ptr"}}, op);
   const int64_t nnz = index.numel();
   const bool fp64 = x.scalar_type() == at::kDouble;
   const c10::cuda::CUDAGuard guard(x.device());
@@ -325,13 +323,8 @@ at::Tensor fused_delta_linear(const at::Tensor& x, const at::Tensor& weight, con
   check_values(delta, op, index.numel());
   check_int_vector(row_ptr, op, "row_ptr", out_features + 1);
   check_pointer_dtypes(index, row_ptr, op, "row_ptr");
-  if (bias.has_value()) {
-    check_same_cuda_device({{&x, "x"}, {&weight, "weight"}, {&delta, "delta"}, {&index, "index"},
-                            {&row_ptr, "row_ptr"}, {&*bias, "bias"}}, op);
-  } else {
-    check_same_cuda_device({{&x, "x"}, {&weight, "weight"}, {&delta, "delta"}, {&index, "index"},
-                            {&row_ptr, "row_ptr"}}, op);
-  }
+  check_same_cuda_device({{&x, "x"}, {&weight, "weight"}, {&delta, "delta"}, {&index, "index"},
+                          {&row_ptr, "row_ptr"}, {or_null(bias), "bias"}}, op);
   // Output-row blocks go on grid.y (at most 65535 blocks of 64 rows, 128 for fp16/bf16).
   TORCH_CHECK_VALUE(out_features <= int64_t{65535} * 64, op, ": at most ", int64_t{65535} * 64,
                     " output features, got ", out_features);

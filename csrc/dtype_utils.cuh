@@ -6,6 +6,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
+
+#include "spft_kernels.h"
 
 namespace spft {
 
@@ -49,27 +52,49 @@ inline unsigned int grid_for(int64_t work_items, int threads_per_block) {
 
 }  // namespace spft
 
-// Calls f with a null pointer of the C++ type that matches `dtype` (a spft::DType).
-#define SPFT_DISPATCH_FLOAT(dtype, f)                                        \
-  switch (dtype) {                                                           \
-    case ::spft::DType::kFloat32: f(static_cast<float*>(nullptr)); break;    \
-    case ::spft::DType::kFloat64: f(static_cast<double*>(nullptr)); break;   \
-    case ::spft::DType::kFloat16: f(static_cast<__half*>(nullptr)); break;   \
-    case ::spft::DType::kBFloat16:                                           \
-      f(static_cast<__nv_bfloat16*>(nullptr));                               \
-      break;                                                                 \
-    default: return cudaErrorInvalidValue;                                   \
+namespace spft {
+
+namespace detail {
+template <typename F, typename... Tags>
+cudaError_t invoke(F& f, Tags*... tags) {
+  if constexpr (std::is_void_v<decltype(f(tags...))>) {
+    f(tags...);
+    return cudaSuccess;
+  } else {
+    return f(tags...);
   }
+}
+}  // namespace detail
+
+// Calls f with a null pointer of the C++ type that matches `dtype`; returns f's status (f may
+// return void or a cudaError_t), or cudaErrorInvalidValue for an unknown dtype.
+template <typename F>
+cudaError_t dispatch_float(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: return detail::invoke(f, static_cast<float*>(nullptr));
+    case DType::kFloat64: return detail::invoke(f, static_cast<double*>(nullptr));
+    case DType::kFloat16: return detail::invoke(f, static_cast<__half*>(nullptr));
+    case DType::kBFloat16: return detail::invoke(f, static_cast<__nv_bfloat16*>(nullptr));
+  }
+  return cudaErrorInvalidValue;
+}
 
 // Calls f with null pointers of the index type and the pointer type. Pointers (row_ptr, col_ptr,
 // csc_perm, tile_ptr) are int64 only when nnz >= 2^31, which implies int64 flat positions, so
 // three of the four combinations occur; the fourth is refused.
-#define SPFT_DISPATCH_INDEX_AND_POINTERS(index_is_int64, pointers_are_int64, f) \
-  if (pointers_are_int64) {                                                    \
-    if (!(index_is_int64)) return cudaErrorInvalidValue;                       \
-    f(static_cast<int64_t*>(nullptr), static_cast<int64_t*>(nullptr));         \
-  } else if (index_is_int64) {                                                 \
-    f(static_cast<int64_t*>(nullptr), static_cast<int32_t*>(nullptr));         \
-  } else {                                                                     \
-    f(static_cast<int32_t*>(nullptr), static_cast<int32_t*>(nullptr));         \
+template <typename F>
+cudaError_t dispatch_index_and_pointers(bool index_is_int64, bool pointers_are_int64, F&& f) {
+  if (pointers_are_int64) {
+    return index_is_int64 ? detail::invoke(f, static_cast<int64_t*>(nullptr), static_cast<int64_t*>(nullptr))
+                          : cudaErrorInvalidValue;
   }
+  return index_is_int64 ? detail::invoke(f, static_cast<int64_t*>(nullptr), static_cast<int32_t*>(nullptr))
+                        : detail::invoke(f, static_cast<int32_t*>(nullptr), static_cast<int32_t*>(nullptr));
+}
+
+// A launcher's result: the dispatch's error, else the launch's.
+inline cudaError_t launch_status(cudaError_t dispatch_error) {
+  return dispatch_error != cudaSuccess ? dispatch_error : cudaGetLastError();
+}
+
+}  // namespace spft

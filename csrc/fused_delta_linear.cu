@@ -265,16 +265,11 @@ cudaError_t fused_delta_linear(const void* x, int64_t x_row_stride, const void* 
           num_tokens, out_features, in_features, static_cast<T*>(y));
     }
   };
-  auto with_type = [&](auto* type_tag) {
-    auto with_indices = [&](auto* index_tag, auto* pointer_tag) { launch(type_tag, index_tag, pointer_tag); };
-    SPFT_DISPATCH_INDEX_AND_POINTERS(index_is_int64, row_ptr_is_int64, with_indices);
-    return cudaSuccess;
-  };
-  cudaError_t status = cudaSuccess;
-  auto dispatch = [&](auto* type_tag) { status = with_type(type_tag); };
-  SPFT_DISPATCH_FLOAT(dtype, dispatch);
-  if (status != cudaSuccess) return status;
-  return cudaGetLastError();
+  return launch_status(dispatch_float(dtype, [&](auto* type_tag) {
+    return dispatch_index_and_pointers(index_is_int64, row_ptr_is_int64, [&](auto* index_tag, auto* pointer_tag) {
+      launch(type_tag, index_tag, pointer_tag);
+    });
+  }));
 }
 
 }  // namespace spft

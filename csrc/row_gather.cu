@@ -43,8 +43,7 @@ cudaError_t row_gather(const void* src, int64_t src_row_stride, DType dtype, con
           num_rows, static_cast<T*>(out));
     }
   };
-  SPFT_DISPATCH_FLOAT(dtype, launch);
-  return cudaGetLastError();
+  return launch_status(dispatch_float(dtype, launch));
 }
 
 }  // namespace spft

@@ -40,9 +40,9 @@ cudaError_t row_scatter_add(void* y, int64_t y_row_stride, DType y_dtype, const 
   if (total == 0) return cudaSuccess;
   constexpr int kThreads = 256;
   const unsigned int grid = grid_for(total, kThreads);
-  auto launch_y = [&](auto* y_tag) -> cudaError_t {
+  return launch_status(dispatch_float(y_dtype, [&](auto* y_tag) {
     using YT = std::remove_pointer_t<decltype(y_tag)>;
-    auto launch_z = [&](auto* z_tag) {
+    return dispatch_float(z_dtype, [&](auto* z_tag) {
       using ZT = std::remove_pointer_t<decltype(z_tag)>;
       if (rows_is_int64) {
         row_scatter_add_kernel<YT, ZT, int64_t><<<grid, kThreads, 0, stream>>>(
@@ -53,15 +53,8 @@ cudaError_t row_scatter_add(void* y, int64_t y_row_stride, DType y_dtype, const 
             static_cast<YT*>(y), y_row_stride, static_cast<const ZT*>(z), z_row_stride,
             static_cast<const int32_t*>(rows), num_tokens, num_rows);
       }
-    };
-    SPFT_DISPATCH_FLOAT(z_dtype, launch_z);
-    return cudaSuccess;
-  };
-  cudaError_t status = cudaSuccess;
-  auto dispatch_y = [&](auto* y_tag) { status = launch_y(y_tag); };
-  SPFT_DISPATCH_FLOAT(y_dtype, dispatch_y);
-  if (status != cudaSuccess) return status;
-  return cudaGetLastError();
+    });
+  }));
 }
 
 }  // namespace spft

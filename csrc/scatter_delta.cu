@@ -37,9 +37,9 @@ cudaError_t scatter_delta(void* weight, DType weight_dtype, const void* index, b
   if (nnz == 0) return cudaSuccess;
   constexpr int kThreads = 256;
   const unsigned int grid = grid_for(nnz, kThreads);
-  auto launch_weight = [&](auto* weight_tag) -> cudaError_t {
+  return launch_status(dispatch_float(weight_dtype, [&](auto* weight_tag) {
     using WeightT = std::remove_pointer_t<decltype(weight_tag)>;
-    auto launch_delta = [&](auto* delta_tag) {
+    return dispatch_float(delta_dtype, [&](auto* delta_tag) {
       using DeltaT = std::remove_pointer_t<decltype(delta_tag)>;
       if (index_is_int64) {
         scatter_delta_kernel<WeightT, DeltaT, int64_t><<<grid, kThreads, 0, stream>>>(
@@ -50,15 +50,8 @@ cudaError_t scatter_delta(void* weight, DType weight_dtype, const void* index, b
             static_cast<WeightT*>(weight), static_cast<const int32_t*>(index), nnz,
             static_cast<const WeightT*>(base), static_cast<const DeltaT*>(delta), alpha);
       }
-    };
-    SPFT_DISPATCH_FLOAT(delta_dtype, launch_delta);
-    return cudaSuccess;
-  };
-  cudaError_t status = cudaSuccess;
-  auto dispatch_weight = [&](auto* weight_tag) { status = launch_weight(weight_tag); };
-  SPFT_DISPATCH_FLOAT(weight_dtype, dispatch_weight);
-  if (status != cudaSuccess) return status;
-  return cudaGetLastError();
+    });
+  }));
 }
 
 }  // namespace spft

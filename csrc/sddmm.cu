@@ -196,8 +196,7 @@ cudaError_t sddmm_gather_dot(const void* x, int64_t x_row_stride, const void* dy
                                                                       num_splits, static_cast<Acc*>(grad));
     }
   };
-  SPFT_DISPATCH_FLOAT(dtype, launch);
-  return cudaGetLastError();
+  return launch_status(dispatch_float(dtype, launch));
 }
 
 cudaError_t sddmm_tiles(const void* x, int64_t x_row_stride, const void* dy, int64_t dy_row_stride, DType dtype,
@@ -224,18 +223,12 @@ cudaError_t sddmm_tiles(const void* x, int64_t x_row_stride, const void* dy, int
                                               num_tokens, grad);
   };
   auto with_type = [&](auto* type_tag) {
-    auto with_indices = [&](auto* index_tag, auto* pointer_tag) { launch(type_tag, index_tag, pointer_tag); };
-    SPFT_DISPATCH_INDEX_AND_POINTERS(index_is_int64, tile_ptr_is_int64, with_indices);
-    return cudaSuccess;
+    return dispatch_index_and_pointers(index_is_int64, tile_ptr_is_int64, [&](auto* index_tag, auto* pointer_tag) {
+      launch(type_tag, index_tag, pointer_tag);
+    });
   };
-  cudaError_t status = cudaSuccess;
-  if (dtype == DType::kFloat16) {
-    status = with_type(static_cast<__half*>(nullptr));
-  } else {
-    status = with_type(static_cast<__nv_bfloat16*>(nullptr));
-  }
-  if (status != cudaSuccess) return status;
-  return cudaGetLastError();
+  return launch_status(dtype == DType::kFloat16 ? with_type(static_cast<__half*>(nullptr))
+                                                : with_type(static_cast<__nv_bfloat16*>(nullptr)));
 }
 
 }  // namespace spft

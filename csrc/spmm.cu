@@ -80,9 +80,9 @@ cudaError_t spmm_add(const void* base, int64_t base_row_stride, const void* src,
                                          static_cast<const PtrT*>(perm), in_features, num_tokens, num_outputs,
                                          static_cast<T*>(out));
   };
-  auto with_type = [&](auto* type_tag) -> cudaError_t {
+  return launch_status(dispatch_float(dtype, [&](auto* type_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
-    auto with_indices = [&](auto* index_tag, auto* pointer_tag) {
+    return dispatch_index_and_pointers(index_is_int64, pointers_are_int64, [&](auto* index_tag, auto* pointer_tag) {
       if constexpr (std::is_same_v<T, double>) {
         launch(type_tag, static_cast<double*>(nullptr), index_tag, pointer_tag);
       } else if (accumulate_fp64) {
@@ -90,15 +90,8 @@ cudaError_t spmm_add(const void* base, int64_t base_row_stride, const void* src,
       } else {
         launch(type_tag, static_cast<float*>(nullptr), index_tag, pointer_tag);
       }
-    };
-    SPFT_DISPATCH_INDEX_AND_POINTERS(index_is_int64, pointers_are_int64, with_indices);
-    return cudaSuccess;
-  };
-  cudaError_t status = cudaSuccess;
-  auto dispatch = [&](auto* type_tag) { status = with_type(type_tag); };
-  SPFT_DISPATCH_FLOAT(dtype, dispatch);
-  if (status != cudaSuccess) return status;
-  return cudaGetLastError();
+    });
+  }));
 }
 
 }  // namespace spft

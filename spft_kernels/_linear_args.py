@@ -12,6 +12,12 @@ from .backends import resolve_backend
 Tensor = torch.Tensor
 
 
+def unit_feature_stride(t: Tensor) -> Tensor:
+    """``t`` with stride 1 along its last (feature) dimension, as the kernels index rows; a copy
+    only when it is strided there (a width of 0 or 1 has no stride to speak of)."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
 def check_x_and_weight(op: str, x, weight, delta, delta_name: str) -> tuple[int, int]:
     """Types, a 2-D weight and ``x`` [..., in]; returns ``(out_features, in_features)``."""
     if not isinstance(x, Tensor) or not isinstance(weight, Tensor) or not isinstance(delta, Tensor):

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ._linear_args import unit_feature_stride
 from .backends import implementation, register, resolve_backend
 from .spmm import spmm_add
 
@@ -43,9 +44,7 @@ def _fused_reference(x, weight, delta, index, row_ptr, bias):
 # Not picked by "auto" until measured on a GPU (see backends.register).
 @register("fused_delta_linear", "cuda", auto=False)
 def _fused_cuda(x, weight, delta, index, row_ptr, bias):
-    if x.stride(-1) != 1:
-        x = x.contiguous()
     if bias is not None:
         bias = bias.contiguous()  # O(out)
     # A non-contiguous weight is refused by the binding rather than copied (an out x in temporary).
-    return torch.ops.spft.cuda_fused_delta_linear(x, weight, delta, index, row_ptr, bias)
+    return torch.ops.spft.cuda_fused_delta_linear(unit_feature_stride(x), weight, delta, index, row_ptr, bias)

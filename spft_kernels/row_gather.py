@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ._linear_args import unit_feature_stride
 from ._triton import tl, triton
 from .backends import implementation, register, resolve_backend
 
@@ -28,9 +29,7 @@ def _row_gather_reference(src, rows):
 
 def _gather_2d(src, rows, kernel):
     """``kernel(src2d, rows) -> [tokens, R]`` on a [tokens, features] view with contiguous rows."""
-    src2d = src.reshape(-1, src.shape[-1])
-    if src2d.stride(-1) != 1:
-        src2d = src2d.contiguous()
+    src2d = unit_feature_stride(src.reshape(-1, src.shape[-1]))
     return kernel(src2d, rows).reshape(*src.shape[:-1], rows.numel())
 
 

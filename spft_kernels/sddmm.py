@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from . import naive
+from ._linear_args import unit_feature_stride
 from ._triton import tl, triton
 from .backends import implementation, register, resolve_backend
 from .index import TILE_K
@@ -48,11 +49,7 @@ def _sddmm_reference(x, dy, index, tile_ptr):
 # tensor-core variant, everything else the gather-dot variant.
 @register("sddmm", "cuda", auto=False)
 def _sddmm_cuda(x, dy, index, tile_ptr):
-    if x.stride(-1) != 1 and x.shape[-1] > 1:
-        x = x.contiguous()
-    if dy.stride(-1) != 1 and dy.shape[-1] > 1:
-        dy = dy.contiguous()
-    return torch.ops.spft.cuda_sddmm(x, dy, index, tile_ptr)
+    return torch.ops.spft.cuda_sddmm(unit_feature_stride(x), unit_feature_stride(dy), index, tile_ptr)
 
 
 # --- Triton -------------------------------------------------------------------------------------
@@ -146,10 +143,7 @@ if triton is not None:
         nnz, num_tokens = index.numel(), x.shape[0]
         if nnz == 0 or num_tokens == 0:
             return torch.zeros(nnz, dtype=acc, device=x.device)
-        if x.stride(-1) != 1:
-            x = x.contiguous()
-        if dy.stride(-1) != 1:
-            dy = dy.contiguous()
+        x, dy = unit_feature_stride(x), unit_feature_stride(dy)
         if tile_ptr is not None and acc == torch.float32:
             return _sddmm_tiles(x, dy, index, tile_ptr)
         # The split count depends on the shapes only, never on the device: same inputs, same bits.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import naive
+from ._linear_args import unit_feature_stride
 from ._triton import tl, triton
 from .backends import implementation, register, resolve_backend
 
@@ -67,19 +68,15 @@ def _spmm_t_add_reference(base, dy, delta, index, col_ptr, csc_perm):
 # Not picked by "auto" until verified and measured on a GPU (see backends.register).
 
 
-def _unit_feature_stride(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
-
-
 @register("spmm_add", "cuda", auto=False)
 def _spmm_add_cuda(base, x, delta, index, row_ptr):
-    return torch.ops.spft.cuda_spmm_add(_unit_feature_stride(base), _unit_feature_stride(x), delta, index, row_ptr)
+    return torch.ops.spft.cuda_spmm_add(unit_feature_stride(base), unit_feature_stride(x), delta, index, row_ptr)
 
 
 @register("spmm_t_add", "cuda", auto=False)
 def _spmm_t_add_cuda(base, dy, delta, index, col_ptr, csc_perm):
     return torch.ops.spft.cuda_spmm_t_add(
-        _unit_feature_stride(base), _unit_feature_stride(dy), delta, index, col_ptr, csc_perm
+        unit_feature_stride(base), unit_feature_stride(dy), delta, index, col_ptr, csc_perm
     )
 
 
@@ -128,8 +125,7 @@ if triton is not None:
         num_tokens, num_outputs = base.shape
         if num_tokens == 0 or num_outputs == 0:
             return out
-        if src.stride(-1) != 1:
-            src = src.contiguous()
+        src = unit_feature_stride(src)
         block_t = 64
         grid = (num_outputs, triton.cdiv(num_tokens, block_t))
         _spmm_kernel[grid](
