@@ -29,7 +29,7 @@ for stage in "${stages[@]}"; do
     sanitize)
       for tool in memcheck racecheck; do
         run_stage "sanitize-$tool" compute-sanitizer --tool "$tool" --error-exitcode 9 \
-          python3 -m pytest python_tests/test_gpu_kernels.py python_tests/test_spmm.py python_tests/test_sddmm.py python_tests/test_fused_delta_linear.py -q -x
+          python3 -m pytest python_tests/ops/test_gpu_kernels.py python_tests/ops/test_spmm.py python_tests/ops/test_sddmm.py python_tests/ops/test_fused_delta_linear.py -q -x
       done ;;
     bench) run_stage bench spft-bench --quick --output "$OUT/bench-quick" ;;
     bench-full) run_stage bench-full spft-bench --output "$OUT/bench" ;;

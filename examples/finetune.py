@@ -25,7 +25,7 @@ first row of the table.
 
 The table reports the trainable parameters, the final training loss (mean of the last epoch),
 test loss and accuracy, the peak memory of one training step (CUDA: the allocator's peak; CPU:
-tensors tracked by ``spft_kernels.memory.TensorMemoryTracker``) and the time (mask selection +
+tensors tracked by ``spft_kernels.bench.memory.TensorMemoryTracker``) and the time (mask selection +
 training). The learning rates are the best of {1e-3, 3e-3, 1e-2, 3e-2} per method on this task
 (10 epochs, test accuracy): a demonstration, not a benchmark. On the CPU the sparse methods run
 the reference kernels (pure PyTorch), so their times say nothing about the GPU kernels.
@@ -47,8 +47,8 @@ import torch
 import torch.nn as nn
 
 import spft_kernels as spft
-from spft_kernels.memory import TensorMemoryTracker
-from spft_kernels.targets import find_target_linears
+from spft_kernels.bench.memory import TensorMemoryTracker
+from spft_kernels.masks.targets import find_target_linears
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 DATA = os.path.join(DATA_DIR, "sentiment.jsonl")

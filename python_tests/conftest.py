@@ -11,8 +11,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import spft_kernels as spft  # noqa: E402
-from spft_kernels._triton import interpreter_enabled  # noqa: E402
-from spft_kernels.backends import implemented_backends  # noqa: E402
+from spft_kernels.ops._triton import interpreter_enabled  # noqa: E402
+from spft_kernels.ops.backends import implemented_backends  # noqa: E402
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

@@ -2,32 +2,40 @@
 
 ``import spft_kernels`` never fails for want of a compiled extension and never initialises
 CUDA; see ``available_backends()``.
+
+The folders are the architecture, and imports point one way (``python_tests/test_layering.py``):
+
+- ``ops/``: one file per op (custom op, backends, autograd), the reference math (``naive.py``),
+  the index format, backend dispatch, the extension and Triton loaders;
+- ``nn/``: the layers (``SparseDeltaLinear``, ``RowSparseLinear``, ``PSTLinear``) on one base;
+- ``masks/``: choosing what trains (targets, salience scores, top-k, row importance, dynamic masks);
+- ``integration/``: the peft-style model API (config, conversion, merging, adapter files);
+- ``bench/``: ``spft-bench``, the end-to-end bench, reports, memory tracking.
 """
 
-from ._extension import SpftExtensionWarning
-from .adapter_io import load_adapter, merge_adapters, save_adapter
-from .backends import available_backends
-from .dynamic_mask import DynamicMask
-from .index import SparseIndex, random_index
-from .layers import RowSparseLinear, SparseDeltaLinear
-from .model import (
-    SpftConfig,
-    get_spft_model,
-    make_dynamic_mask,
-    merge_and_unload,
-    print_trainable_parameters,
-    set_pst_sparsity,
-    unload,
-)
-from .pst import PSTLinear, cubic_sparsity, pst_linear, pst_threshold
-from .row_delta_linear import row_delta_linear
-from .row_gather import row_gather
-from .row_importance import row_importance, select_rows
-from .row_scatter_add import row_scatter_add_
-from .salience import salience_scores
-from .scatter_delta import scatter_delta_
-from .select import lora_equivalent_params, random_indices, select_topk
-from .sparse_delta_linear import sparse_delta_linear
+from .integration.adapter_load import load_adapter
+from .integration.adapter_merge import merge_adapters
+from .integration.adapter_save import save_adapter
+from .integration.config import SpftConfig
+from .integration.conversion import get_spft_model, make_dynamic_mask, set_pst_sparsity
+from .integration.merge import merge_and_unload, unload
+from .integration.surgery import print_trainable_parameters
+from .masks.dynamic_mask import DynamicMask
+from .masks.row_importance import row_importance, select_rows
+from .masks.salience import salience_scores
+from .masks.select import lora_equivalent_params, random_indices, select_topk
+from .nn.pst_linear import PSTLinear
+from .nn.row_sparse_linear import RowSparseLinear
+from .nn.sparse_delta_linear import SparseDeltaLinear
+from .ops._extension import SpftExtensionWarning
+from .ops.backends import available_backends
+from .ops.index import SparseIndex, random_index
+from .ops.pst_linear import cubic_sparsity, pst_linear, pst_threshold
+from .ops.row_delta_linear import row_delta_linear
+from .ops.row_gather import row_gather
+from .ops.row_scatter_add import row_scatter_add_
+from .ops.scatter_delta import scatter_delta_
+from .ops.sparse_delta_linear import sparse_delta_linear
 
 __version__ = "0.1.0"
 

@@ -1,7 +1,7 @@
 import pytest
 
 from conftest import backends, synchronized
-from spft_kernels.sddmm import sddmm
+from spft_kernels.ops.sddmm import sddmm
 
 
 @pytest.mark.parametrize("backend", backends())

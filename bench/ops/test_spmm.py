@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import backends, synchronized
-from spft_kernels.spmm import spmm_add, spmm_t_add
+from spft_kernels.ops.spmm import spmm_add, spmm_t_add
 
 
 @pytest.mark.parametrize("backend", backends())

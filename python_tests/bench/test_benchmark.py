@@ -1,6 +1,7 @@
 import json
 
-from spft_kernels import bench_report, benchmark
+from spft_kernels.bench import benchmark
+from spft_kernels.bench import report as bench_report
 
 REQUIRED_FIELDS = {
     "op", "provider", "out_features", "in_features", "tokens", "density", "dtype", "median_ms",
@@ -51,7 +52,7 @@ def test_report_regenerates_from_json_and_compare_matches_cases(tmp_path, capsys
 def test_end_to_end_training_comparison_runs_with_matched_parameters():
     import torch
 
-    from spft_kernels.bench_e2e import format_e2e, run_e2e
+    from spft_kernels.bench.e2e import format_e2e, run_e2e
 
     tiny = dict(hidden=32, intermediate=64, layers=1, heads=2, kv_heads=2, vocab=64, sequence=16, batch=2)
     records = run_e2e(torch.device("cpu"), torch.float32, steps=1, warmup=1, rank=2, spec=tiny,

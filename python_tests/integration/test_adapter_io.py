@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 
 import spft_kernels as spft
-from spft_kernels import adapter_io
-from spft_kernels.model import spft_layers
+from spft_kernels.integration import adapter_format as adapter_io
+from spft_kernels.integration.surgery import spft_layers
 
 from tiny_models import hf_loss, one_thread, tiny_batches, tiny_model  # noqa: F401 (fixture)
 
@@ -103,7 +103,7 @@ def test_bf16_file_is_at_most_6_bytes_per_trainable_parameter(tmp_path):
     with torch.no_grad():
         for layer in spft_layers(model).values():
             layer.delta.normal_()
-    trainable, _ = spft.model.trainable_parameters(model)
+    trainable, _ = spft.integration.surgery.trainable_parameters(model)
     bf16 = spft.save_adapter(model, tmp_path / "bf16.safetensors", dtype=torch.bfloat16)
     fp32 = spft.save_adapter(model, tmp_path / "fp32.safetensors")
     per_param_bf16 = os.path.getsize(bf16) / trainable
@@ -168,7 +168,7 @@ def test_fingerprint_is_taken_on_w0_whatever_the_mode(tmp_path):
     layer = next(layer for layer in spft_layers(model).values() if layer.nnz > 0)
     layer.merge()
     rows = torch.tensor([0, 3, 5])
-    w0 = spft.model.plain_linear(layer).weight.detach().clone()
+    w0 = spft.integration.surgery.plain_linear(layer).weight.detach().clone()
     layer.merge()
     assert torch.equal(adapter_io._w0_rows(layer, rows), w0[rows])
     flat = torch.tensor([0, 7, 100, layer.index[0].item()])
@@ -343,7 +343,7 @@ def test_inconsistent_files_are_refused_before_anything_changes(saved, tmp_path)
 def test_a_failure_in_a_later_layer_changes_no_earlier_layer(saved, tmp_path):
     path, _ = saved
     model = tiny_model("llama", dtype=torch.float32)
-    last = sorted(spft.model.find_target_linears(model))[-1]  # the file lists (and checks) layers by name
+    last = sorted(spft.masks.targets.find_target_linears(model))[-1]  # the file lists (and checks) layers by name
     weight = model.get_submodule(last).weight
     with torch.no_grad():  # only the last layer's base differs, at a sampled position
         weight.view(-1)[adapter_io._sample_positions(*weight.shape)[0]] += 1.0

@@ -11,7 +11,8 @@ import pytest
 
 from tiny_models import one_thread  # noqa: F401 (fixture)
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXAMPLES = os.path.join(REPO, "examples")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

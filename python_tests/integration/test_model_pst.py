@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 
 import spft_kernels as spft
-from spft_kernels.model import spft_layers, trainable_parameters
-from spft_kernels.targets import find_target_linears
+from spft_kernels.integration.surgery import spft_layers, trainable_parameters
+from spft_kernels.masks.targets import find_target_linears
 
 import tiny_models
 from tiny_models import hf_loss, one_thread, tiny_batches, tiny_model  # noqa: F401 (fixture)

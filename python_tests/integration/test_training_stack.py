@@ -14,14 +14,14 @@ import pytest
 import torch
 
 import spft_kernels as spft
-from spft_kernels.model import spft_layers, trainable_parameters
+from spft_kernels.integration.surgery import spft_layers, trainable_parameters
 
 from tiny_models import hf_loss, one_thread, tiny_batches, tiny_model  # noqa: F401 (fixture)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # python_tests/
 REPO = os.path.dirname(TESTS)
 
 
@@ -45,7 +45,7 @@ def test_trainer_trains_only_the_deltas_and_checkpoints(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     model, _ = converted()
-    w0 = {name: spft.model.plain_linear(layer).weight.detach().clone() for name, layer in spft_layers(model).items()}
+    w0 = {name: spft.integration.surgery.plain_linear(layer).weight.detach().clone() for name, layer in spft_layers(model).items()}
     for layer in spft_layers(model).values():
         layer.merge()
     data = [{"input_ids": ids, "labels": ids} for ids in tiny_batches("llama", count=1, batch=8)[0]["input_ids"]]
@@ -70,7 +70,7 @@ def test_trainer_trains_only_the_deltas_and_checkpoints(tmp_path):
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 12 and sum(losses[-2:]) < sum(losses[:2]) - 0.05, losses
     for name, layer in spft_layers(model).items():  # W0 itself never trained
-        assert torch.equal(spft.model.plain_linear(layer).weight, w0[name])
+        assert torch.equal(spft.integration.surgery.plain_linear(layer).weight, w0[name])
     # The Trainer's own checkpoint (model.safetensors: W0, deltas, positions) loads back exactly,
     # and so does the adapter the callback wrote.
     from safetensors.torch import load_file

@@ -11,12 +11,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import spft_kernels as spft
-from spft_kernels.memory import TensorMemoryTracker
-from spft_kernels.targets import find_target_linears
+from spft_kernels.bench.memory import TensorMemoryTracker
+from spft_kernels.masks.targets import find_target_linears
 
 transformers = pytest.importorskip("transformers")
 # The module, not the function of the same name that spft_kernels exports.
-importance_module = importlib.import_module("spft_kernels.row_importance")
+importance_module = importlib.import_module("spft_kernels.masks.row_importance")
 
 
 def tiny_llama(dtype=torch.float32):

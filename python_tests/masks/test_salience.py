@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import spft_kernels as spft
-from spft_kernels.memory import TensorMemoryTracker
-from spft_kernels.targets import find_target_linears
+from spft_kernels.bench.memory import TensorMemoryTracker
+from spft_kernels.masks.targets import find_target_linears
 
 from tiny_models import convert, hf_loss, one_thread, tiny_batches, tiny_model  # noqa: F401 (fixture)
 

@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 
 import spft_kernels as spft
-from spft_kernels.index import index_dtype_for
-from spft_kernels.select import _kth_largest
+from spft_kernels.ops.index import index_dtype_for
+from spft_kernels.masks.select import _kth_largest
 
 from tiny_models import convert, deltas, hf_loss, one_thread, tiny_model  # noqa: F401 (fixture)
 

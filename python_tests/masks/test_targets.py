@@ -1,7 +1,7 @@
 import pytest
 import torch.nn as nn
 
-from spft_kernels.targets import find_target_linears
+from spft_kernels.masks.targets import find_target_linears
 
 
 class Block(nn.Module):

@@ -4,7 +4,7 @@ import torch.nn as nn
 
 import spft_kernels as spft
 from helpers import dense_weight, fit_mse
-from spft_kernels.memory import TensorMemoryTracker
+from spft_kernels.bench.memory import TensorMemoryTracker
 
 MODES = ["split", "merged", "auto"]
 

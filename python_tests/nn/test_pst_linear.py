@@ -1,4 +1,4 @@
-"""PST (spft_kernels/pst.py): parameter count, the exact top-v mask and its tie rule, the cubic
+"""PST (spft_kernels/ops/pst_linear.py, spft_kernels/nn/pst_linear.py): parameter count, the exact top-v mask and its tie rule, the cubic
 schedule, gradients against a hand-written straight-through autograd oracle, the Triton fused
 path (interpreter on a CPU) against it, the no n x k claim, export, state dict and a short
 training run."""
@@ -13,8 +13,9 @@ import torch.nn.functional as F
 import spft_kernels as spft
 from conftest import default_device, usable_backends
 from helpers import assert_within_budget
-from spft_kernels import pst
-from spft_kernels.memory import TensorMemoryTracker
+from spft_kernels.ops import pst_linear as pst
+from spft_kernels.nn import pst_linear as pst_layer
+from spft_kernels.bench.memory import TensorMemoryTracker
 
 DEVICE = default_device()
 BACKENDS = usable_backends(DEVICE)
@@ -322,7 +323,7 @@ def test_fused_training_step_allocates_no_n_by_k_tensor():
 def test_threshold_is_computed_once_per_change(monkeypatch):
     calls = []
     real = pst.pst_threshold
-    monkeypatch.setattr(pst, "pst_threshold", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(pst_layer, "pst_threshold", lambda *a, **k: calls.append(1) or real(*a, **k))
     layer = make_layer(12, 10, 0.5, dtype=torch.float32)
     optimizer = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1)
     x = torch.randn(4, 10)

@@ -18,13 +18,13 @@ def test_import_does_not_initialise_cuda():
 
 def test_reference_backend_is_always_available():
     assert spft.available_backends()[0] == "reference"
-    assert ("triton" in spft.available_backends()) == (spft._triton.triton is not None)
+    assert ("triton" in spft.available_backends()) == (spft.ops._triton.triton is not None)
 
 
 @pytest.mark.skipif(os.environ.get("SPFT_REQUIRE_CUDA_EXT", "0") in ("", "0"), reason="SPFT_REQUIRE_CUDA_EXT is not set")
 def test_cuda_extension_was_built():
     """CI sets SPFT_REQUIRE_CUDA_EXT=1: the nvcc build must have produced a loadable extension."""
-    from spft_kernels._extension import cuda_extension_error, load_cuda_extension
+    from spft_kernels.ops._extension import cuda_extension_error, load_cuda_extension
 
     assert load_cuda_extension() is not None, cuda_extension_error()
     assert "cuda" in spft.available_backends()
@@ -89,7 +89,7 @@ def test_opcheck_scatter_delta():
 def test_a_broken_extension_warns_once_and_falls_back(monkeypatch):
     import importlib
 
-    from spft_kernels import _extension, backends
+    from spft_kernels.ops import _extension, backends
 
     real_import = importlib.import_module
 
@@ -146,7 +146,7 @@ def _embedded_cubins(library_path):
 def test_every_kernel_is_compiled_for_sm80_and_sm90():
     """The fatbin holds machine code of every kernel for sm_80 and sm_90(a), so no kernel depends
     on the driver's JIT (CI builds the extension without a GPU; this checks what it built)."""
-    from spft_kernels._extension import load_cuda_extension
+    from spft_kernels.ops._extension import load_cuda_extension
 
     module = load_cuda_extension()
     if module is None:

@@ -9,8 +9,8 @@ import torch
 import spft_kernels as spft
 from conftest import default_device, kernel_dtypes
 from helpers import ATOL, dense_weight, max_error
-from spft_kernels import backends
-from spft_kernels.fused_delta_linear import fused_delta_linear
+from spft_kernels.ops import backends
+from spft_kernels.ops.fused_delta_linear import fused_delta_linear
 
 DEVICE = default_device()
 # (tokens, out, in, density, bias): 1 token, nnz = 0, nnz = out*in, odd sizes (the element-wise

@@ -129,7 +129,7 @@ def test_cuda_sddmm_variants_on_aligned_shapes(dtype, shape):
     """Multiples of 8 take the 16-byte cp.async loads of the tensor-core variant; both variants
     stay within the error budget of the fp64 dense gradient and repeat bitwise."""
     from helpers import ATOL, max_error
-    from spft_kernels.sddmm import sddmm
+    from spft_kernels.ops.sddmm import sddmm
 
     index, x, dy, si = _sddmm_problem(*shape, dtype)
     reference = (dy.double().t() @ x.double()).view(-1)[index.long()]
@@ -143,9 +143,9 @@ def test_cuda_sddmm_variants_on_aligned_shapes(dtype, shape):
 
 
 def test_cuda_kernels_take_int64_positions():
-    from spft_kernels.fused_delta_linear import fused_delta_linear
-    from spft_kernels.sddmm import sddmm
-    from spft_kernels.spmm import spmm_add, spmm_t_add
+    from spft_kernels.ops.fused_delta_linear import fused_delta_linear
+    from spft_kernels.ops.sddmm import sddmm
+    from spft_kernels.ops.spmm import spmm_add, spmm_t_add
 
     index, x, dy, si = _sddmm_problem(50, 40, 72, 0.2, torch.bfloat16, seed=5)
     xc, dyc = x.cuda(), dy.cuda()

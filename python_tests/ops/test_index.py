@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import spft_kernels as spft
-from spft_kernels.index import index_dtype_for
+from spft_kernels.ops.index import index_dtype_for
 
 
 def build(index, out_features=6, in_features=5, **kwargs):

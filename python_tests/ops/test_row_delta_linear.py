@@ -10,8 +10,8 @@ import torch.nn as nn
 import spft_kernels as spft
 from conftest import cuda_extension_or_skip
 from helpers import assert_within_budget, dense_oracle, fit_mse, plain_pytorch
-from spft_kernels import naive
-from spft_kernels.memory import TensorMemoryTracker
+from spft_kernels.ops import naive
+from spft_kernels.bench.memory import TensorMemoryTracker
 
 # (out, in, leading dims of x, R, bias): odd sizes, 1 token, R = 0, R = out, 3-D and 4-D x.
 CASES = [

@@ -6,7 +6,7 @@ import torch
 import spft_kernels as spft
 from conftest import default_device, kernel_dtypes, usable_backends
 from helpers import ATOL, max_error
-from spft_kernels.sddmm import sddmm
+from spft_kernels.ops.sddmm import sddmm
 
 DEVICE = default_device()
 # (tokens, out, in, density): 1 token, nnz = 0, nnz = out*in, odd sizes, several token splits,

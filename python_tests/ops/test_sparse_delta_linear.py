@@ -4,10 +4,10 @@ import torch
 import spft_kernels as spft
 from conftest import default_device, usable_backends
 from helpers import assert_within_budget, dense_oracle, plain_pytorch, random_problem
-from spft_kernels.backends import implemented_backends
-from spft_kernels.fused_delta_linear import fused_delta_linear
-from spft_kernels.sddmm import sddmm
-from spft_kernels.spmm import spmm_add, spmm_t_add
+from spft_kernels.ops.backends import implemented_backends
+from spft_kernels.ops.fused_delta_linear import fused_delta_linear
+from spft_kernels.ops.sddmm import sddmm
+from spft_kernels.ops.spmm import spmm_add, spmm_t_add
 
 # (out, in, leading dims of x, density, bias): odd sizes, 1 token, nnz = 0, nnz = out*in, 3-D x.
 CASES = [
@@ -156,7 +156,7 @@ def test_delta_gradient_is_bitwise_reproducible():
 def test_reference_chunking_matches_single_chunk(monkeypatch):
     x, weight, delta, index, bias, dy = random_problem(20, 24, (17,), 0.3, True, seed=9)
     whole = spft.sparse_delta_linear(x, weight, delta, index, bias)
-    import spft_kernels.naive as naive
+    import spft_kernels.ops.naive as naive
 
     monkeypatch.setattr(naive, "CHUNK_ELEMENTS", 1)  # one token per chunk
     chunked = spft.sparse_delta_linear(x, weight, delta, index, bias)

@@ -7,7 +7,7 @@ import torch
 import spft_kernels as spft
 from conftest import default_device, kernel_dtypes, usable_backends
 from helpers import ATOL, dense_weight, max_error
-from spft_kernels.spmm import spmm_add, spmm_t_add
+from spft_kernels.ops.spmm import spmm_add, spmm_t_add
 
 DEVICE = default_device()
 # (tokens, out, in, density): 1 token, nnz = 0, nnz = out*in, odd sizes, rows longer than a block.

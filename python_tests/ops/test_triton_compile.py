@@ -25,10 +25,10 @@ PRELUDE = textwrap.dedent(
 
 COMPILE_ALL = PRELUDE + textwrap.dedent(
     """
-    from spft_kernels.row_gather import _row_gather_kernel
-    from spft_kernels.row_scatter_add import _row_scatter_add_kernel
-    from spft_kernels.sddmm import _sddmm_gather_dot_kernel, _sddmm_tile_kernel
-    from spft_kernels.spmm import _spmm_kernel
+    from spft_kernels.ops.row_gather import _row_gather_kernel
+    from spft_kernels.ops.row_scatter_add import _row_scatter_add_kernel
+    from spft_kernels.ops.sddmm import _sddmm_gather_dot_kernel, _sddmm_tile_kernel
+    from spft_kernels.ops.spmm import _spmm_kernel
 
     for capability in (80, 90):
         for dtype in ("fp32", "fp16", "bf16"):
@@ -74,7 +74,7 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
 
 COMPILE_PST = PRELUDE + textwrap.dedent(
     """
-    from spft_kernels import pst_kernels as K
+    from spft_kernels.ops import pst_kernels as K
 
     def score(w):
         pointers = {name: "*fp32" for name in ("u_ptr", "v_ptr", "a_ptr", "b_ptr", "r_ptr", "c_ptr")}

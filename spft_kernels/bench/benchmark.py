@@ -42,11 +42,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import bench_report
-from .backends import available_backends, implemented_backends
-from .index import SparseIndex, random_index
-from .layers import RowSparseLinear, SparseDeltaLinear
-from .pst import PSTLinear
+from . import report as bench_report
+from ..ops.backends import available_backends, implemented_backends
+from ..ops.index import SparseIndex, random_index
+from ..nn.row_sparse_linear import RowSparseLinear
+from ..nn.sparse_delta_linear import SparseDeltaLinear
+from ..nn.pst_linear import PSTLinear
 from .memory import TensorMemoryTracker
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -373,8 +374,8 @@ def run_case(case: dict, device: torch.device, repeats: int, warmup: int, env: d
 
 def _kernel_providers(case: dict, device: torch.device) -> dict[str, tuple[str, Callable[[], object]]]:
     """name -> (op, call) for the kernel ops of ``case``."""
-    from .sddmm import sddmm
-    from .spmm import spmm_add, spmm_t_add
+    from ..ops.sddmm import sddmm
+    from ..ops.spmm import spmm_add, spmm_t_add
 
     dtype = DTYPES[case["dtype"]]
     out_features, in_features, tokens = case["out_features"], case["in_features"], case["tokens"]
@@ -536,7 +537,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if records:
         print(bench_report.format_table(records))
     if args.e2e or args.e2e_only:
-        from .bench_e2e import format_e2e, run_e2e
+        from .e2e import format_e2e, run_e2e
 
         e2e = run_e2e(device, torch.bfloat16 if device.type == "cuda" else torch.float32, env=env)
         print(format_e2e(e2e))

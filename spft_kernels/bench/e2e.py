@@ -18,11 +18,11 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .index import random_index
-from .layers import SparseDeltaLinear
+from ..ops.index import random_index
+from ..nn.sparse_delta_linear import SparseDeltaLinear
 from .memory import TensorMemoryTracker
-from .model import replace_linears
-from .targets import find_target_linears
+from ..integration.surgery import replace_linears
+from ..masks.targets import find_target_linears
 
 # (hidden, intermediate, layers, heads, kv heads, vocab, sequence, batch)
 CPU_MODEL = dict(hidden=256, intermediate=688, layers=4, heads=4, kv_heads=4, vocab=1024, sequence=128, batch=4)
@@ -80,8 +80,8 @@ def method_sparta(model: nn.Module, rank: int) -> nn.Module:
 
 def method_speft(model: nn.Module, rank: int) -> nn.Module:
     """SPEFT's recommended setting: gradient salience on calibration batches, global top-k, static."""
-    from .salience import salience_scores
-    from .select import lora_equivalent_params, select_topk
+    from ..masks.salience import salience_scores
+    from ..masks.select import lora_equivalent_params, select_topk
 
     spec_vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(2)
@@ -99,8 +99,8 @@ def method_speft(model: nn.Module, rank: int) -> nn.Module:
 
 def method_spruft(model: nn.Module, rank: int) -> nn.Module:
     """SPruFT at LoRA's budget: per layer round(r (in + out) / in) rows chosen by their l2 norm."""
-    from .layers import RowSparseLinear
-    from .row_importance import row_importance, select_rows
+    from ..nn.row_sparse_linear import RowSparseLinear
+    from ..masks.row_importance import row_importance, select_rows
 
     rows = select_rows(row_importance(model, metric="l2"), lora_rank=rank, model=model)
     _freeze(model)

@@ -44,9 +44,9 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 import torch.nn as nn
 
-from .layers import SparseDeltaLinear
+from ..nn.sparse_delta_linear import SparseDeltaLinear
 from .salience import METRICS, DATA_FREE_METRICS, salience_scores
-from .scatter_delta import scatter_delta_
+from ..ops.scatter_delta import scatter_delta_
 from .select import _check_budget, select_topk
 from .targets import TargetModules, find_target_linears
 

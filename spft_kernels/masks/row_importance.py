@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import naive
+from ..ops import naive
 from .targets import TargetModules, find_target_linears
 
 Tensor = torch.Tensor

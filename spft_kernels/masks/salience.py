@@ -93,7 +93,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .layers import SparseDeltaLinear
+from ..nn.sparse_delta_linear import SparseDeltaLinear
 from .targets import TargetModules, find_target_linears
 
 Tensor = torch.Tensor

@@ -30,7 +30,7 @@ from typing import Mapping, Optional
 import torch
 import torch.nn as nn
 
-from .index import index_dtype_for, random_index
+from ..ops.index import index_dtype_for, random_index
 from .targets import TargetModules, find_target_linears
 
 Tensor = torch.Tensor

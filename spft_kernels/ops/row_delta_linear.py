@@ -139,7 +139,7 @@ def row_delta_linear(
     master); ``rows``: 1-D integer [R], the output rows that ``delta_rows`` adds to. With
     ``validate=True`` the rows are checked (in range, unique: one host sync) and unsorted rows are
     sorted together with ``delta_rows`` (differentiably); layers hold canonical rows (sorted
-    unique int64 on the weight's device, see :func:`spft_kernels.index.canonical_rows`) and pass
+    unique int64 on the weight's device, see :func:`spft_kernels.ops.index.canonical_rows`) and pass
     ``validate=False``. ``merged=True`` declares that ``weight`` already holds ``W0 + Wf`` at the
     rows: the forward is then a plain GEMM and only ``dWf`` involves the rows.
     """

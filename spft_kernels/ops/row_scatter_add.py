@@ -93,7 +93,7 @@ def row_scatter_add_(y: Tensor, z: Tensor, rows: Tensor, backend: str = "auto", 
     integer ``rows`` [R]; returns ``y``. ``y`` and ``z`` must not overlap.
 
     ``validate=True`` checks that the rows are in range and unique (one host sync); callers that
-    hold canonical rows (validated once, see :func:`spft_kernels.index.canonical_rows`) pass
+    hold canonical rows (validated once, see :func:`spft_kernels.ops.index.canonical_rows`) pass
     ``validate=False``.
     """
     if not isinstance(y, Tensor) or not isinstance(z, Tensor):

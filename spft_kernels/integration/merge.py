@@ -1,0 +1,57 @@
+"""The way back to plain linears: ``merge_and_unload`` (W0 + Δ folded into the weights, or PST's
+pruned weight) and ``unload`` (W0 exactly, the deltas dropped)."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ..nn.pst_linear import PSTLinear
+from .surgery import _finish_unload, plain_linear, set_submodule, spft_layers, unwrap_model
+
+
+def merge_and_unload(model: nn.Module, *, return_report: bool = False):
+    """Replace every spft layer with a plain ``nn.Linear`` holding ``W0 + Δ`` and return the model
+    (the same object): bitwise the layer's ``merged_weight()`` (fp32 sum, rounded once to the
+    weight's dtype), written in place into the layer's own weight tensor (O(nnz); no copy of the
+    weight, except for a SparseDeltaLinear on a non-contiguous weight, which gets a new one).
+    The original ``requires_grad`` flags come back; ``modules_to_save`` keep their trained values.
+
+    A ``PSTLinear`` becomes its pruned linear ``(W0 + βUV) ⊙ M`` (``to_linear``: new tensors) at
+    the sparsity the layer holds now, which need not be ``config.sparsity`` (e.g. a run stopped
+    before the schedule reached it): it exports what it has. ``return_report=True`` returns
+    ``(model, {name: PSTLinear.sparsity_report()})`` (achieved ``mask_sparsity``,
+    ``weight_sparsity``, ...; empty for the other methods) so that this can be checked."""
+    root = unwrap_model(model)
+    layers = spft_layers(root)
+    if not layers:
+        raise ValueError("merge_and_unload: the model has no sparse fine-tuning layers")
+    reports = {}
+    for name, layer in layers.items():
+        if isinstance(layer, PSTLinear):
+            linear, reports[name] = layer.to_linear(return_report=True)  # flags restored below
+        elif layer._MERGE_NEEDS_CONTIGUOUS_WEIGHT and not layer.weight.is_contiguous():
+            linear = layer.to_linear()  # never merged in place: split mode
+        else:
+            layer.merge()  # W0 + Δ in the weight, rounded once; a stale merge re-syncs first
+            linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+            linear.weight = layer.weight
+            if layer.bias is not None:
+                linear.bias = layer.bias
+        set_submodule(root, name, linear)
+    _finish_unload(root)
+    return (model, reports) if return_report else model
+
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Undo ``get_spft_model``: every spft layer becomes the plain ``nn.Linear`` it was built on,
+    holding W0 exactly (its own tensors), and the original ``requires_grad`` flags come back. The
+    deltas are dropped (save them first); ``modules_to_save`` keep their trained values."""
+    root = unwrap_model(model)
+    layers = spft_layers(root)
+    if not layers:
+        raise ValueError("unload: the model has no sparse fine-tuning layers")
+    for name, layer in layers.items():
+        set_submodule(root, name, plain_linear(layer))
+    _finish_unload(root)
+    return model
