@@ -2,8 +2,8 @@
 
 Memory-lean: no out x in temporary at any point. Work is chunked over tokens so that a
 temporary holds at most about ``CHUNK_ELEMENTS`` values (at least one token's worth, i.e. nnz).
-Accumulation is in fp32, or fp64 when an operand is fp64; on the CPU every op here is
-deterministic.
+Accumulation is in fp32, or fp64 when an operand is fp64; every op here is deterministic (the
+same inputs give the same bits), on the CPU and on CUDA.
 """
 
 from __future__ import annotations
@@ -41,6 +41,11 @@ def gather_scale_add(
 
     With gather = col, scatter = row it is ``base + x Δᵀ``; with gather = row, scatter = col it is
     ``base + dy Δ``. The sum is formed in the accumulate dtype and rounded once to base's dtype.
+    Bitwise repeatable on every device: on the CPU ``index_add_`` adds in index order; on CUDA it
+    adds with atomics (roundings differ run to run), so there the sums go through
+    ``index_put_(accumulate=True)``, which sorts the indices and adds each column's entries in
+    order (deterministic by torch's documentation), on [features, tokens] layouts so that only
+    the nnz indices are sorted.
     """
     acc = accumulate_dtype(base, src, values)
     out = torch.empty_like(base, memory_format=torch.contiguous_format)
@@ -48,10 +53,16 @@ def gather_scale_add(
     step = token_chunk(src.shape[0], values.numel(), base.shape[1] * src.shape[1])
     for start in range(0, src.shape[0], step):
         stop = start + step
-        partial = base[start:stop].to(acc, copy=True)
-        contributions = src[start:stop].index_select(1, gather_cols).to(acc).mul_(scaled_values)
-        partial.index_add_(1, scatter_cols, contributions)
-        out[start:stop] = partial
+        if base.device.type == "cpu":
+            partial = base[start:stop].to(acc, copy=True)
+            contributions = src[start:stop].index_select(1, gather_cols).to(acc).mul_(scaled_values)
+            partial.index_add_(1, scatter_cols, contributions)
+            out[start:stop] = partial
+        else:
+            partial = base[start:stop].t().to(acc).contiguous()
+            contributions = src[start:stop].t().index_select(0, gather_cols).to(acc).mul_(scaled_values[:, None])
+            partial.index_put_((scatter_cols,), contributions, accumulate=True)
+            out[start:stop] = partial.t()
     return out
 
 
