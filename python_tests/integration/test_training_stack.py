@@ -142,8 +142,25 @@ def test_compile_has_no_graph_breaks_at_our_layers(kind):
     assert explained.graph_count <= unconverted.graph_count
 
 
+@pytest.fixture(scope="module")
+def compile_is_bitwise():
+    """Whether torch.compile leaves the plain (unconverted) tiny Llama's gradients bitwise equal to
+    eager. Version-dependent, and not about our layers: true with torch 2.14 / transformers 5.24;
+    false with torch 2.11 / transformers 5.17 (the GPU machine's versions), where Dynamo's graph
+    of the model alone (backend "eager" too) changes the last bits of 13 of its gradients."""
+    import copy
+
+    model = tiny_model("llama", dtype=torch.float32)
+    reference = copy.deepcopy(model)
+    batch = tiny_batches("llama")[0]
+    torch._dynamo.reset()
+    hf_loss(torch.compile(model, backend="aot_eager"), batch).backward()
+    hf_loss(reference, batch).backward()
+    return all(torch.equal(a.grad, b.grad) for a, b in zip(model.parameters(), reference.parameters()))
+
+
 @pytest.mark.parametrize("method, mode", [("speft", "auto"), ("spruft", "auto"), ("speft", "fused")])
-def test_compiled_training_equals_eager_without_recompiles(method, mode):
+def test_compiled_training_equals_eager_without_recompiles(method, mode, compile_is_bitwise):
     import torch._dynamo.testing
 
     kwargs = {"match_lora_rank": 2} if method == "spruft" else {}
@@ -164,8 +181,14 @@ def test_compiled_training_equals_eager_without_recompiles(method, mode):
     assert counter.frame_count == 1  # one graph, traced once: no break, no recompile per step
     assert not torch._dynamo.utils.counters["graph_break"]
     for (name, a), b in zip(spft_layers(model).items(), spft_layers(reference).values()):
-        assert a.merged == (mode != "fused") and torch.equal(a.delta, b.delta), name
-        assert torch.equal(a.weight, b.weight), name  # merged weights re-synced in the graph; fused: W0 kept
+        assert a.merged == (mode != "fused"), name
+        if compile_is_bitwise or mode == "fused":  # fused: W0 is never written, compiled or not
+            assert torch.equal(a.weight, b.weight), name  # merged weights re-synced in the graph
+        if compile_is_bitwise:
+            assert torch.equal(a.delta, b.delta), name
+        else:  # where compile changes the plain model's gradients (seen: 1.5e-7 on deltas of ~0.03)
+            torch.testing.assert_close(a.delta, b.delta, rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(a.weight, b.weight, rtol=1e-5, atol=1e-6, msg=name)
 
 
 # --- DDP and FSDP2 (2 CPU processes, gloo) -----------------------------------------------------------
