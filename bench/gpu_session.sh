@@ -34,7 +34,6 @@
 # test this script's time limits and summaries on a CPU machine).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$PWD
 OUT=${OUT:-/tmp/spft-gpu-session}
 mkdir -p "$OUT"
 BUDGET=${SPFT_SESSION_BUDGET:-540}
@@ -187,13 +186,15 @@ stage_env() {
   echo "nvcc: $( (nvcc --version || /usr/local/cuda/bin/nvcc --version) 2>/dev/null | tail -1)"
   echo "compute-sanitizer: ${SANITIZER:-missing} $([ -n "$SANITIZER" ] && "$SANITIZER" --version 2>/dev/null | tail -1)"
   "$PY" - <<'PYEOF' 2>&1
-import importlib, sys
+import sys
+from importlib.metadata import PackageNotFoundError, version
 print("python", sys.version.split()[0], sys.executable)
-for name in ("torch", "triton", "transformers", "peft", "numpy", "accelerate", "safetensors", "pytest", "xdist"):
+for name, dist in [(n, n) for n in ("torch", "triton", "transformers", "peft", "numpy", "accelerate", "safetensors",
+                                    "pytest")] + [("xdist", "pytest-xdist")]:
     try:
-        print(name, getattr(importlib.import_module(name), "__version__", "?"))
-    except Exception as error:
-        print(name, "missing:", type(error).__name__)
+        print(name, version(dist))  # the installed versions, without importing them (seconds each)
+    except PackageNotFoundError:
+        print(name, "missing")
 try:
     import torch
     print("torch-cuda", torch.version.cuda, "available:", torch.cuda.is_available())
