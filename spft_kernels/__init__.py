@@ -18,6 +18,7 @@ from .integration.adapter_merge import merge_adapters
 from .integration.adapter_save import save_adapter
 from .integration.config import SpftConfig
 from .integration.conversion import get_spft_model, make_dynamic_mask, set_pst_sparsity
+from .integration.from_peft import from_peft
 from .integration.merge import merge_and_unload, unload
 from .integration.surgery import print_trainable_parameters
 from .masks.dynamic_mask import DynamicMask
@@ -49,6 +50,7 @@ __all__ = [
     "SpftExtensionWarning",
     "available_backends",
     "cubic_sparsity",
+    "from_peft",
     "get_spft_model",
     "load_adapter",
     "lora_equivalent_params",

@@ -63,7 +63,7 @@ import torch.nn as nn
 from ..nn.pst_linear import PSTLinear
 from ..nn.row_sparse_linear import RowSparseLinear
 from ..nn.sparse_delta_linear import SparseDeltaLinear
-from .surgery import SPFT_LAYER_TYPES
+from .surgery import saved_module_names, SPFT_LAYER_TYPES
 
 FORMAT = "spft_adapter"
 FORMAT_VERSION = 1
@@ -232,6 +232,18 @@ def _expect(key: str, tensor: torch.Tensor, dtypes: tuple, shape: tuple) -> None
             f"adapter tensor {key!r} must be {'/'.join(_dtype_name(d) for d in dtypes)} of shape {shape}, got "
             f"{_dtype_name(tensor.dtype)} {tuple(tensor.shape)}"
         )
+
+
+def saved_module_tensors(root: nn.Module, patterns, tensors: dict, prefix: str = "") -> dict:
+    """Put the state of every ``modules_to_save`` module into ``tensors`` as
+    ``<prefix><module>.<key>`` (CPU copies); returns ``{module: sorted state dict keys}``."""
+    saved = {}
+    for module_name in saved_module_names(root, patterns):
+        state = root.get_submodule(module_name).state_dict()
+        saved[module_name] = sorted(state)
+        for key, tensor in state.items():
+            tensors[f"{prefix}{module_name}.{key}"] = _full(tensor).detach().cpu().contiguous().clone()
+    return saved
 
 
 def _resolve_path(path: PathLike) -> str:

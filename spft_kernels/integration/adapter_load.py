@@ -14,7 +14,8 @@ from ..nn.row_sparse_linear import RowSparseLinear
 from ..nn.sparse_delta_linear import SparseDeltaLinear
 from ..ops.index import SparseIndex, canonical_rows
 from .adapter_format import _dtype_name, _is_dtensor, fingerprint, _KINDS, PathLike, _PST_FACTORS
-from .adapter_read import _Adapter, read_adapter
+from .adapter_folder import read_any_adapter
+from .adapter_read import _Adapter
 from .config import SpftConfig
 from .surgery import (
     CONFIG_ATTR,
@@ -90,7 +91,8 @@ def _check_against(root: nn.Module, adapter: _Adapter, check_base: bool) -> dict
         values = record.values.to(device)
         if order is not None:
             values = values[order]
-        if check_base and fingerprint(module, record.kind, positions) != record.fingerprint:
+        # A folder peft wrote has no fingerprint (None): nothing to check the base against.
+        if check_base and record.fingerprint is not None and fingerprint(module, record.kind, positions) != record.fingerprint:
             raise ValueError(_BASE_DIFFERS.format(where=where))
         plans[name] = _Plan(record.kind, positions, values.to(master))
     for module_name, state in adapter.saved.items():
@@ -158,7 +160,8 @@ def _pst_layer(linear: nn.Linear, plan: _Plan, backend: str, name: str) -> PSTLi
 
 
 def load_adapter(model: nn.Module, path: PathLike, *, check_base: bool = True) -> nn.Module:
-    """Load an adapter file into ``model`` and return it (the same object).
+    """Load an adapter into ``model`` and return it (the same object). ``path``: an adapter file,
+    a folder ``save_adapter`` wrote, or a SHiRA adapter folder peft saved (``adapter_folder.py``).
 
     A plain model is converted (its linears become spft layers at the stored positions, as
     ``PeftModel.from_pretrained`` does for LoRA); a converted model gets its adapter replaced
@@ -167,8 +170,8 @@ def load_adapter(model: nn.Module, path: PathLike, *, check_base: bool = True) -
     before anything is written (see the module docstring), so a ``ValueError`` leaves the model
     unchanged. ``check_base=False`` skips the base-weight fingerprint and dtype check (shapes are
     still checked)."""
-    adapter = read_adapter(path)
     root = unwrap_model(model)
+    adapter = read_any_adapter(path, root)
     plans = _check_against(root, adapter, check_base)
     _install(root, plans, adapter.saved, adapter.config)
     return model

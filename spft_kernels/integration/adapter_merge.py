@@ -14,7 +14,7 @@ import torch.nn as nn
 from ..ops.index import index_dtype_for
 from .adapter_format import PathLike
 from .adapter_load import _check_against, _install, _Plan
-from .adapter_read import read_adapter
+from .adapter_folder import read_any_adapter
 from .surgery import unwrap_model
 
 
@@ -53,7 +53,7 @@ def merge_adapters(
     if saved_modules not in ("error", "skip"):
         raise ValueError(f"merge_adapters: saved_modules must be 'error' or 'skip', got {saved_modules!r}")
     root = unwrap_model(model)
-    adapters = [read_adapter(p) for p in paths]
+    adapters = [read_any_adapter(p, root) for p in paths]
     for adapter in adapters:
         if any(record.kind == "pst" for record in adapter.layers.values()):
             raise ValueError(

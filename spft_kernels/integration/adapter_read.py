@@ -47,20 +47,27 @@ class _Adapter:
     saved: dict  # module name -> {key: tensor}
 
 
-def read_adapter(path: PathLike) -> _Adapter:
-    """Read and check a whole adapter file (integrity, format, structure); raises ``ValueError``
-    naming the file and the problem. The model is not involved."""
+def read_safetensors(path: str, what: str) -> tuple[dict, dict]:
+    """``(metadata, tensors)`` of a whole safetensors file (on the CPU); ``ValueError`` naming
+    ``path`` when safetensors cannot read it."""
     from safetensors import safe_open
 
-    path = _resolve_path(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no adapter file at {path!r}")
     try:
         with safe_open(path, framework="pt", device="cpu") as handle:
             metadata = dict(handle.metadata() or {})
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as error:  # noqa: BLE001 - safetensors raises its own error type for every defect
-        raise ValueError(f"{path}: not a readable adapter file (truncated or corrupted?): {error}") from None
+        raise ValueError(f"{path}: not a readable {what} (truncated or corrupted?): {error}") from None
+    return metadata, tensors
+
+
+def read_adapter(path: PathLike) -> _Adapter:
+    """Read and check a whole adapter file (integrity, format, structure); raises ``ValueError``
+    naming the file and the problem. The model is not involved."""
+    path = _resolve_path(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no adapter file at {path!r}")
+    metadata, tensors = read_safetensors(path, "adapter file")
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path}: not an spft adapter file (metadata format={metadata.get('format')!r})")
     version = metadata.get("format_version")

@@ -23,11 +23,13 @@ from .adapter_format import (
     FORMAT_VERSION,
     PathLike,
     _PST_FACTORS,
-    _resolve_path,
+    saved_module_tensors,
     _VALUE_DTYPES,
 )
+from .adapter_folder import SAVE_FORMATS, save_target, write_folder_config
 from .config import SpftConfig
-from .surgery import CONFIG_ATTR, saved_module_names, spft_layers, unwrap_model
+from .peft_shira import save_shira_folder
+from .surgery import CONFIG_ATTR, spft_layers, unwrap_model
 
 
 def _writes_files() -> bool:
@@ -37,16 +39,25 @@ def _writes_files() -> bool:
     return not distributed or torch.distributed.get_rank() == 0
 
 
-def save_adapter(model: nn.Module, path: PathLike, *, dtype: Optional[torch.dtype] = None) -> str:
+def save_adapter(
+    model: nn.Module, path: PathLike, *, dtype: Optional[torch.dtype] = None, format: str = "spft"
+) -> str:
     """Write the model's adapter (every spft layer's delta and positions, the ``modules_to_save``
-    and the config) to ``path`` (a file, or a directory that gets ``spft_adapter.safetensors``);
-    returns the file's path. ``dtype`` stores the values in another precision, e.g.
+    and the config) to ``path``: a ``.safetensors`` path (or an existing file) gets that single
+    file; any other path is a folder, like peft's, holding ``spft_adapter.safetensors`` and
+    ``adapter_config.json`` (``adapter_folder.py``). Returns the tensors file's path.
+    ``format="peft"`` writes peft's SHiRA folder instead (``adapter_config.json`` +
+    ``adapter_model.safetensors``, loadable by ``peft.PeftModel.from_pretrained``; see
+    ``peft_shira.py``, which also says what SHiRA cannot express) and returns the folder.
+    ``dtype`` stores the values in another precision, e.g.
     ``torch.bfloat16`` for 4 bytes per trainable entry (default: the deltas' own fp32). The file
     is written to a temporary name and renamed, so a crash never leaves a half-written adapter.
     DDP-wrapped models are unwrapped; under torch.distributed only rank 0 writes, and with FSDP2
     every rank must call it (the sharded deltas are gathered)."""
     from safetensors.torch import save_file
 
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"save_adapter: format must be one of {SAVE_FORMATS}, got {format!r}")
     if dtype is not None and dtype not in _VALUE_DTYPES:
         raise ValueError(f"save_adapter: dtype must be one of {[_dtype_name(d) for d in _VALUE_DTYPES]}, got {dtype!r}")
     root = unwrap_model(model)
@@ -56,6 +67,8 @@ def save_adapter(model: nn.Module, path: PathLike, *, dtype: Optional[torch.dtyp
     config = getattr(root, CONFIG_ATTR, None)
     if config is None:
         config = _describe(layers)
+    if format == "peft":
+        return save_shira_folder(root, layers, config, path, dtype=dtype, write=_writes_files())
     tensors, entries = {}, {}
     with torch.no_grad():
         for name, layer in layers.items():
@@ -83,12 +96,7 @@ def save_adapter(model: nn.Module, path: PathLike, *, dtype: Optional[torch.dtyp
                 "weight_dtype": _dtype_name(layer.weight.dtype),
                 "fingerprint": fingerprint(layer, kind, positions),
             }
-        saved = {}
-        for module_name in saved_module_names(root, config.modules_to_save):
-            state = root.get_submodule(module_name).state_dict()
-            saved[module_name] = sorted(state)
-            for key, tensor in state.items():
-                tensors[f"{module_name}.{key}"] = _full(tensor).detach().cpu().contiguous().clone()
+        saved = saved_module_tensors(root, config.modules_to_save, tensors)
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
@@ -97,9 +105,11 @@ def save_adapter(model: nn.Module, path: PathLike, *, dtype: Optional[torch.dtyp
         "saved_modules": json.dumps(saved, sort_keys=True, separators=(",", ":")),
     }
     metadata["checksum"] = _checksum(metadata, tensors)
-    target = _resolve_path(path)
+    target, folder = save_target(path)
     if not _writes_files():
         return target
+    if folder is not None:
+        os.makedirs(folder, exist_ok=True)
     temporary = f"{target}.tmp-{os.getpid()}"
     try:
         save_file(tensors, temporary, metadata=metadata)
@@ -107,6 +117,8 @@ def save_adapter(model: nn.Module, path: PathLike, *, dtype: Optional[torch.dtyp
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+    if folder is not None:
+        write_folder_config(folder, config, root)
     return target
 
 
