@@ -47,6 +47,19 @@ def tiny_batches(kind: str, count: int = 3, batch: int = 4, tokens: int = 8, see
     return batches
 
 
+def tiny_tokenizer(vocab_size: int = 64):
+    """A word-level fast tokenizer over the words ``w0 .. w{vocab_size - 4}`` plus [PAD], [UNK],
+    [EOS] (ids 0-2), built offline for trainers that want a ``processing_class`` (TRL)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["[PAD]", "[UNK]", "[EOS]"] + [f"w{i}" for i in range(vocab_size - 3)]
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]"
+    )
+
+
 def hf_loss(model, batch):
     return model(**batch).loss
 

@@ -46,3 +46,12 @@ def test_finetune_example_prints_its_table(examples_path, capsys):
     assert trainable["sparta"] == trainable["lora"] > 0  # matched to LoRA's count, head included
     assert all(row[4].endswith("%") for row in rows.values())
     sys.modules.pop("finetune", None)
+
+
+def test_trl_example_trains_and_saves_both_folders(examples_path, tmp_path):
+    pytest.importorskip("trl")
+    import trl_sft
+
+    assert trl_sft.main(["--max-steps", "2", "--output-dir", str(tmp_path), "--peft-folder", str(tmp_path / "peft")]) == 0
+    assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter_config.json", "spft_adapter.safetensors"]
+    assert sorted(os.listdir(tmp_path / "peft")) == ["adapter_config.json", "adapter_model.safetensors"]
