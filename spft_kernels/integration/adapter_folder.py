@@ -92,30 +92,37 @@ def read_any_adapter(path: PathLike, root: nn.Module) -> _Adapter:
     """The adapter at ``path`` (a file or a folder of any layout above), checked, without touching
     ``root`` (it gives a peft folder's layer shapes)."""
     path = os.fspath(path)
-    folder = path
-    if os.path.isfile(path):
+    if os.path.isfile(path):  # a file; peft's adapter_model.safetensors stands for its folder
         folder = os.path.dirname(path) or "."
-        if os.path.basename(path) != PEFT_TENSORS or not os.path.isfile(os.path.join(folder, CONFIG_FILE)):
-            return read_adapter(path)
-    config_path = os.path.join(folder, CONFIG_FILE)
-    if not os.path.isdir(folder) or not os.path.isfile(config_path):
+        config_path = os.path.join(folder, CONFIG_FILE)
+        if os.path.basename(path) == PEFT_TENSORS and os.path.isfile(config_path):
+            data = read_config(config_path)
+            if "peft_type" in data:
+                return _read_peft_folder(folder, data, root)
+        return read_adapter(path)
+    config_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(config_path):
         return read_adapter(path)  # a folder written before adapter_config.json, or nothing there
     data = read_config(config_path)
     if "peft_type" in data:
-        if data["peft_type"] != "SHIRA":
-            raise ValueError(
-                f"{folder}: a peft {data['peft_type']} adapter; spft loads peft's sparse adapters (SHiRA) only "
-                "(load this one with peft, or merge it into the base with peft's merge_and_unload first)"
-            )
-        from .peft_shira import read_shira_folder  # here: peft_shira builds on this module's helpers
-
-        return read_shira_folder(folder, data, root)
+        return _read_peft_folder(path, data, root)
     if data.get("format") != FORMAT:
         raise ValueError(f"{config_path}: neither an spft adapter config nor a peft one (format={data.get('format')!r})")
-    adapter = read_adapter(os.path.join(folder, ADAPTER_FILE))
+    adapter = read_adapter(os.path.join(path, ADAPTER_FILE))
     if data.get("config") != json.loads(adapter.config.to_json()):
         raise ValueError(
             f"{config_path}: its config disagrees with {ADAPTER_FILE} (edited after saving?); the tensors file is "
             "the source of truth: restore the JSON or delete it"
         )
     return adapter
+
+
+def _read_peft_folder(folder: str, data: dict, root: nn.Module) -> _Adapter:
+    if data["peft_type"] != "SHIRA":
+        raise ValueError(
+            f"{folder}: a peft {data['peft_type']} adapter; spft loads peft's sparse adapters (SHiRA) only "
+            "(load this one with peft, or merge it into the base with peft's merge_and_unload first)"
+        )
+    from .peft_shira import read_shira_folder  # here: peft_shira builds on this module's helpers
+
+    return read_shira_folder(folder, data, root)

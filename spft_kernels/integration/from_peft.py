@@ -61,14 +61,14 @@ def from_peft(peft_model: nn.Module, *, mode: str = "auto", backend: str = "auto
         layers[name] = _layer(name, module, adapter, mode, backend)
     if not layers:
         raise ValueError(f"from_peft: adapter {adapter!r} has no SHiRA layer")
-    tuner.unload()  # peft's own way back: base layers and the trained modules_to_save copies in place
-    for name, layer in layers.items():
-        set_submodule(base, name, layer)
     config = SpftConfig(
         method="sparta" if getattr(peft_config, "mask_type", None) == "random" else "speft",
         num_params=max(1, sum(layer.nnz for layer in layers.values())),
         target_modules=list(layers), modules_to_save=saved or None, mode=mode, backend=backend,
     )
+    tuner.unload()  # peft's own way back: base layers and the trained modules_to_save copies in place
+    for name, layer in layers.items():
+        set_submodule(base, name, layer)
     remember_requires_grad(base)
     prepare_for_training(base, saved)
     setattr(base, CONFIG_ATTR, config)

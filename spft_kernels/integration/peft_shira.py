@@ -19,8 +19,8 @@ installed peft):
   the sum the merged mode writes, so fp32 outputs are bitwise equal.
 
 Writing: every spft layer kind whose delta is a set of weight entries gives its flat entries
-(``FLAT_ENTRIES``: scattered entries as they are, rows as their ``in`` entries each; a new kind,
-e.g. blocks, adds its own function there). ``r`` is the smallest that holds every layer's entries
+(``SHIRA_KINDS``: scattered entries as they are, rows as their ``in`` entries each; a new kind,
+e.g. blocks, adds its way there and back). ``r`` is the smallest that holds every layer's entries
 (``ceil(count / (in + out))``, at least 1); a layer's remaining ``K - count`` entries are zeros at
 untrained positions spread evenly over the weight, so peft's output is the model's. The real
 entries come first, then the padding, and the safetensors metadata (which peft ignores) keeps the
@@ -36,6 +36,7 @@ needing ``r`` entries beyond the size of a smaller layer).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Callable, Optional
@@ -57,31 +58,61 @@ SPFT_IN_PEFT = "spft_adapter_in_peft_shira"  # metadata["spft_format"] of a fold
 _WEIGHT, _INDICES = "shira_weight", "shira_indices"
 
 
-# --- every layer kind as flat entries ------------------------------------------------------------
+# --- every layer kind as flat entries, and back ---------------------------------------------------
 
 
-def _scattered_entries(layer: SparseDeltaLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@dataclasses.dataclass(frozen=True)
+class ShiraKind:
+    """How one spft layer kind crosses into SHiRA's flat entries and back.
+
+    ``to_flat(layer) -> (flat, values, positions)``: sorted flat positions (int64), the values in
+    that order, and the layer's own positions (for its fingerprint and its count,
+    ``positions.numel()``). ``from_flat(where, count, shape, flat, values) -> (positions, values)``:
+    the layer's positions and values from its first ``count * entries_per_position`` flat entries
+    (``ValueError`` if they do not have the kind's structure)."""
+
+    name: str  # the "kind" of adapter_format.py
+    entries_per_position: Callable[[tuple], int]  # shape -> flat entries per position
+    to_flat: Callable
+    from_flat: Callable
+
+
+def _scattered_to_flat(layer: SparseDeltaLinear):
     return layer.index.long(), _full(layer.delta).detach(), layer.index
 
 
-def _row_entries(layer: RowSparseLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _scattered_from_flat(where: str, count: int, shape: tuple, flat: torch.Tensor, values: torch.Tensor):
+    return flat, values
+
+
+def _rows_to_flat(layer: RowSparseLinear):
     rows = layer.rows.long()
     columns = torch.arange(layer.in_features, device=rows.device)
     flat = (rows[:, None] * layer.in_features + columns).reshape(-1)  # row-major: sorted
     return flat, _full(layer.delta).detach().reshape(-1), rows
 
 
-# {layer type: layer -> (sorted flat positions int64, values in the same order, the layer's own
-# positions for its fingerprint)}: the kinds SHiRA can express.
-FLAT_ENTRIES: dict[type, Callable] = {SparseDeltaLinear: _scattered_entries, RowSparseLinear: _row_entries}
-_KIND = {SparseDeltaLinear: "entries", RowSparseLinear: "rows"}
+def _rows_from_flat(where: str, count: int, shape: tuple, flat: torch.Tensor, values: torch.Tensor):
+    width = shape[1]
+    grid = flat.view(count, width)
+    rows = torch.div(grid[:, 0], width, rounding_mode="floor")
+    if not torch.equal(grid, rows[:, None] * width + torch.arange(width)):
+        raise ValueError(f"{where}: the entries of a rows layer must be whole rows in order")
+    return rows, values.view(count, width)
 
 
-def flat_entries(name: str, layer: nn.Module):
-    """``(kind, flat, values, positions)`` of a layer; ``ValueError`` for a kind SHiRA cannot express."""
+# The layer kinds SHiRA can express (a new kind, e.g. blocks, adds its entry here).
+SHIRA_KINDS: dict[type, ShiraKind] = {
+    SparseDeltaLinear: ShiraKind("entries", lambda shape: 1, _scattered_to_flat, _scattered_from_flat),
+    RowSparseLinear: ShiraKind("rows", lambda shape: shape[1], _rows_to_flat, _rows_from_flat),
+}
+
+
+def shira_kind(name: str, layer: nn.Module) -> ShiraKind:
+    """The layer's ``ShiraKind``; ``ValueError`` for a kind SHiRA cannot express."""
     for cls in type(layer).__mro__:
-        if cls in FLAT_ENTRIES:
-            return (_KIND.get(cls, cls.__name__), *FLAT_ENTRIES[cls](layer))
+        if cls in SHIRA_KINDS:
+            return SHIRA_KINDS[cls]
     if isinstance(layer, PSTLinear):
         raise ValueError(
             f"save_adapter(format='peft'): layer {name!r} is a PSTLinear; PST's output is a pruned weight "
@@ -148,12 +179,14 @@ def save_shira_folder(
     if folder.endswith(".safetensors") or os.path.isfile(folder):
         raise ValueError(f"save_adapter(format='peft'): {folder!r} must be a folder (peft adapters are folders)")
     with torch.no_grad():
-        flat = {name: flat_entries(name, layer) for name, layer in layers.items()}
-        shapes = {name: (layer.out_features, layer.in_features, flat[name][1].numel()) for name, layer in layers.items()}
+        kinds = {name: shira_kind(name, layer) for name, layer in layers.items()}
+        flat = {name: kinds[name].to_flat(layer) for name, layer in layers.items()}
+        shapes = {name: (layer.out_features, layer.in_features, flat[name][0].numel()) for name, layer in layers.items()}
         rank = shira_rank(shapes)
         tensors, described = {}, {}
         for name, layer in layers.items():
-            kind, positions, values, own = flat[name]
+            kind = kinds[name].name
+            positions, values, own = flat[name]
             out_features, in_features, count = shapes[name]
             total = out_features * in_features
             padding = _padding(positions, total, rank * (out_features + in_features) - count)
@@ -266,27 +299,21 @@ def _read_layer(where: str, values, indices, module, entry: Optional[dict]) -> _
 
 
 def _described_layer(where: str, entry: dict, flat: torch.Tensor, values: torch.Tensor) -> _LayerRecord:
-    """The layer spft saved: its real entries (the first ``count``, or ``count`` whole rows), the
-    rest zero padding; anything else is refused rather than silently dropped."""
+    """The layer spft saved: its real entries first (``count`` positions of its kind), then zero
+    padding; anything else is refused rather than silently dropped."""
     try:
         kind, shape, count = entry["kind"], tuple(entry["shape"]), entry["count"]
         weight_dtype, digest = entry["weight_dtype"], entry["fingerprint"]
     except (KeyError, TypeError):
         raise ValueError(f"{where}: incomplete spft metadata {entry!r}") from None
-    if kind not in _KIND.values() or isinstance(count, bool) or not isinstance(count, int) or count < 0:
-        raise ValueError(f"{where}: bad spft metadata kind={kind!r}, count={count!r}")
-    width = shape[1] if kind == "rows" else 1
-    real = count * width
+    spec = next((spec for spec in SHIRA_KINDS.values() if spec.name == kind), None)
+    if spec is None or isinstance(count, bool) or not isinstance(count, int) or count < 0 or len(shape) != 2:
+        raise ValueError(f"{where}: bad spft metadata kind={kind!r}, count={count!r}, shape={shape!r}")
+    real = count * spec.entries_per_position(shape)
     if real > values.numel() or bool(values[real:].any()):
         raise ValueError(f"{where}: the entries after the first {real} must be zero padding")
-    flat, values = flat[:real], values[:real]
-    if kind == "entries":
-        return _LayerRecord(kind, shape, weight_dtype, digest, flat, values)
-    grid = flat.view(count, width)
-    rows = torch.div(grid[:, 0], width, rounding_mode="floor")
-    if not torch.equal(grid, rows[:, None] * width + torch.arange(width)):
-        raise ValueError(f"{where}: the entries of a rows layer must be whole rows in order")
-    return _LayerRecord(kind, shape, weight_dtype, digest, rows, values.view(count, width))
+    positions, values = spec.from_flat(where, count, shape, flat[:real], values[:real])
+    return _LayerRecord(kind, shape, weight_dtype, digest, positions, values)
 
 
 def _saved_modules(path: str, patterns, tensors: dict, root: nn.Module) -> dict:
