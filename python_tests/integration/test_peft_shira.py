@@ -138,6 +138,11 @@ def test_load_adapter_reads_a_folder_peft_saved(tmp_path):
         for name, layer in spft_layers(model).items():
             assert torch.equal(layer.index.long(), entries[name][0]) and torch.equal(layer.delta, entries[name][1])
     assert model.spft_config.method == "sparta" and model.spft_config.modules_to_save == ["lm_head"]
+    # The same folder through peft (inference mode: nothing trainable), then from_peft on its tuner.
+    inference = peft.PeftModel.from_pretrained(tiny_model("llama", dtype=torch.float32), tmp_path)
+    converted = spft.from_peft(inference.base_model)
+    assert torch.equal(logits(converted, batch), expected)
+    assert all(layer.delta.requires_grad for layer in spft_layers(converted).values())
     # A peft folder is an adapter like any other: merged with an spft one by SpaRTA's merging.
     spft_file = spft.save_adapter(trained(method="sparta")[0], tmp_path / "sparta.safetensors")
     spft.merge_adapters(tiny_model("llama", dtype=torch.float32), [tmp_path, spft_file], saved_modules="skip")
