@@ -32,11 +32,49 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..ops._guards import as_int, builds_state, describe, is_inference
 from ..ops.backends import check_backend_name
 
 MODES = ("auto", "merged", "split", "fused")
 
 _GRADIENTS_SEEN = "_spft_gradients_seen"
+
+
+_SHARED_WEIGHT = (
+    "{layer}: the weight is shared with {other!r} (e.g. a tied LM head and input embedding); merging would "
+    "write W0 + delta into {other!r} too, so this layer never merges: use mode 'auto' or 'split' (exact, W0 "
+    "never modified)"
+)
+_INFERENCE_WEIGHT = (
+    "{layer}: the weight is an inference tensor (made under torch.inference_mode), which torch forbids writing "
+    "in place outside inference mode, so it cannot be merged; use mode 'auto' or 'split', or rebuild the linear "
+    "outside inference_mode (or clone its weight there)"
+)
+_READ_BY_PARENT = (
+    "{layer}: this linear is the out_proj of an nn.MultiheadAttention (a NonDynamicallyQuantizableLinear), "
+    "which reads out_proj.weight and .bias itself and never calls the module's forward: a delta there would "
+    "be silently ignored, so it cannot be converted"
+)
+
+
+def _check_sizes(in_features, out_features, layer_name: str) -> tuple[int, int]:
+    """Python ints (numpy integers accepted: the index arithmetic must not wrap in uint16)."""
+    sizes = as_int(in_features), as_int(out_features)
+    if None in sizes or min(sizes) < 0:
+        raise ValueError(
+            f"{layer_name}: in_features and out_features must be non-negative integers, got "
+            f"{describe(in_features)} and {describe(out_features)}"
+        )
+    return sizes
+
+
+def _check_delta_dtype(delta_dtype, layer_name: str) -> torch.dtype:
+    if not isinstance(delta_dtype, torch.dtype) or not delta_dtype.is_floating_point:
+        raise ValueError(
+            f"{layer_name}: delta_dtype must be a floating-point torch.dtype (the trainable master, fp32 by "
+            f"default), got {delta_dtype!r}"
+        )
+    return delta_dtype
 
 
 def _count_gradient(delta: torch.Tensor) -> None:
@@ -76,6 +114,7 @@ class _FrozenBaseDeltaLinear(nn.Linear):
         delta_dtype: torch.dtype = torch.float32,
         name: Optional[str] = None,
     ) -> None:
+        in_features, out_features = _check_sizes(in_features, out_features, name or type(self).__name__)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.layer_name = name or type(self).__name__
         if mode not in MODES:
@@ -87,7 +126,11 @@ class _FrozenBaseDeltaLinear(nn.Linear):
             )
         self.mode = mode
         self.backend = check_backend_name(backend)
-        self.delta_dtype = delta_dtype
+        self.delta_dtype = _check_delta_dtype(delta_dtype, self.layer_name)
+        # The qualified name of another module that holds this layer's weight too (a tied LM head's
+        # input embedding), set by get_spft_model / load_adapter via ``mark_weight_shared``: such
+        # a layer never writes into its weight (auto computes the split form; merge() refuses).
+        self.weight_shared_with: Optional[str] = None
         self._merged = False
         self._synced_delta_key = None
         # (the weight Parameter merge() wrote W0 + Δ into,) while merged; see _check_weight_kept.
@@ -101,6 +144,7 @@ class _FrozenBaseDeltaLinear(nn.Linear):
             self._set_positions(positions, None)
 
     @classmethod
+    @builds_state
     def _wrap(cls, linear: nn.Linear, positions, mode: str, backend: str, delta_dtype, name: Optional[str]):
         """``from_linear``: wrap ``linear`` without copying its weight; the layer shares (and freezes)
         the weight and bias tensors and starts with ``delta = 0``, computing exactly what
@@ -108,16 +152,22 @@ class _FrozenBaseDeltaLinear(nn.Linear):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         layer_name = name or cls.__name__
+        if type(linear).__name__ == "NonDynamicallyQuantizableLinear":
+            raise ValueError(_READ_BY_PARENT.format(layer=layer_name))
+        _check_delta_dtype(delta_dtype, layer_name)
         if linear.weight.device.type == "meta":
             raise ValueError(f"{layer_name}: the linear's weight is on the meta device; materialise it first")
         if mode == "merged" and cls._MERGE_NEEDS_CONTIGUOUS_WEIGHT and not linear.weight.is_contiguous():
             raise ValueError(f"{layer_name}: mode='merged' needs a contiguous weight; use mode='split'")
+        if mode == "merged" and is_inference(linear.weight):
+            raise ValueError(_INFERENCE_WEIGHT.format(layer=layer_name))
+        in_features, out_features = _check_sizes(linear.in_features, linear.out_features, layer_name)
         # Validate before touching the linear, so bad positions leave it as it was.
-        validated, _ = cls._validate(positions, linear.out_features, linear.in_features, linear.weight.device, layer_name)
+        validated, _ = cls._validate(positions, out_features, in_features, linear.weight.device, layer_name)
         # Build on the meta device so that no second weight is ever allocated or initialised.
         layer = cls(
-            linear.in_features,
-            linear.out_features,
+            in_features,
+            out_features,
             None,
             bias=linear.bias is not None,
             device="meta",
@@ -127,16 +177,23 @@ class _FrozenBaseDeltaLinear(nn.Linear):
             delta_dtype=delta_dtype,
             name=name,
         )
-        layer.weight = linear.weight
-        layer.weight.requires_grad_(False)
-        if linear.bias is not None:
-            layer.bias = linear.bias
-            layer.bias.requires_grad_(False)
-        layer._install(validated, None)
+        flags = [(p, p.requires_grad) for p in (linear.weight, linear.bias) if p is not None]
+        try:
+            layer.weight = linear.weight
+            layer.weight.requires_grad_(False)
+            if linear.bias is not None:
+                layer.bias = linear.bias
+                layer.bias.requires_grad_(False)
+            layer._install(validated, None)
+        except BaseException:
+            for parameter, flag in flags:  # the linear is left as it was
+                parameter.requires_grad_(flag)
+            raise
         return layer
 
     # --- the positions ----------------------------------------------------------------------
 
+    @builds_state
     def _set_positions(self, positions, values: Optional[torch.Tensor]) -> None:
         validated, order = self._validate(
             positions, self.out_features, self.in_features, self.weight.device, self.layer_name
@@ -186,8 +243,12 @@ class _FrozenBaseDeltaLinear(nn.Linear):
         # AdamW(fused=True), the transformers Trainer's default) and ``p.data`` updates leave
         # ``_version`` unchanged. Every such update follows a backward, so a gradient accumulated
         # into the delta also counts as a change (``_count_gradient``).
-        self._watch_delta()
         delta = self.delta
+        if is_inference(delta):
+            # No version counter to watch (its .data was replaced under inference_mode): always
+            # stale, so every forward re-syncs (O(nnz)) instead of raising.
+            return object()
+        self._watch_delta()
         return (delta._version, delta.data_ptr(), delta.dtype, getattr(delta, _GRADIENTS_SEEN, 0))
 
     def _watch_delta(self) -> None:
@@ -199,21 +260,28 @@ class _FrozenBaseDeltaLinear(nn.Linear):
             if not any(hook is _count_gradient for hook in hooks.values()):
                 delta.register_post_accumulate_grad_hook(_count_gradient)
 
+    @builds_state
     @torch.no_grad()
     def merge(self) -> None:
         """Make the weight hold ``W0 + Δ`` (W0 at the positions kept aside); later forwards re-sync it
-        when ``delta`` changes. Idempotent."""
+        when ``delta`` changes. Idempotent. Refused for a weight another module shares
+        (``weight_shared_with``) and for an inference tensor weight: both stay in the split form."""
         if self._merged:
             self._resync_if_stale()
             return
         if self._MERGE_NEEDS_CONTIGUOUS_WEIGHT and not self.weight.is_contiguous():
             raise ValueError(f"{self.layer_name}: merge needs a contiguous weight")
+        if self.weight_shared_with is not None:
+            raise ValueError(_SHARED_WEIGHT.format(layer=self.layer_name, other=self.weight_shared_with))
+        if is_inference(self.weight):
+            raise ValueError(_INFERENCE_WEIGHT.format(layer=self.layer_name))
         self._w0_at_index = self._gather_w0()
         self._write(self.weight, base=self._w0_at_index, delta=self.delta)
         self._merged = True
         self._merged_into = (self.weight,)
         self._synced_delta_key = self._delta_key()
 
+    @builds_state
     @torch.no_grad()
     def unmerge(self) -> None:
         """Restore W0 exactly (the saved W0 values are written back). Idempotent. In mode 'merged'
@@ -226,6 +294,7 @@ class _FrozenBaseDeltaLinear(nn.Linear):
         self._merged_into = None
         self._synced_delta_key = None
 
+    @builds_state
     @torch.no_grad()
     def _resync_if_stale(self) -> None:
         key = self._delta_key()
@@ -234,11 +303,22 @@ class _FrozenBaseDeltaLinear(nn.Linear):
             self._synced_delta_key = key
 
     def _wants_merged(self) -> bool:
-        return self.mode == "merged" or (
+        if self.mode == "merged":
+            return True  # merge() raises when it cannot (a shared or an inference tensor weight)
+        return (
             self.mode == "auto"
+            and self.weight_shared_with is None
+            and not is_inference(self.weight)
             and not self._merge_disabled
             and (self.weight.is_contiguous() or not self._MERGE_NEEDS_CONTIGUOUS_WEIGHT)
         )
+
+    def mark_weight_shared(self, other: str) -> None:
+        """Record that module ``other`` holds this layer's weight too (e.g. a tied LM head and the
+        input embedding): the layer is unmerged (W0 back in the shared weight) and from now on
+        never writes into it; mode 'auto' computes the split form."""
+        self.unmerge()
+        self.weight_shared_with = other
 
     def _weight_swapped(self) -> bool:
         return self._merged and self.weight is not self._merged_into[0]
@@ -263,6 +343,7 @@ class _FrozenBaseDeltaLinear(nn.Linear):
             "FSDP, or unmerge() before replacing the weight"
         )
 
+    @builds_state
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """A new tensor holding ``W0 + Δ`` in the weight's dtype (fp32 sum, rounded once), bitwise
@@ -273,6 +354,7 @@ class _FrozenBaseDeltaLinear(nn.Linear):
         weight = self.weight.detach().clone(memory_format=torch.contiguous_format)
         return self._write(weight, base=None, delta=self.delta)
 
+    @builds_state
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding ``W0 + Δ`` (new tensors; this layer is unchanged)."""
         linear = nn.Linear(
@@ -326,45 +408,82 @@ class _FrozenBaseDeltaLinear(nn.Linear):
                 w0 = self._write(self.weight.detach().clone(), base=self._w0_at_index, delta=None)
             destination[prefix + "weight"] = w0
 
+    @builds_state
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        """All or nothing for this layer: positions, delta and the shapes of the other entries are
+        checked before anything changes. New positions need their delta (a missing one is an
+        error, whatever ``strict`` says: there are no values to train from); the same positions
+        without a delta keep the current delta (a missing key for ``strict``)."""
         positions_key, delta_key = prefix + self._POSITIONS, prefix + "delta"
-        incoming = state_dict.get(positions_key)
-        order = None
-        validated = None
+        incoming, incoming_delta = state_dict.get(positions_key), state_dict.get(delta_key)
+        validated = order = None
         if incoming is not None:
+            if not isinstance(incoming, torch.Tensor):
+                raise ValueError(f"{self.layer_name}: {positions_key} must be a tensor, got {type(incoming).__name__}")
             # Validate before touching anything, so a bad file leaves the layer as it was.
             validated, order = self._validate(
-                incoming.to(self.weight.device),
+                incoming.to(self.weight.device) if incoming.device.type != "meta" else incoming,
                 self.out_features,
                 self.in_features,
                 self.weight.device,
                 f"{self.layer_name} ({positions_key})",
             )
-            incoming_delta = state_dict.get(delta_key)
-            if incoming_delta is not None and tuple(incoming_delta.shape) != self._delta_shape(validated):
-                error_msgs.append(
-                    f"{self.layer_name}: {delta_key} has shape {tuple(incoming_delta.shape)} but {positions_key} "
-                    f"has {self._positions_tensor(validated).numel()} {self._UNIT}"
-                )
-                return
+        problem = self._load_problem(validated, incoming_delta, positions_key, delta_key, state_dict, prefix)
+        if problem is not None:
+            error_msgs.append(f"{problem} (nothing was loaded into this layer)")
+            return
         was_merged = self._merged
         self.unmerge()
-        if validated is not None and self._delta_shape(validated) != tuple(self.delta.shape):
+        kept = (self.delta.data, self.delta.grad, dict(self._buffers))
+        errors_before = len(error_msgs)
+        if validated is not None and incoming_delta is not None:
             # Resize so the default loader can copy; values come from the state dict right after.
-            self.delta.data = torch.empty(self._delta_shape(validated), dtype=self.delta.dtype, device=self.delta.device)
+            self.delta.data = torch.zeros(self._delta_shape(validated), dtype=self.delta.dtype, device=self.delta.device)
             self.delta.grad = None
             self._buffers[self._POSITIONS] = torch.empty_like(self._positions_tensor(validated))
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        if validated is not None:
+        if len(error_msgs) > errors_before:  # a check the default loader made failed: undo
+            self.delta.data, self.delta.grad = kept[0], kept[1]
+            self._buffers.clear()
+            self._buffers.update(kept[2])
+        elif validated is not None and incoming_delta is not None:
             if order is not None:
                 with torch.no_grad():
-                    self.delta.data = self.delta.data[order]
+                    self.delta.data = self.delta.data[order.to(self.delta.device)]
             self._adopt(validated)
         if was_merged:
             self.merge()
 
+    def _load_problem(self, validated, incoming_delta, positions_key, delta_key, state_dict, prefix) -> Optional[str]:
+        """What makes a state dict unloadable into this layer, found without changing it (None: loadable)."""
+        if validated is not None:
+            count = self._positions_tensor(validated).numel()
+            if incoming_delta is None:
+                if not self._same_positions(validated):
+                    return (
+                        f"{self.layer_name}: {positions_key} gives new positions ({count} {self._UNIT}) but "
+                        f"{delta_key} is missing; a delta must come with its positions"
+                    )
+            elif not isinstance(incoming_delta, torch.Tensor) or tuple(incoming_delta.shape) != self._delta_shape(validated):
+                shape = tuple(incoming_delta.shape) if isinstance(incoming_delta, torch.Tensor) else type(incoming_delta).__name__
+                return f"{self.layer_name}: {delta_key} has shape {shape} but {positions_key} has {count} {self._UNIT}"
+        if isinstance(incoming_delta, torch.Tensor) and not incoming_delta.is_floating_point():
+            return f"{self.layer_name}: {delta_key} must be floating point, got {incoming_delta.dtype}"
+        for name, own in list(self._parameters.items()) + list(self._buffers.items()):
+            if name in ("delta", self._POSITIONS) or own is None or name in self._non_persistent_buffers_set:
+                continue
+            value = state_dict.get(prefix + name)
+            if isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(own.shape):
+                return f"{self.layer_name}: size mismatch for {prefix + name}: {tuple(value.shape)} in the state dict, {tuple(own.shape)} in the layer"
+        return None
+
+    def _same_positions(self, validated) -> bool:
+        mine, theirs = self._buffers[self._POSITIONS], self._positions_tensor(validated)
+        return mine.shape == theirs.shape and bool(torch.equal(mine.long(), theirs.long().to(mine.device)))
+
+    @builds_state
     def _apply(self, fn, recurse=True):
         # A cast of the module to bf16/fp16 must not round the fp32 master delta: keep the
         # original values and move them to the new device in the master dtype instead.

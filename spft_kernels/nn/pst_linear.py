@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..ops._guards import as_int, builds_state, describe
 from ..ops.backends import check_backend_name
 from ..ops.pst_linear import (
     _check_scalars,
@@ -57,7 +58,13 @@ class PSTLinear(nn.Linear):
         for label, rank in (("r1", r1), ("r2", r2)):
             if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 0:
                 raise ValueError(f"{layer_name}: {label} must be an integer >= 0, got {rank!r}")
-        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        sizes = as_int(in_features), as_int(out_features)
+        if None in sizes or min(sizes) < 0:
+            raise ValueError(
+                f"{layer_name}: in_features and out_features must be non-negative integers, got "
+                f"{describe(in_features)} and {describe(out_features)}"
+            )
+        super().__init__(*sizes, bias=bias, device=device, dtype=dtype)
         self.layer_name = layer_name
         self.r1, self.r2 = int(r1), int(r2)
         self.beta, self.alpha1, self.alpha2 = _check_scalars(beta, alpha1, alpha2, layer_name)
@@ -111,6 +118,7 @@ class PSTLinear(nn.Linear):
     def _master_dtype(self) -> torch.dtype:
         return torch.float64 if self.weight.dtype == torch.float64 else torch.float32
 
+    @builds_state  # the factors train later: never inference tensors (ops/_guards.py)
     @torch.no_grad()
     def reset_factors(self, generator: Optional[torch.Generator] = None) -> None:
         """The paper's initialisation: U, A ~ N(0, 1); V, B, R, C = 0 (so βUV = 0, AB = 0)."""

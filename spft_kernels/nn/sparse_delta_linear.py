@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..ops._guards import builds_state
 from ..ops.index import SparseIndex
 from ..ops.scatter_delta import scatter_delta_
 from ..ops.sparse_delta_linear import sparse_delta_linear
@@ -83,6 +84,50 @@ class SparseDeltaLinear(_FrozenBaseDeltaLinear):
     @property
     def nnz(self) -> int:
         return self.index.numel()
+
+    # --- folding (dynamic masks) --------------------------------------------------------------
+
+    @builds_state
+    @torch.no_grad()
+    def fold_delta(self) -> None:
+        """``W0 ← W0 + Δ`` (fp32 sum rounded once, O(nnz)) and ``Δ ← 0``: the layer computes the
+        same function with the trained values moved into its weight (SPEFT's dynamic masks fold
+        before reselecting). The original W0 of every position ever folded is kept aside
+        (``original_w0()``, ~10 bytes a position, in memory only), so that ``save_adapter`` still
+        writes an adapter relative to the original base. Refused for a shared weight."""
+        if self.weight_shared_with is not None:
+            raise ValueError(
+                f"{self.layer_name}: the weight is shared with {self.weight_shared_with!r}; folding the delta "
+                "into it would change that module too"
+            )
+        was_merged = self._merged
+        self.unmerge()
+        flat = self.index.long()
+        folded = self.original_w0()
+        if folded is None:
+            positions, values = flat, self._weight_at(flat)
+        else:
+            new = flat[~torch.isin(flat, folded[0])]
+            positions, order = torch.sort(torch.cat([folded[0], new]))
+            values = torch.cat([folded[1], self._weight_at(new)])[order]
+        self.register_buffer("_folded_index", positions, persistent=False)
+        self.register_buffer("_folded_w0", values, persistent=False)
+        scatter_delta_(self.weight, self.index, delta=self.delta, backend=self.backend)
+        self.delta.zero_()
+        self.delta.grad = None
+        if was_merged:
+            self.merge()
+
+    def original_w0(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """``(positions, values)``: the W0 the layer was built on at every flat position
+        ``fold_delta`` changed (sorted int64 positions, values in the weight's dtype), or None when
+        nothing was folded."""
+        positions = getattr(self, "_folded_index", None)
+        return None if positions is None else (positions, self._folded_w0)
+
+    def _weight_at(self, flat: torch.Tensor) -> torch.Tensor:
+        rows = torch.div(flat, self.in_features, rounding_mode="floor")
+        return self.weight.detach()[rows, flat - rows * self.in_features]
 
     def _gather_w0(self) -> torch.Tensor:
         return self.weight.view(-1).index_select(0, self.index)

@@ -63,3 +63,10 @@ def prepare_operands(
     for kernel_op in ops:
         resolve_backend(kernel_op, backend, x.device)
     return x, weight, bias
+
+
+def weight_for_dx(ctx, weight: Tensor) -> Optional[Tensor]:
+    """W0 to save for backward, only when dx is needed (as ``F.linear`` does): a frozen weight
+    that is an inference tensor (a model built under ``torch.inference_mode``) can then still
+    train its delta, and nothing is kept alive that backward does not read."""
+    return weight if ctx.needs_input_grad[0] else None

@@ -24,6 +24,8 @@ from typing import Optional
 
 import torch
 
+from ._guards import as_float, as_int, describe, outside_inference_mode
+
 INT32_LIMIT = 2**31
 # Column granularity of ``tile_ptr``; the tensor-core SDDMM's BLOCK_K is a multiple of it.
 TILE_K = 64
@@ -160,11 +162,16 @@ def canonical_flat_index(
             f"{name}: index must be 1-D flat positions (row * in_features + col), got shape "
             f"{tuple(index.shape)}"
         )
+    if index.device.type == "meta":
+        raise ValueError(f"{name}: index is on the meta device (it has no values); positions must be real tensors")
     if device is not None and index.device != torch.device(device):
         raise ValueError(
             f"{name}: index is on {index.device} but the weight is on {torch.device(device)}; "
             f"move it with index.to(weight.device)"
         )
+    if index.is_inference():  # kept by layers and saved for backward: a normal tensor (ops/_guards.py)
+        with outside_inference_mode():
+            index = index.clone()
     total = out_features * in_features
     target_dtype = index_dtype_for(out_features, in_features)
     if index.numel() == 0:
@@ -206,10 +213,17 @@ def random_index(
     positions with replacement, deduplicates and tops up, then keeps a uniformly random subset of
     the exact size. Every step treats all positions alike, so every subset is equally likely.
     """
-    if not (isinstance(out_features, int) and isinstance(in_features, int)) or out_features < 0 or in_features < 0:
-        raise ValueError(f"random_index: sizes must be non-negative ints, got ({out_features}, {in_features})")
-    if not isinstance(density, (int, float)) or not math.isfinite(density) or not 0.0 <= density <= 1.0:
-        raise ValueError(f"random_index: density must be in [0, 1], got {density!r}")
+    sizes = as_int(out_features), as_int(in_features)
+    if None in sizes or min(sizes) < 0:
+        raise ValueError(
+            f"random_index: sizes must be non-negative integers, got out_features={describe(out_features)}, "
+            f"in_features={describe(in_features)}"
+        )
+    out_features, in_features = sizes
+    value = as_float(density)
+    if value is None or not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"random_index: density must be a number in [0, 1], got {describe(density)}")
+    density = value
     total = out_features * in_features
     count = min(total, int(round(density * total)))
     dtype = index_dtype_for(out_features, in_features)
@@ -255,11 +269,16 @@ def canonical_rows(
         raise ValueError(f"{name}: rows must have an integer dtype (int64 preferred), got {rows.dtype}")
     if rows.dim() != 1:
         raise ValueError(f"{name}: rows must be 1-D output-row numbers, got shape {tuple(rows.shape)}")
+    if rows.device.type == "meta":
+        raise ValueError(f"{name}: rows are on the meta device (they have no values); rows must be real tensors")
     if device is not None and rows.device != torch.device(device):
         raise ValueError(
             f"{name}: rows are on {rows.device} but the weight is on {torch.device(device)}; "
             f"move them with rows.to(weight.device)"
         )
+    if rows.is_inference():  # kept by layers and saved for backward: a normal tensor (ops/_guards.py)
+        with outside_inference_mode():
+            rows = rows.clone()
     wide = rows.long()
     if wide.numel() == 0:
         return wide, None

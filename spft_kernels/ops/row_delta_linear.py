@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import naive
-from ._linear_args import check_x_and_weight, prepare_operands
+from ._linear_args import check_x_and_weight, prepare_operands, weight_for_dx
 from .backends import check_backend_name
 from .index import canonical_rows
 from .row_gather import row_gather
@@ -79,7 +79,8 @@ def _(x, weight, delta, rows, bias, merged, backend):
 
 def _setup_context(ctx, inputs, output):
     x, weight, delta, rows, bias, merged, backend = inputs
-    ctx.save_for_backward(x, weight, delta, rows)
+    ctx.save_for_backward(x, weight_for_dx(ctx, weight), delta, rows)
+    ctx.weight_shape = weight.shape
     ctx.merged = merged
     ctx.backend = backend
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -87,7 +88,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     x, weight, delta, rows = ctx.saved_tensors
-    out_features, in_features = weight.shape
+    out_features, in_features = ctx.weight_shape
     num_tokens = math.prod(x.shape[:-1])
     dy2d = dy.reshape(num_tokens, out_features)
     x2d = x.reshape(num_tokens, in_features)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import naive
-from ._linear_args import check_x_and_weight, prepare_operands
+from ._linear_args import check_x_and_weight, prepare_operands, weight_for_dx
 from .backends import check_backend_name
 from .fused_delta_linear import fused_delta_linear
 from .index import SparseIndex
@@ -66,7 +66,8 @@ def _(x, weight, delta, index, row_ptr, col_ptr, csc_perm, tile_ptr, bias, mode,
 
 def _setup_context(ctx, inputs, output):
     x, weight, delta, index, row_ptr, col_ptr, csc_perm, tile_ptr, bias, mode, backend = inputs
-    ctx.save_for_backward(x, weight, delta, index, col_ptr, csc_perm, tile_ptr)
+    ctx.save_for_backward(x, weight_for_dx(ctx, weight), delta, index, col_ptr, csc_perm, tile_ptr)
+    ctx.weight_shape = weight.shape
     ctx.merged = mode == "merged"
     ctx.backend = backend
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -74,7 +75,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     x, weight, delta, index, col_ptr, csc_perm, tile_ptr = ctx.saved_tensors
-    out_features, in_features = weight.shape
+    out_features, in_features = ctx.weight_shape
     # Explicit token counts: reshape(-1, 0) cannot infer them for a zero-width layer.
     num_tokens = math.prod(x.shape[:-1])
     dy2d = dy.reshape(num_tokens, out_features)
