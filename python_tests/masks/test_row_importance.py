@@ -342,7 +342,7 @@ def test_select_rows_errors():
         spft.select_rows(scores)
     with pytest.raises(ValueError, match="exactly one of"):
         spft.select_rows(scores, num_rows=1, ratio=0.5)
-    with pytest.raises(ValueError, match=r"num_rows for 'a' must be an int in \[0, 3\]"):
+    with pytest.raises(ValueError, match=r"num_rows for 'a' must be an integer in \[0, 3\]"):
         spft.select_rows(scores, num_rows=4)
     with pytest.raises(ValueError, match="same modules"):
         spft.select_rows(scores, num_rows={"b": 1})

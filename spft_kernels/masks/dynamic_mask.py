@@ -29,12 +29,16 @@ Example::
         optimizer.zero_grad()
         mask.step(step)                           # refreshes the mask when step % 1000 == 0
 
-Folding is ``W0[idx] += delta`` on each layer's base weight in place (``scatter_delta_``, fp32
-sum rounded once to the weight's dtype, exactly the merged mode's ``W_eff``), O(nnz): no
-``out × in`` tensor is made besides the salience scores. The base weights therefore change: after
-an update, the layers' ``W0`` is the folded weight, so an adapter saved afterwards is relative to
-that base (save the merged model, or the base too). The model computes the same function right
-after an update as right before it (the delta is zero and the base holds ``W0 + Δ``).
+Folding is ``W0[idx] += delta`` on each layer's base weight in place
+(``SparseDeltaLinear.fold_delta``: fp32 sum rounded once to the weight's dtype, exactly the merged
+mode's ``W_eff``), O(nnz): no ``out × in`` tensor is made besides the salience scores. The model
+computes the same function right after an update as right before it (the delta is zero and the
+base holds ``W0 + Δ``). The layers keep the original W0 of every folded position aside (in
+memory), so ``save_adapter`` still writes an adapter for the *original* base: it holds the union
+of every position ever trained (folded or current), each with ``W_trained - W0_original``, and
+loading it onto the original base reproduces the trained model. The adapter therefore grows with
+each update that moves positions (at most ``(updates + 1) × nnz`` entries). Layers whose weight
+another module shares (tied embeddings) are refused: folding would change that module too.
 """
 
 from __future__ import annotations
@@ -45,10 +49,10 @@ import torch
 import torch.nn as nn
 
 from ..nn.sparse_delta_linear import SparseDeltaLinear
+from ..ops._guards import as_int, describe
 from .salience import METRICS, DATA_FREE_METRICS, salience_scores
-from ..ops.scatter_delta import scatter_delta_
 from .select import _check_budget, select_topk
-from .targets import TargetModules, find_target_linears
+from .targets import TargetModules, find_target_linears, weight_sharers
 
 
 class DynamicMask:
@@ -92,8 +96,9 @@ class DynamicMask:
     ) -> None:
         if metric not in METRICS:
             raise ValueError(f"DynamicMask: unknown metric {metric!r}; choose one of {METRICS}")
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-            raise ValueError(f"DynamicMask: interval must be a positive int, got {interval!r}")
+        if as_int(interval) is None or as_int(interval) < 1:
+            raise ValueError(f"DynamicMask: interval must be a positive integer, got {describe(interval)}")
+        interval = as_int(interval)
         if metric not in DATA_FREE_METRICS:
             if batches is None or not callable(loss_fn):
                 raise ValueError(f"DynamicMask: metric {metric!r} needs batches and loss_fn(model, batch)")
@@ -105,8 +110,16 @@ class DynamicMask:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"DynamicMask: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.layers = find_target_linears(model, target_modules, linear_types=(SparseDeltaLinear,))
+        shared = weight_sharers(model, list(self.layers))
+        shared.update({n: m.weight_shared_with for n, m in self.layers.items() if m.weight_shared_with is not None})
+        if shared:
+            name, other = next(iter(shared.items()))
+            raise ValueError(
+                f"DynamicMask: layer {name!r} shares its weight with {other!r}; folding the delta into it would "
+                "change that module too. Leave it out of target_modules"
+            )
         total = sum(layer.weight.numel() for layer in self.layers.values())
-        _check_budget("DynamicMask", density, num_params, scope, total)
+        density, num_params = _check_budget("DynamicMask", density, num_params, scope, total)
         optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [name for name, layer in self.layers.items() if id(layer.delta) not in optimized]
         if missing:
@@ -132,13 +145,7 @@ class DynamicMask:
     def fold(self) -> None:
         """``W0 ← W0 + Δ`` and ``Δ ← 0`` in every layer, O(nnz); the model's function is unchanged."""
         for layer in self.layers.values():
-            was_merged = layer.merged
-            layer.unmerge()
-            scatter_delta_(layer.weight, layer.index, delta=layer.delta, backend=layer.backend)
-            layer.delta.zero_()
-            layer.delta.grad = None
-            if was_merged:
-                layer.merge()
+            layer.fold_delta()
 
     def update(self) -> int:
         """Fold, rescore, reselect, install the new masks with zero deltas and reset the optimizer

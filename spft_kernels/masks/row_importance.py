@@ -39,7 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import naive
-from .targets import TargetModules, find_target_linears
+from ..ops._guards import as_float, as_int, describe
+from .targets import check_materialised, TargetModules, find_target_linears
 
 Tensor = torch.Tensor
 
@@ -113,6 +114,7 @@ def row_importance(
             raise ValueError(f"row_importance: epsilon must be a positive finite number, got {epsilon!r}")
 
     targets = find_target_linears(model, target_modules, exclude_attention=exclude_attention)
+    check_materialised("row_importance", targets)
     # Tied weights are scored once: keys are the distinct weight tensors, in first-use order.
     weights: dict[int, Tensor] = {}
     owner: dict[str, int] = {}
@@ -191,17 +193,22 @@ def select_rows(
         else:
             counts = {name: num_rows for name in scores}
         for name, count in counts.items():
-            if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= scores[name].numel():
+            value = as_int(count)
+            if value is None or not 0 <= value <= scores[name].numel():
                 raise ValueError(
-                    f"select_rows: num_rows for {name!r} must be an int in [0, {scores[name].numel()}], got {count!r}"
+                    f"select_rows: num_rows for {name!r} must be an integer in [0, {scores[name].numel()}], got "
+                    f"{describe(count)}"
                 )
+            counts[name] = value
     elif ratio is not None:
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
-            raise ValueError(f"select_rows: ratio must be in [0, 1], got {ratio!r}")
-        counts = {name: _round_half_up(ratio * score.numel()) for name, score in scores.items()}
+        value = as_float(ratio)
+        if value is None or not 0.0 <= value <= 1.0:
+            raise ValueError(f"select_rows: ratio must be in [0, 1], got {describe(ratio)}")
+        counts = {name: _round_half_up(value * score.numel()) for name, score in scores.items()}
     else:
-        if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 0:
-            raise ValueError(f"select_rows: lora_rank must be a non-negative int, got {lora_rank!r}")
+        if as_int(lora_rank) is None or as_int(lora_rank) < 0:
+            raise ValueError(f"select_rows: lora_rank must be a non-negative integer, got {describe(lora_rank)}")
+        lora_rank = as_int(lora_rank)
         if not isinstance(model, nn.Module):
             raise ValueError("select_rows: lora_rank needs model=, to read each module's in_features")
         for name, score in scores.items():

@@ -94,7 +94,8 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..nn.sparse_delta_linear import SparseDeltaLinear
-from .targets import TargetModules, find_target_linears
+from ..ops._guards import as_int, describe
+from .targets import check_materialised, TargetModules, find_target_linears
 
 Tensor = torch.Tensor
 
@@ -164,6 +165,7 @@ def salience_scores(
     if progress is None:
         progress = sys.stderr.isatty()
     targets = find_target_linears(model, target_modules, exclude_attention=exclude_attention)
+    check_materialised("salience_scores", targets)
 
     with _effective_weights(targets) as weights:
         if metric == "magnitude":
@@ -185,8 +187,8 @@ def salience_scores(
 
 
 def _check_positive_int(name: str, value) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"salience_scores: {name} must be a positive int or None, got {value!r}")
+    if value is not None and (as_int(value) is None or as_int(value) < 1):
+        raise ValueError(f"salience_scores: {name} must be a positive integer or None, got {describe(value)}")
 
 
 def _uniform(weight: Tensor, generator: Optional[torch.Generator]) -> Tensor:

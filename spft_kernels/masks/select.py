@@ -30,6 +30,7 @@ from typing import Mapping, Optional
 import torch
 import torch.nn as nn
 
+from ..ops._guards import as_float, as_int, describe
 from ..ops.index import index_dtype_for, random_index
 from .targets import TargetModules, find_target_linears
 
@@ -51,28 +52,31 @@ _BINS = 1 << _DIGIT
 # --- counts ---------------------------------------------------------------------------------
 
 
-def _check_budget(who: str, density, num_params, scope: str, total: int) -> None:
+def _check_budget(who: str, density, num_params, scope: str, total: int) -> tuple:
+    """The budget checked and normalised: ``(density as float or None, num_params as int or None)``
+    (numpy scalars are accepted)."""
     if scope not in SCOPES:
         raise ValueError(f"{who}: unknown scope {scope!r}; choose one of {SCOPES}")
     if (density is None) == (num_params is None):
         raise ValueError(f"{who}: give exactly one of density or num_params")
     if density is not None:
-        if isinstance(density, bool) or not isinstance(density, (int, float)) or not math.isfinite(density):
-            raise ValueError(f"{who}: density must be a number in (0, 1], got {density!r}")
-        if not 0.0 < density <= 1.0:
-            raise ValueError(f"{who}: density must be in (0, 1], got {density!r}")
-    else:
-        if isinstance(num_params, bool) or not isinstance(num_params, int) or num_params < 1:
-            raise ValueError(f"{who}: num_params must be a positive int, got {num_params!r}")
-        if num_params > total:
-            raise ValueError(f"{who}: num_params={num_params} exceeds the {total} entries of the target weights")
+        value = as_float(density)
+        if value is None or not math.isfinite(value) or not 0.0 < value <= 1.0:
+            raise ValueError(f"{who}: density must be in (0, 1], got {describe(density)}")
+        return value, None
+    count = as_int(num_params)
+    if count is None or count < 1:
+        raise ValueError(f"{who}: num_params must be a positive integer, got {describe(num_params)}")
+    if count > total:
+        raise ValueError(f"{who}: num_params={count} exceeds the {total} entries of the target weights")
+    return None, count
 
 
 def _counts(who: str, sizes: Mapping[str, int], density, num_params, scope: str) -> dict:
     """The exact counts (module docstring): ``{None: k}`` for the global scope, else
     ``{name: k_m}``. Validates the budget."""
     total = sum(sizes.values())
-    _check_budget(who, density, num_params, scope, total)
+    density, num_params = _check_budget(who, density, num_params, scope, total)
     if scope == "global":
         return {None: _round(density * total) if density is not None else num_params}
     if density is not None:
@@ -97,8 +101,10 @@ def lora_equivalent_params(model_or_modules, rank: int, *, target_modules: Targe
     ``model_or_modules``: a model (targets found with ``find_target_linears(model, target_modules)``)
     or a mapping ``{name: nn.Linear | score tensor [out, in]}``, e.g. the output of
     ``salience_scores``."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"lora_equivalent_params: rank must be a positive int, got {rank!r}")
+    value = as_int(rank)
+    if value is None or value < 1:
+        raise ValueError(f"lora_equivalent_params: rank must be a positive integer, got {describe(rank)}")
+    rank = value
     return sum(rank * (out_f + in_f) for out_f, in_f, _ in _shapes(model_or_modules, target_modules).values())
 
 
@@ -166,6 +172,10 @@ def _check_scores(scores) -> None:
         if not isinstance(score, Tensor) or score.dim() != 2 or score.dtype not in _BITS:
             dtype = f" of dtype {score.dtype}" if isinstance(score, Tensor) else ""
             raise ValueError(f"select_topk: {name}: expected a 2-D floating score [out, in], got {_describe(score)}{dtype}")
+        if score.device.type == "meta":
+            raise ValueError(
+                f"select_topk: {name}: the score is on the meta device (it has no values); score a materialised model"
+            )
         if bool(torch.isnan(score).any()):
             raise ValueError(f"select_topk: {name}: the scores contain NaN")
         dtypes.add(score.dtype)

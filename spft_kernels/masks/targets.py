@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from typing import Optional, Sequence, Union
 
+import torch
 import torch.nn as nn
 
 TargetModules = Optional[Union[str, Sequence[str]]]
@@ -70,3 +71,82 @@ def find_target_linears(
             + f" in {type(model).__name__}"
         )
     return found
+
+
+# --- targets that are unsafe to convert -----------------------------------------------------------
+
+
+def check_materialised(who: str, modules) -> None:
+    """A ``ValueError`` naming the first module whose weight is on the meta device (no values to
+    score or to build on), instead of torch's ``.item()`` error deep inside."""
+    for name, module in modules.items():
+        if module.weight.device.type == "meta":
+            raise ValueError(
+                f"{who}: {name!r} has its weight on the meta device (no values); materialise the model first "
+                "(e.g. load its weights, or model.to_empty(device=...) and load_state_dict)"
+            )
+
+# Containers that read a child linear's ``.weight`` (and ``.bias``) themselves instead of calling
+# its forward, so a delta there would be silently ignored: nn.MultiheadAttention always reads
+# out_proj (F.multi_head_attention_forward); nn.TransformerEncoderLayer's eval fast path
+# (torch._transformer_encoder_layer_fwd, also taken by nn.TransformerEncoder) reads linear1,
+# linear2 and self_attn.out_proj.
+_WEIGHT_READERS = {
+    nn.MultiheadAttention: ("out_proj",),
+    nn.TransformerEncoderLayer: ("linear1", "linear2"),
+}
+
+
+def weight_reading_parent(model: nn.Module, name: str) -> Optional[str]:
+    """Why the linear at ``name`` cannot be converted because its parent reads its weight itself
+    (see ``_WEIGHT_READERS``), or None."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    for container, children in _WEIGHT_READERS.items():
+        if isinstance(parent, container) and child in children:
+            return (
+                f"{name!r} is read directly by its parent {parent_name or '(the model)'!r}, an "
+                f"nn.{container.__name__}, which uses {child}.weight itself (never {child}'s forward), so a "
+                "delta there would be silently ignored; sparse fine-tuning cannot convert it"
+            )
+    return None
+
+
+def _memory_span(tensor: torch.Tensor) -> Optional[tuple]:
+    """``(storage key, first byte, end byte)`` of the memory a tensor can touch, or None for a
+    tensor without memory of its own to compare (meta, empty, or a wrapper subclass)."""
+    if tensor.device.type == "meta" or tensor.numel() == 0:
+        return None
+    try:
+        storage = tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):  # DTensor, fake tensors, ...
+        return None
+    size = tensor.element_size()
+    start = tensor.storage_offset() * size
+    extent = 1 + sum((n - 1) * abs(s) for n, s in zip(tensor.shape, tensor.stride()))
+    return (tensor.device, storage), start, start + extent * size
+
+
+def _overlap(a: Optional[tuple], b: Optional[tuple]) -> bool:
+    return a is not None and b is not None and a[0] == b[0] and a[1] < b[2] and b[1] < a[2]
+
+
+def weight_sharers(model: nn.Module, names) -> dict[str, str]:
+    """``{name: other}`` for each module ``name`` whose weight is also a parameter or buffer of
+    another module ``other`` anywhere in ``model``, or overlaps one in memory (tied embeddings, a
+    module registered under two names, views of one storage), whatever that module's type."""
+    holders = [
+        (module_name, tensor, _memory_span(tensor))
+        for module_name, module in model.named_modules(remove_duplicate=False)
+        for tensor in list(module._parameters.values()) + list(module._buffers.values())
+        if tensor is not None
+    ]
+    shared = {}
+    for name in names:
+        weight = model.get_submodule(name).weight
+        span = _memory_span(weight)
+        for other, tensor, other_span in holders:
+            if other != name and (tensor is weight or _overlap(span, other_span)):
+                shared[name] = other
+                break
+    return shared
