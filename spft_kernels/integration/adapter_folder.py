@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from typing import Callable, Optional
 
 import torch.nn as nn
 
-from .adapter_format import ADAPTER_FILE, FORMAT, FORMAT_VERSION, PathLike
+from .adapter_format import ADAPTER_FILE, FORMAT, FORMAT_VERSION, fs_path, PathLike
 from .adapter_read import _Adapter, read_adapter
 from .config import SpftConfig
 
@@ -36,7 +37,7 @@ PEFT_TENSORS = "adapter_model.safetensors"  # peft's tensors file in its adapter
 def save_target(path: PathLike) -> tuple[str, Optional[str]]:
     """``(tensors file, folder or None)`` for ``save_adapter(model, path)``: a folder unless the
     path ends in ``.safetensors`` or is an existing file."""
-    path = os.fspath(path)
+    path = fs_path(path)
     if os.path.isdir(path) or not (path.endswith(".safetensors") or os.path.isfile(path)):
         return os.path.join(path, ADAPTER_FILE), path
     return path, None
@@ -66,14 +67,42 @@ def _write_json(target: str, data: dict) -> None:
 
 
 def _replace(target: str, write: Callable[[str], None]) -> None:
-    """Write through a temporary name and rename, so a crash never leaves a half-written file."""
+    """Write through a temporary name and rename, so a crash never leaves a half-written file.
+    safetensors' write errors become ``OSError`` (what users catch for I/O failures)."""
+    from safetensors import SafetensorError
+
     temporary = f"{target}.tmp-{os.getpid()}"
     try:
         write(temporary)
         os.replace(temporary, target)
+    except SafetensorError as error:
+        raise OSError(f"save_adapter: could not write {target!r}: {error}") from error
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def check_writable(files: list, folder: Optional[str]) -> None:
+    """Before anything is written: the directory of each file exists (or is the ``folder`` that
+    will be made), and an existing file is a writable regular file: a read-only adapter is
+    refused (``PermissionError``), never silently replaced by the rename."""
+    if folder is not None and os.path.exists(folder) and not os.path.isdir(folder):
+        raise FileExistsError(f"save_adapter: {folder!r} exists and is not a folder")
+    for target in files:
+        directory = os.path.dirname(os.path.abspath(target))
+        if folder is None and not os.path.isdir(directory):
+            raise FileNotFoundError(f"save_adapter: the directory {directory!r} does not exist (writing {target!r})")
+        if not os.path.exists(target):
+            continue
+        mode = os.stat(target).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(f"save_adapter: {target!r} exists and is not a regular file")
+        # No write bit at all, or none for this user (os.access alone says yes to root).
+        if not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH) or not os.access(target, os.W_OK):
+            raise PermissionError(
+                f"save_adapter: {target!r} exists and is read-only; it is not overwritten (make it writable or "
+                "choose another path)"
+            )
 
 
 def read_config(path: str) -> dict:
@@ -91,7 +120,7 @@ def read_config(path: str) -> dict:
 def read_any_adapter(path: PathLike, root: nn.Module) -> _Adapter:
     """The adapter at ``path`` (a file or a folder of any layout above), checked, without touching
     ``root`` (it gives a peft folder's layer shapes)."""
-    path = os.fspath(path)
+    path = fs_path(path)
     if os.path.isfile(path):  # a file; peft's adapter_model.safetensors stands for its folder
         folder = os.path.dirname(path) or "."
         config_path = os.path.join(folder, CONFIG_FILE)

@@ -74,7 +74,7 @@ _KINDS = {"entries": SparseDeltaLinear, "rows": RowSparseLinear, "pst": PSTLinea
 _PST_FACTORS = ("U", "V", "A", "B", "R", "C")
 _VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
-PathLike = Union[str, os.PathLike]
+PathLike = Union[str, bytes, os.PathLike]
 
 
 # --- fingerprints ------------------------------------------------------------------------------
@@ -93,9 +93,13 @@ def _sample_positions(out_features: int, in_features: int) -> torch.Tensor:
     return torch.tensor([(k * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % total for k in range(count)], dtype=torch.int64)
 
 
-def _w0_entries(module: nn.Linear, flat: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _w0_entries(
+    module: nn.Linear, flat: torch.Tensor, weight: Optional[torch.Tensor] = None, *, original: bool = False
+) -> torch.Tensor:
     """W0 at the flat positions (any weight layout); a merged spft layer's own positions read the
-    W0 values it keeps aside. ``weight``: the module's weight as a plain tensor (default: its own)."""
+    W0 values it keeps aside. ``weight``: the module's weight as a plain tensor (default: its own).
+    ``original``: where a dynamic mask folded trained values into W0, the W0 the layer was built
+    on (``SparseDeltaLinear.original_w0``) instead of the folded one."""
     weight = (module.weight if weight is None else weight).detach()
     flat = flat.to(weight.device, torch.int64)
     rows = torch.div(flat, module.in_features, rounding_mode="floor")
@@ -109,6 +113,10 @@ def _w0_entries(module: nn.Linear, flat: torch.Tensor, weight: Optional[torch.Te
         else:
             hit, where = _lookup(module.rows, rows)
             values[hit] = aside[where[hit], cols[hit]]
+    folded = module.original_w0() if original and isinstance(module, SparseDeltaLinear) else None
+    if folded is not None and flat.numel():
+        hit, where = _lookup(folded[0], flat)
+        values[hit] = folded[1][where[hit]]
     return values
 
 
@@ -138,17 +146,19 @@ def _lookup(sorted_keys: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Ten
     return sorted_keys[where] == queries, where
 
 
-def fingerprint(module: nn.Linear, kind: str, positions: torch.Tensor) -> str:
-    """The base-weight fingerprint of an adapter layer (module docstring): sha256 hex."""
+def fingerprint(module: nn.Linear, kind: str, positions: torch.Tensor, *, original: bool = False) -> str:
+    """The base-weight fingerprint of an adapter layer (module docstring): sha256 hex.
+    ``original``: of the base the layer was built on, before any dynamic-mask fold (saving);
+    loading checks the model's weight as it is."""
     digest = hashlib.sha256()
     weight = _full(module.weight)
     digest.update(f"{module.out_features}x{module.in_features}:{_dtype_name(weight.dtype)}".encode())
     sample = _sample_positions(module.out_features, module.in_features)
-    digest.update(_tensor_bytes(_w0_entries(module, sample, weight)))
+    digest.update(_tensor_bytes(_w0_entries(module, sample, weight, original=original)))
     if kind == "pst":
         trained = weight.new_empty(0)
     elif kind == "entries":
-        trained = _w0_entries(module, positions, weight)
+        trained = _w0_entries(module, positions, weight, original=original)
     else:
         trained = _w0_rows(module, positions, weight)
     digest.update(_tensor_bytes(trained))
@@ -246,6 +256,32 @@ def saved_module_tensors(root: nn.Module, patterns, tensors: dict, prefix: str =
     return saved
 
 
+def fs_path(path: PathLike) -> str:
+    """``path`` as a ``str`` (``bytes`` and ``os.PathLike`` decoded as ``os.fsdecode`` does), so
+    that messages and derived names (temporary files) never show ``b'...'``."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise ValueError(f"adapter path must be a str, bytes or os.PathLike, got {type(path).__name__}")
+    return os.fsdecode(os.fspath(path))
+
+
 def _resolve_path(path: PathLike) -> str:
-    path = os.fspath(path)
+    """A ``str`` path (``fs_path``); a directory gets the default file name."""
+    path = fs_path(path)
     return os.path.join(path, ADAPTER_FILE) if os.path.isdir(path) else path
+
+
+def cast_values(layer: str, label: str, values: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """``values`` in the file's dtype, on the CPU; a finite value that the cast would turn into
+    ±inf (|Δ| > 65504 in float16) is a ValueError naming it, not a silent inf."""
+    cast = values.to(dtype or values.dtype)
+    if dtype is not None and cast.dtype != values.dtype and values.numel():
+        overflow = torch.isfinite(values) & ~torch.isfinite(cast)
+        if bool(overflow.any()):
+            where = int(torch.nonzero(overflow.reshape(-1))[0])
+            value = float(values.reshape(-1)[where])
+            raise ValueError(
+                f"save_adapter: layer {layer!r}: {label}[{where}] = {value:.6g} does not fit {_dtype_name(dtype)} "
+                f"(largest finite {torch.finfo(dtype).max:.6g}); save with dtype=torch.bfloat16 or torch.float32 "
+                "(default), nothing was written"
+            )
+    return cast.cpu().contiguous()

@@ -9,7 +9,9 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
+from ..masks.targets import weight_reading_parent, weight_sharers
 from ..nn.pst_linear import PSTLinear
+from ..ops._guards import is_inference, outside_inference_mode
 from ..nn.row_sparse_linear import RowSparseLinear
 from ..nn.sparse_delta_linear import SparseDeltaLinear
 from ..ops.index import SparseIndex, canonical_rows
@@ -18,6 +20,7 @@ from .adapter_folder import read_any_adapter
 from .adapter_read import _Adapter
 from .config import SpftConfig
 from .surgery import (
+    _FLAGS_ATTR,
     CONFIG_ATTR,
     plain_linear,
     prepare_for_training,
@@ -37,6 +40,7 @@ class _Plan:
     positions: Optional[torch.Tensor]  # canonical, on the weight's device; None for pst
     values: Union[torch.Tensor, dict]  # sorted like the positions, master dtype, on the weight's device
     pst: Optional[dict] = None
+    shared_with: Optional[str] = None  # another module holding the same weight: the layer never merges
 
 
 _BASE_DIFFERS = (
@@ -58,6 +62,14 @@ def _check_against(root: nn.Module, adapter: _Adapter, check_base: bool) -> dict
             raise ValueError(f"{where} is not in the model ({type(root).__name__}); the adapter was made for another architecture")
         if not isinstance(module, nn.Linear):
             raise ValueError(f"{where}: the model's module is a {type(module).__name__}, not a linear layer")
+        if type(module) is not nn.Linear and not isinstance(module, SPFT_LAYER_TYPES):
+            raise ValueError(
+                f"{where}: the model's module is a {type(module).__name__}, not a plain nn.Linear; it cannot be "
+                "converted (as in get_spft_model)"
+            )
+        reason = weight_reading_parent(root, name)
+        if reason is not None:
+            raise ValueError(f"{where}: {reason}")
         shape = (module.out_features, module.in_features)
         if shape != record.shape:
             raise ValueError(f"{where}: the adapter is for a weight of shape {record.shape}, the model's is {shape}")
@@ -95,6 +107,7 @@ def _check_against(root: nn.Module, adapter: _Adapter, check_base: bool) -> dict
         if check_base and record.fingerprint is not None and fingerprint(module, record.kind, positions) != record.fingerprint:
             raise ValueError(_BASE_DIFFERS.format(where=where))
         plans[name] = _Plan(record.kind, positions, values.to(master))
+    _check_sharing(root, adapter, plans)
     for module_name, state in adapter.saved.items():
         module = modules.get(module_name)
         if module is None:
@@ -113,6 +126,37 @@ def _check_against(root: nn.Module, adapter: _Adapter, check_base: bool) -> dict
     return plans
 
 
+def _check_sharing(root: nn.Module, adapter: _Adapter, plans: dict) -> None:
+    """Layers whose weight another module holds too (a tied LM head) are planned in the split form,
+    which never writes into W0; mode 'merged', a saved module that trains that weight, and
+    merging into an inference tensor weight are refused (as in get_spft_model)."""
+    modules = dict(root.named_modules())
+    for name, other in weight_sharers(root, list(plans)).items():
+        where = f"{adapter.path}: layer {name!r}"
+        trained = [s for s in adapter.saved if other == s or other.startswith(s + ".")]
+        if trained:
+            raise ValueError(
+                f"{where} shares its weight with {other!r}, which the adapter's saved module {trained[0]!r} would "
+                "overwrite: the delta's base W0 would change under it"
+            )
+        if plans[name].kind != "pst":
+            if _layer_mode(modules[name], adapter.config) == "merged":
+                raise ValueError(
+                    f"{where} shares its weight with {other!r} (e.g. a tied LM head and input embedding); mode "
+                    "'merged' would write W0 + delta into it too. Load with mode 'auto' or 'split' (set the "
+                    "layer's mode, or the config's)"
+                )
+            plans[name].shared_with = other
+    for name, plan in plans.items():
+        module = modules[name]
+        if plan.kind != "pst" and is_inference(module.weight) and _layer_mode(module, adapter.config) == "merged":
+            raise ValueError(
+                f"{adapter.path}: layer {name!r}: the model's weight is an inference tensor (made under "
+                "torch.inference_mode), which cannot be merged into outside inference mode; use mode 'auto' or "
+                "'split', or build the model outside inference_mode"
+            )
+
+
 def _layer_mode(module: nn.Module, config: SpftConfig) -> str:
     return module.mode if isinstance(module, (SparseDeltaLinear, RowSparseLinear)) else config.mode
 
@@ -121,10 +165,59 @@ def _layer_mode(module: nn.Module, config: SpftConfig) -> str:
 
 
 def _install(root: nn.Module, plans: dict, saved: dict, config: SpftConfig) -> None:
-    """Write checked plans into the model (nothing here can fail on checked input): each planned
-    layer is rebuilt on its W0 with the new positions and values, spft layers the adapter does not
-    have become plain linears again, saved modules get their state, and the model is frozen for
-    training as get_spft_model leaves it."""
+    """Write checked plans into the model, all or nothing: if anything fails on the way (memory,
+    an interrupt), the model is put back as it was (the modules, their merged state, the saved
+    modules' values, the flags) and the error is raised again."""
+    snapshot = _Snapshot(root, list(plans) + list(spft_layers(root)), list(saved))
+    try:
+        with outside_inference_mode():  # the new layers' state must outlive an inference_mode block
+            _install_checked(root, plans, saved, config)
+    except BaseException:
+        snapshot.restore()
+        raise
+
+
+class _Snapshot:
+    """What ``_install`` changes, to put back on failure: the modules at the touched names (an spft
+    layer's merged weight is restored by merging it again: O(nnz), bitwise the same W0 + Δ), the
+    saved modules' state (a copy: they are small, e.g. a classification head), the
+    ``requires_grad`` flags and the attributes get_spft_model leaves on the model."""
+
+    def __init__(self, root: nn.Module, names: list, saved: list) -> None:
+        self.root = root
+        self.modules = {name: root.get_submodule(name) for name in dict.fromkeys(names)}
+        self.merged = [m for m in self.modules.values() if isinstance(m, SPFT_LAYER_TYPES) and getattr(m, "merged", False)]
+        with torch.no_grad(), outside_inference_mode():
+            self.saved = {n: {k: t.detach().clone() for k, t in root.get_submodule(n).state_dict().items()} for n in saved}
+        self.flags = [(p, p.requires_grad) for p in root.parameters()]
+        self.attributes = {a: root.__dict__[a] for a in (CONFIG_ATTR, _FLAGS_ATTR) if a in root.__dict__}
+
+    def restore(self) -> None:
+        root = self.root
+        with torch.no_grad(), outside_inference_mode():
+            for name, original in self.modules.items():
+                current = root.get_submodule(name)
+                if current is not original:
+                    if isinstance(current, SPFT_LAYER_TYPES) and not isinstance(current, PSTLinear):
+                        current.unmerge()  # W0 back in the shared weight
+                    set_submodule(root, name, original)
+            for layer in self.merged:
+                layer.merge()
+            for module_name, state in self.saved.items():
+                module_state = root.get_submodule(module_name).state_dict(keep_vars=True)
+                for key, value in state.items():
+                    module_state[key].copy_(value)
+        for parameter, flag in self.flags:
+            parameter.requires_grad_(flag)
+        for attribute in (CONFIG_ATTR, _FLAGS_ATTR):
+            root.__dict__.pop(attribute, None)
+        root.__dict__.update(self.attributes)
+
+
+def _install_checked(root: nn.Module, plans: dict, saved: dict, config: SpftConfig) -> None:
+    """Each planned layer is rebuilt on its W0 with the new positions and values, spft layers the
+    adapter does not have become plain linears again, saved modules get their state, and the
+    model is frozen for training as get_spft_model leaves it."""
     remember_requires_grad(root)
     modules = dict(root.named_modules())
     for name, layer in spft_layers(root).items():
@@ -140,6 +233,8 @@ def _install(root: nn.Module, plans: dict, saved: dict, config: SpftConfig) -> N
         layer = _KINDS[plan.kind].from_linear(plain_linear(current), plan.positions, mode=mode, backend=backend, name=name)
         with torch.no_grad():
             layer.delta.copy_(plan.values)
+        if plan.shared_with is not None:
+            layer.mark_weight_shared(plan.shared_with)
         set_submodule(root, name, layer)
     for module_name, state in saved.items():
         root.get_submodule(module_name).load_state_dict(state)
@@ -168,8 +263,11 @@ def load_adapter(model: nn.Module, path: PathLike, *, check_base: bool = True) -
     (spft layers the file does not have become plain linears again). The deltas and the
     ``modules_to_save`` are trainable afterwards, everything else frozen. Everything is checked
     before anything is written (see the module docstring), so a ``ValueError`` leaves the model
-    unchanged. ``check_base=False`` skips the base-weight fingerprint and dtype check (shapes are
-    still checked)."""
+    unchanged; a failure while installing (memory, an interrupt) puts the model back bitwise as
+    it was and re-raises. Layers whose weight another module shares (a tied LM head) are built in
+    the split form; containers that read a linear's weight themselves are refused. Works under
+    ``torch.inference_mode``. ``check_base=False`` skips the base-weight fingerprint and dtype
+    check (shapes are still checked)."""
     root = unwrap_model(model)
     adapter = read_any_adapter(path, root)
     plans = _check_against(root, adapter, check_base)

@@ -17,7 +17,11 @@ from .adapter_format import (
     _checksum,
     _dtype_name,
     _encode_index,
+    cast_values,
     _full,
+    fs_path,
+    _lookup,
+    _w0_entries,
     fingerprint,
     FORMAT,
     FORMAT_VERSION,
@@ -26,7 +30,15 @@ from .adapter_format import (
     saved_module_tensors,
     _VALUE_DTYPES,
 )
-from .adapter_folder import SAVE_FORMATS, save_target, write_folder_config
+from .adapter_folder import (
+    _replace,
+    check_writable,
+    CONFIG_FILE,
+    PEFT_TENSORS,
+    SAVE_FORMATS,
+    save_target,
+    write_folder_config,
+)
 from .config import SpftConfig
 from .peft_shira import save_shira_folder
 from .surgery import CONFIG_ATTR, spft_layers, unwrap_model
@@ -53,7 +65,15 @@ def save_adapter(
     ``torch.bfloat16`` for 4 bytes per trainable entry (default: the deltas' own fp32). The file
     is written to a temporary name and renamed, so a crash never leaves a half-written adapter.
     DDP-wrapped models are unwrapped; under torch.distributed only rank 0 writes, and with FSDP2
-    every rank must call it (the sharded deltas are gathered)."""
+    every rank must call it (the sharded deltas are gathered).
+
+    Everything is checked before a file is touched: a value that does not fit ``dtype`` (|Δ| >
+    65504 in float16) is a ``ValueError`` naming the layer and the value, and an existing file
+    is replaced unless it is read-only (``PermissionError``). Failures to write (a missing
+    directory, a full disk) are ``OSError`` subclasses; an existing file is then left as it was.
+    After dynamic-mask updates (``SparseDeltaLinear.fold_delta``) the adapter is written for the
+    original base: every position ever trained, with ``W_trained - W0_original`` (``format="peft"``
+    refuses such a model). Paths may be ``str``, ``bytes`` or ``os.PathLike``."""
     from safetensors.torch import save_file
 
     if format not in SAVE_FORMATS:
@@ -67,20 +87,35 @@ def save_adapter(
     config = getattr(root, CONFIG_ATTR, None)
     if config is None:
         config = _describe(layers)
+    path = fs_path(path)
     if format == "peft":
+        folded = [n for n, m in layers.items() if isinstance(m, SparseDeltaLinear) and m.original_w0() is not None]
+        if folded:
+            raise ValueError(
+                f"save_adapter(format='peft'): layer {folded[0]!r} had dynamic-mask updates folded into its W0; a "
+                "SHiRA folder cannot describe that relative to the original base. Save with format='spft', which "
+                "writes every position ever trained relative to the original base"
+            )
+        if _writes_files():
+            check_writable([os.path.join(path, PEFT_TENSORS), os.path.join(path, CONFIG_FILE)], path)
         return save_shira_folder(root, layers, config, path, dtype=dtype, write=_writes_files())
+    target, folder = save_target(path)
+    if _writes_files():  # (other ranks may not see rank 0's file system)
+        check_writable([target] + ([os.path.join(folder, CONFIG_FILE)] if folder is not None else []), folder)
     tensors, entries = {}, {}
     with torch.no_grad():
         for name, layer in layers.items():
             if isinstance(layer, PSTLinear):
                 for label, factor in zip(_PST_FACTORS, layer.factors()):
-                    tensors[f"{name}.{label}"] = _full(factor).detach().to(dtype or factor.dtype).cpu().contiguous()
+                    tensors[f"{name}.{label}"] = cast_values(name, label, _full(factor).detach(), dtype)
                 entries[name] = _pst_entry(layer)
                 continue
             kind = "entries" if isinstance(layer, SparseDeltaLinear) else "rows"
             positions = layer.index if kind == "entries" else layer.rows
             values = _full(layer.delta).detach()
-            tensors[f"{name}.delta"] = values.to(dtype or values.dtype).cpu().contiguous()
+            if kind == "entries" and layer.original_w0() is not None:
+                positions, values = _relative_to_original_base(layer, values)
+            tensors[f"{name}.delta"] = cast_values(name, "delta", values, dtype)
             encoding = None
             if kind == "entries":
                 encoding, parts = _encode_index(positions, layer.out_features, layer.in_features)
@@ -94,7 +129,7 @@ def save_adapter(
                 "count": int(positions.numel()),
                 "index": encoding,
                 "weight_dtype": _dtype_name(layer.weight.dtype),
-                "fingerprint": fingerprint(layer, kind, positions),
+                "fingerprint": fingerprint(layer, kind, positions, original=True),
             }
         saved = saved_module_tensors(root, config.modules_to_save, tensors)
     metadata = {
@@ -105,21 +140,28 @@ def save_adapter(
         "saved_modules": json.dumps(saved, sort_keys=True, separators=(",", ":")),
     }
     metadata["checksum"] = _checksum(metadata, tensors)
-    target, folder = save_target(path)
     if not _writes_files():
         return target
     if folder is not None:
         os.makedirs(folder, exist_ok=True)
-    temporary = f"{target}.tmp-{os.getpid()}"
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, target)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    _replace(target, lambda temporary: save_file(tensors, temporary, metadata=metadata))
     if folder is not None:
         write_folder_config(folder, config, root)
     return target
+
+
+def _relative_to_original_base(layer: SparseDeltaLinear, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A folded layer (dynamic masks) as an adapter of its original base: the union of the folded
+    and the current positions, each with ``(W0_now + Δ) - W0_original`` (fp64, rounded once to the
+    delta's dtype). O(union); the weight is only read at those positions."""
+    folded, _ = layer.original_w0()
+    union = torch.unique(torch.cat([folded, layer.index.long()]))
+    now = _w0_entries(layer, union).to(torch.float64)
+    original = _w0_entries(layer, union, original=True).to(torch.float64)
+    trained = torch.zeros_like(now)
+    hit, where = _lookup(union, layer.index.long())
+    trained[where[hit]] = delta.to(torch.float64)
+    return union.to(layer.index.dtype), (now + trained - original).to(delta.dtype)
 
 
 def _pst_entry(layer: PSTLinear) -> dict:

@@ -53,6 +53,7 @@ from ..masks.row_importance import METRICS as ROW_METRICS
 from ..masks.row_importance import _DATA_METRICS as ROW_DATA_METRICS
 from ..masks.salience import DATA_FREE_METRICS, METRICS as SALIENCE_METRICS
 from ..nn.base import MODES
+from ..ops._guards import as_float, as_int, describe
 from ..ops.backends import check_backend_name
 
 
@@ -122,6 +123,7 @@ class SpftConfig:
 
     def __post_init__(self) -> None:
         spec = _method_spec(self.method)
+        self._normalise_numbers()
         given = [n for n in ("density", "num_params", "match_lora_rank") if getattr(self, n) is not None]
         if self.method == "pst":
             self._check_pst(given)
@@ -171,6 +173,19 @@ class SpftConfig:
         check_backend_name(self.backend)
         _check_int("seed", self.seed, minimum=0, optional=False)
         _check_int("num_calibration_batches", self.num_calibration_batches, minimum=1)
+
+    def _normalise_numbers(self) -> None:
+        """numpy scalars (e.g. sizes computed with numpy) become Python ints and floats, so that the
+        checks below accept them and the config serialises to JSON."""
+        for name in ("num_params", "match_lora_rank", "mask_update_interval", "seed", "num_calibration_batches",
+                     "pst_r1", "pst_r2"):
+            value = getattr(self, name)
+            if not isinstance(value, int) and as_int(value) is not None:
+                setattr(self, name, as_int(value))
+        for name in ("density", "sparsity"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) and as_float(value) is not None:
+                setattr(self, name, as_float(value))
 
     def _check_pst(self, given: list) -> None:
         if self.density is not None or self.num_params is not None:
@@ -227,11 +242,17 @@ def _not_number(value) -> bool:
     return isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
 
 
+def _shown(value) -> str:
+    return repr(value) if value is None or type(value) in (int, float) else describe(value)
+
+
 def _check_int(name: str, value, *, minimum: int, optional: bool = True) -> None:
     if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"SpftConfig: {name} must be an int >= {minimum}{' or None' if optional else ''}, got {value!r}")
+        raise ValueError(
+            f"SpftConfig: {name} must be an integer >= {minimum}{' or None' if optional else ''}, got {_shown(value)}"
+        )
 
 
 def _names(field: str, value) -> list:

@@ -21,7 +21,8 @@ import torch.nn as nn
 from ..masks.row_importance import row_importance, select_rows
 from ..masks.salience import salience_scores
 from ..masks.select import lora_equivalent_params, random_indices, select_topk
-from ..masks.targets import find_target_linears
+from ..masks.targets import check_materialised, find_target_linears, weight_reading_parent, weight_sharers
+from ..ops._guards import outside_inference_mode
 from ..nn.pst_linear import PSTLinear
 from ..nn.row_sparse_linear import RowSparseLinear
 from ..nn.sparse_delta_linear import SparseDeltaLinear
@@ -141,6 +142,7 @@ def get_spft_model(
     overlap = [t for t in targets if any(t == s or t.startswith(s + ".") for s in saved)]
     if overlap:
         raise ValueError(f"get_spft_model: modules_to_save {saved} contain target layers {overlap[:3]}")
+    shared = _check_shared_weights(root, targets, config, saved)
     if config.metric in spec.data_metrics and (batches is None or not callable(loss_fn)):
         raise ValueError(
             f"get_spft_model: metric {config.metric!r} of method {config.method!r} scores with data; pass "
@@ -151,14 +153,47 @@ def get_spft_model(
     else:
         targets, make = _delta_maker(root, targets, config, batches, loss_fn, scoring_kwargs)
     remember_requires_grad(root)  # before from_linear, which freezes the shared weights
-    try:
-        replace_linears(root, make, targets)
-    except Exception:
-        _finish_unload(root)  # the flags back; no module was replaced
-        raise
-    prepare_for_training(root, saved)
+    with outside_inference_mode():  # the layers' state must outlive an inference_mode block
+        try:
+            layers = replace_linears(root, make, targets)
+        except Exception:
+            _finish_unload(root)  # the flags back; no module was replaced
+            raise
+        for name, other in shared.items():
+            if name in layers and not isinstance(layers[name], PSTLinear):  # PST never writes W0
+                layers[name].mark_weight_shared(other)
+        prepare_for_training(root, saved)
     setattr(root, CONFIG_ATTR, config)
     return model
+
+
+def _check_shared_weights(root: nn.Module, targets: dict, config: SpftConfig, saved: list) -> dict:
+    """``{target: other module}`` for the targets whose weight another module holds too (a tied LM
+    head shares the input embedding's). Such a layer computes in the split form, which never
+    writes into W0; what cannot work that way is refused here, before anything changes."""
+    shared = weight_sharers(root, list(targets))
+    for name, other in shared.items():
+        trained = [s for s in saved if other == s or other.startswith(s + ".")]
+        if trained:
+            raise ValueError(
+                f"get_spft_model: target {name!r} shares its weight with {other!r}, which modules_to_save "
+                f"({trained[0]!r}) trains fully: the delta's base W0 would change under it. Untie the weights first "
+                "or leave one of them out"
+            )
+        if config.method == "pst":
+            continue
+        if config.mode == "merged":
+            raise ValueError(
+                f"get_spft_model: target {name!r} shares its weight with {other!r} (e.g. a tied LM head and input "
+                "embedding); mode='merged' would write W0 + delta into it too. Use mode='auto' (which computes "
+                "such a layer in the split form, W0 untouched) or 'split'"
+            )
+        if config.mask_update_interval is not None:
+            raise ValueError(
+                f"get_spft_model: target {name!r} shares its weight with {other!r}; a dynamic mask folds the delta "
+                "into W0, which would change it too. Leave it out of target_modules or use a static mask"
+            )
+    return shared
 
 
 def _pst_maker(config: SpftConfig, scoring_kwargs: dict) -> Callable[[str, nn.Linear], nn.Module]:
@@ -200,6 +235,11 @@ def _find_targets(root: nn.Module, config: SpftConfig) -> dict[str, nn.Linear]:
                 "sparse fine-tuning does not convert: only nn.Linear layers are supported"
             ) from None
         raise
+    check_materialised("get_spft_model", targets)
+    for name in targets:
+        reason = weight_reading_parent(root, name)
+        if reason is not None:
+            raise ValueError(f"get_spft_model: target {reason}; leave it out of target_modules")
     unsupported = {name: type(m).__name__ for name, m in targets.items() if type(m) is not nn.Linear}
     if unsupported:
         name, kind = next(iter(unsupported.items()))

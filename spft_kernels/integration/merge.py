@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from ..masks.targets import weight_sharers
 from ..nn.pst_linear import PSTLinear
+from ..ops._guards import builds_state, is_inference
 from .surgery import _finish_unload, plain_linear, set_submodule, spft_layers, unwrap_model
 
 
+@builds_state
 def merge_and_unload(model: nn.Module, *, return_report: bool = False):
     """Replace every spft layer with a plain ``nn.Linear`` holding ``W0 + Δ`` and return the model
     (the same object): bitwise the layer's ``merged_weight()`` (fp32 sum, rounded once to the
     weight's dtype), written in place into the layer's own weight tensor (O(nnz); no copy of the
-    weight, except for a SparseDeltaLinear on a non-contiguous weight, which gets a new one).
+    weight, except for a SparseDeltaLinear on a non-contiguous weight, a weight another module
+    shares (a tied LM head: the new linear gets its own weight, and the embedding keeps W0) and
+    an inference tensor weight, which get a new one).
     The original ``requires_grad`` flags come back; ``modules_to_save`` keep their trained values.
 
     A ``PSTLinear`` becomes its pruned linear ``(W0 + βUV) ⊙ M`` (``to_linear``: new tensors) at
@@ -26,11 +31,18 @@ def merge_and_unload(model: nn.Module, *, return_report: bool = False):
     if not layers:
         raise ValueError("merge_and_unload: the model has no sparse fine-tuning layers")
     reports = {}
+    shared = weight_sharers(root, list(layers))
     for name, layer in layers.items():
         if isinstance(layer, PSTLinear):
             linear, reports[name] = layer.to_linear(return_report=True)  # flags restored below
-        elif layer._MERGE_NEEDS_CONTIGUOUS_WEIGHT and not layer.weight.is_contiguous():
-            linear = layer.to_linear()  # never merged in place: split mode
+        elif (
+            name in shared
+            or layer.weight_shared_with is not None
+            or is_inference(layer.weight)
+            or (layer._MERGE_NEEDS_CONTIGUOUS_WEIGHT and not layer.weight.is_contiguous())
+        ):
+            layer.unmerge()  # W0 back in the weight (a layer merged by hand on a shared weight)
+            linear = layer.to_linear()  # new tensors: the shared weight keeps W0
         else:
             layer.merge()  # W0 + Δ in the weight, rounded once; a stale merge re-syncs first
             linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
@@ -43,6 +55,7 @@ def merge_and_unload(model: nn.Module, *, return_report: bool = False):
 
 
 
+@builds_state
 def unload(model: nn.Module) -> nn.Module:
     """Undo ``get_spft_model``: every spft layer becomes the plain ``nn.Linear`` it was built on,
     holding W0 exactly (its own tensors), and the original ``requires_grad`` flags come back. The

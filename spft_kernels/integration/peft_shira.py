@@ -47,7 +47,16 @@ import torch.nn as nn
 from ..nn.pst_linear import PSTLinear
 from ..nn.row_sparse_linear import RowSparseLinear
 from ..nn.sparse_delta_linear import SparseDeltaLinear
-from .adapter_format import _checksum, _dtype_name, _full, fingerprint, PathLike, saved_module_tensors, _VALUE_DTYPES
+from .adapter_format import (
+    cast_values,
+    _checksum,
+    _dtype_name,
+    _full,
+    fingerprint,
+    PathLike,
+    saved_module_tensors,
+    _VALUE_DTYPES,
+)
 from .adapter_folder import _name_or_path, _replace, _write_json, CONFIG_FILE, PEFT_TENSORS
 from .adapter_read import _Adapter, _LayerRecord, read_safetensors
 from .config import SpftConfig
@@ -191,7 +200,7 @@ def save_shira_folder(
             total = out_features * in_features
             padding = _padding(positions, total, rank * (out_features + in_features) - count)
             positions = torch.cat([positions, padding]).cpu()
-            values = values.to(dtype or values.dtype).cpu()
+            values = cast_values(name, "values", values, dtype)
             values = torch.cat([values, values.new_zeros(padding.numel())])
             rows = torch.div(positions, in_features, rounding_mode="floor")
             tensors[f"{PEFT_PREFIX}{name}.{_INDICES}"] = torch.stack([rows, positions - rows * in_features]).to(torch.int32)

@@ -1,0 +1,109 @@
+"""``save_adapter`` checks everything before it writes: values that do not fit the file's dtype
+are a ValueError naming the layer and the value (never a silent inf), I/O failures are OSError
+subclasses (users catch OSError), bytes paths work, and an existing read-only file is refused.
+Whatever fails, no file is created or changed."""
+
+import os
+import re
+import stat
+
+import pytest
+import safetensors.torch
+import torch
+import torch.nn as nn
+
+import spft_kernels as spft
+
+
+def _model(kind="entries", value=0.5):
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"layers": nn.ModuleList([nn.Linear(6, 5)])})
+    linear = model.layers[0]
+    if kind == "entries":
+        layer = spft.SparseDeltaLinear.from_linear(linear, torch.tensor([1, 8, 20]), name="layers.0")
+    elif kind == "rows":
+        layer = spft.RowSparseLinear.from_linear(linear, torch.tensor([0, 3]), name="layers.0")
+    else:
+        layer = spft.PSTLinear.from_linear(linear, 0.0, r1=1, r2=1, name="layers.0")
+    model.layers[0] = layer
+    with torch.no_grad():
+        (layer.delta if kind != "pst" else layer.U).fill_(value)
+    return model
+
+
+def _files(directory):
+    return sorted(os.listdir(directory))
+
+
+@pytest.mark.parametrize("kind", ["entries", "rows", "pst"])
+@pytest.mark.parametrize("value, dtype", [(1e5, torch.float16), (-65520.0, torch.float16), (3.4e38, torch.bfloat16)])
+def test_a_value_that_overflows_the_file_dtype_is_named(kind, value, dtype, tmp_path):
+    model = _model(kind, value)
+    label = "U" if kind == "pst" else "delta"
+    message = re.escape(f"layer 'layers.0': {label}[0] = {value:.6g} does not fit {str(dtype)[6:]}")
+    with pytest.raises(ValueError, match=message):
+        spft.save_adapter(model, tmp_path / "a.safetensors", dtype=dtype)
+    assert _files(tmp_path) == []
+
+
+def test_values_that_fit_and_non_finite_values_are_saved_as_they_are(tmp_path):
+    model = _model(value=65504.0)
+    with torch.no_grad():
+        model.layers[0].delta[1] = float("nan")  # not an overflow of the cast: kept, as trained
+    path = spft.save_adapter(model, tmp_path / "a.safetensors", dtype=torch.float16)
+    saved = safetensors.torch.load_file(path)["layers.0.delta"]
+    assert saved[0].item() == 65504.0 and saved[1].isnan()
+
+
+def test_a_missing_directory_is_a_file_not_found_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        spft.save_adapter(_model(), tmp_path / "missing" / "a.safetensors")
+    assert _files(tmp_path) == []
+
+
+def test_a_write_failure_is_an_os_error_and_leaves_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "a.safetensors"
+    spft.save_adapter(_model(value=1.0), path)
+    old = path.read_bytes()
+    from safetensors import SafetensorError
+
+    def disk_full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="could not write .*No space left"):
+        spft.save_adapter(_model(value=2.0), path)
+    assert path.read_bytes() == old
+    assert _files(tmp_path) == ["a.safetensors"]
+
+
+def test_bytes_and_pathlike_paths(tmp_path):
+    model = _model()
+    as_bytes = os.fsencode(str(tmp_path / "b.safetensors"))
+    written = spft.save_adapter(model, as_bytes)
+    assert written == str(tmp_path / "b.safetensors")
+    spft.load_adapter(_model(value=0.0), as_bytes)
+    with pytest.raises(FileNotFoundError, match=r"'/nonexistent/dir'"):  # no b'...' in the message
+        spft.save_adapter(model, b"/nonexistent/dir/x.safetensors")
+    with pytest.raises(ValueError, match="str, bytes or os.PathLike"):
+        spft.save_adapter(model, 123)
+
+
+def test_an_existing_read_only_file_is_not_overwritten(tmp_path):
+    path = tmp_path / "a.safetensors"
+    spft.save_adapter(_model(value=1.0), path)
+    old = path.read_bytes()
+    os.chmod(path, stat.S_IRUSR | stat.S_IRGRP)
+    try:
+        with pytest.raises(PermissionError, match="read-only; it is not overwritten"):
+            spft.save_adapter(_model(value=2.0), path)
+        assert path.read_bytes() == old
+    finally:
+        os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+    spft.save_adapter(_model(value=2.0), path)  # a writable file is overwritten (documented)
+    assert path.read_bytes() != old
+
+
+def test_a_directory_target_gets_the_default_file_name(tmp_path):
+    written = spft.save_adapter(_model(), tmp_path)
+    assert written == str(tmp_path / "spft_adapter.safetensors")
