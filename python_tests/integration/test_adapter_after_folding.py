@@ -89,5 +89,6 @@ def test_fold_delta_keeps_the_first_original_of_a_position_folded_twice():
     positions, values = layer.original_w0()
     assert positions.tolist() == [1, 5, 7]
     assert torch.equal(values, w0.view(-1)[[1, 5, 7]])
-    assert torch.equal(layer.weight.detach().view(-1)[[1, 5, 7]], w0.view(-1)[[1, 5, 7]] + torch.tensor([1.0, 3.0, 2.0], dtype=torch.float64))
+    folded = w0.view(-1)[[1, 5, 7]] + torch.tensor([1.0, 3.0, 2.0], dtype=torch.float64)
+    assert torch.equal(layer.weight.detach().view(-1)[[1, 5, 7]], folded)
     assert layer.delta.abs().sum() == 0

@@ -108,3 +108,21 @@ def test_a_meta_model_is_named(call):
 def test_meta_scores_are_named():
     with pytest.raises(ValueError, match="meta device"):
         spft.select_topk({"a": torch.randn(4, 4, device="meta")}, density=0.5)
+    with pytest.raises(ValueError, match="meta device"):
+        spft.select_rows({"a": torch.randn(4, device="meta")}, num_rows=2)
+
+
+@pytest.mark.parametrize("call", [
+    pytest.param(lambda m, b: spft.salience_scores(m, b, _loss, "gradient"), id="salience"),
+    pytest.param(lambda m, b: spft.row_importance(m, b, _loss, "taylor"), id="row-importance"),
+])
+def test_gradient_metrics_under_inference_mode_say_so(call):
+    model = nn.ModuleDict({"layers": nn.ModuleList([nn.Linear(4, 4)])})
+    with torch.inference_mode(), pytest.raises(ValueError, match="needs gradients, which torch.inference_mode disables"):
+        call(model, [torch.randn(2, 4)])
+    with torch.no_grad():  # gradients are enabled inside
+        call(model, [torch.randn(2, 4)])
+
+
+def _loss(model, batch):
+    return model.layers[0](batch).square().mean()

@@ -59,7 +59,8 @@ def merge_and_unload(model: nn.Module, *, return_report: bool = False):
 def unload(model: nn.Module) -> nn.Module:
     """Undo ``get_spft_model``: every spft layer becomes the plain ``nn.Linear`` it was built on,
     holding W0 exactly (its own tensors), and the original ``requires_grad`` flags come back. The
-    deltas are dropped (save them first); ``modules_to_save`` keep their trained values."""
+    deltas are dropped (save them first); ``modules_to_save`` keep their trained values. After
+    dynamic-mask updates W0 is the folded weight (``SparseDeltaLinear.fold_delta``)."""
     root = unwrap_model(model)
     layers = spft_layers(root)
     if not layers:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from ..ops import naive
 from ..ops._guards import as_float, as_int, describe
-from .targets import check_materialised, TargetModules, find_target_linears
+from .targets import check_gradients_possible, check_materialised, TargetModules, find_target_linears
 
 Tensor = torch.Tensor
 
@@ -100,6 +100,8 @@ def row_importance(
         raise ValueError(f"row_importance: classes_per_pass is only used by metric='qm_taylor', got metric={metric!r}")
     if metric in _DATA_METRICS:
         _check_data(batches, loss_fn, metric)
+    if metric in ("taylor", "qm_taylor"):
+        check_gradients_possible("row_importance", metric)
     if metric == "qm_taylor":
         if not callable(label_fn):
             raise ValueError("row_importance: metric='qm_taylor' needs label_fn(batch) -> LongTensor[batch] of classes")
@@ -173,6 +175,10 @@ def select_rows(
     for name, score in scores.items():
         if not isinstance(score, Tensor) or score.dim() != 1 or not score.is_floating_point():
             raise ValueError(f"select_rows: scores[{name!r}] must be a 1-D floating-point tensor")
+        if score.device.type == "meta":
+            raise ValueError(
+                f"select_rows: scores[{name!r}] is on the meta device (it has no values); score a materialised model"
+            )
         if bool(torch.isnan(score).any()):
             raise ValueError(f"select_rows: scores[{name!r}] contains NaN")
     given = [option for option, value in (("num_rows", num_rows), ("ratio", ratio), ("lora_rank", lora_rank)) if value is not None]

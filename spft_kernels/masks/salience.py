@@ -95,7 +95,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..nn.sparse_delta_linear import SparseDeltaLinear
 from ..ops._guards import as_int, describe
-from .targets import check_materialised, TargetModules, find_target_linears
+from .targets import check_gradients_possible, check_materialised, TargetModules, find_target_linears
 
 Tensor = torch.Tensor
 
@@ -153,6 +153,7 @@ def salience_scores(
     _check_positive_int("num_batches", num_batches)
     _check_positive_int("fisher_chunk_size", fisher_chunk_size)
     if metric not in DATA_FREE_METRICS:
+        check_gradients_possible("salience_scores", metric)
         if batches is None:
             raise ValueError(f"salience_scores: metric {metric!r} needs calibration batches")
         if not callable(loss_fn):

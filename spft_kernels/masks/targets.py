@@ -76,6 +76,16 @@ def find_target_linears(
 # --- targets that are unsafe to convert -----------------------------------------------------------
 
 
+def check_gradients_possible(who: str, metric: str) -> None:
+    """Gradient metrics cannot run under ``torch.inference_mode`` (its tensors never record
+    autograd), which would otherwise surface as "the loss does not depend on the weights"."""
+    if torch.is_inference_mode_enabled():
+        raise ValueError(
+            f"{who}: metric {metric!r} needs gradients, which torch.inference_mode disables; call it outside "
+            "inference_mode (torch.no_grad around it is fine: gradients are enabled inside)"
+        )
+
+
 def check_materialised(who: str, modules) -> None:
     """A ``ValueError`` naming the first module whose weight is on the meta device (no values to
     score or to build on), instead of torch's ``.item()`` error deep inside."""

@@ -466,8 +466,10 @@ class _FrozenBaseDeltaLinear(nn.Linear):
                         f"{self.layer_name}: {positions_key} gives new positions ({count} {self._UNIT}) but "
                         f"{delta_key} is missing; a delta must come with its positions"
                     )
-            elif not isinstance(incoming_delta, torch.Tensor) or tuple(incoming_delta.shape) != self._delta_shape(validated):
-                shape = tuple(incoming_delta.shape) if isinstance(incoming_delta, torch.Tensor) else type(incoming_delta).__name__
+            elif not isinstance(incoming_delta, torch.Tensor):
+                return f"{self.layer_name}: {delta_key} must be a tensor, got {type(incoming_delta).__name__}"
+            elif tuple(incoming_delta.shape) != self._delta_shape(validated):
+                shape = tuple(incoming_delta.shape)
                 return f"{self.layer_name}: {delta_key} has shape {shape} but {positions_key} has {count} {self._UNIT}"
         if isinstance(incoming_delta, torch.Tensor) and not incoming_delta.is_floating_point():
             return f"{self.layer_name}: {delta_key} must be floating point, got {incoming_delta.dtype}"
@@ -476,7 +478,10 @@ class _FrozenBaseDeltaLinear(nn.Linear):
                 continue
             value = state_dict.get(prefix + name)
             if isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(own.shape):
-                return f"{self.layer_name}: size mismatch for {prefix + name}: {tuple(value.shape)} in the state dict, {tuple(own.shape)} in the layer"
+                return (
+                    f"{self.layer_name}: size mismatch for {prefix + name}: {tuple(value.shape)} in the state dict, "
+                    f"{tuple(own.shape)} in the layer"
+                )
         return None
 
     def _same_positions(self, validated) -> bool:

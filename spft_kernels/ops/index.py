@@ -162,13 +162,13 @@ def canonical_flat_index(
             f"{name}: index must be 1-D flat positions (row * in_features + col), got shape "
             f"{tuple(index.shape)}"
         )
-    if index.device.type == "meta":
-        raise ValueError(f"{name}: index is on the meta device (it has no values); positions must be real tensors")
     if device is not None and index.device != torch.device(device):
         raise ValueError(
             f"{name}: index is on {index.device} but the weight is on {torch.device(device)}; "
             f"move it with index.to(weight.device)"
         )
+    if index.device.type == "meta":
+        raise ValueError(f"{name}: index is on the meta device (it has no values); positions must be real tensors")
     if index.is_inference():  # kept by layers and saved for backward: a normal tensor (ops/_guards.py)
         with outside_inference_mode():
             index = index.clone()
@@ -222,7 +222,7 @@ def random_index(
     out_features, in_features = sizes
     value = as_float(density)
     if value is None or not math.isfinite(value) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"random_index: density must be a number in [0, 1], got {describe(density)}")
+        raise ValueError(f"random_index: density must be in [0, 1], got {describe(density)}")
     density = value
     total = out_features * in_features
     count = min(total, int(round(density * total)))
@@ -269,13 +269,13 @@ def canonical_rows(
         raise ValueError(f"{name}: rows must have an integer dtype (int64 preferred), got {rows.dtype}")
     if rows.dim() != 1:
         raise ValueError(f"{name}: rows must be 1-D output-row numbers, got shape {tuple(rows.shape)}")
-    if rows.device.type == "meta":
-        raise ValueError(f"{name}: rows are on the meta device (they have no values); rows must be real tensors")
     if device is not None and rows.device != torch.device(device):
         raise ValueError(
             f"{name}: rows are on {rows.device} but the weight is on {torch.device(device)}; "
             f"move them with rows.to(weight.device)"
         )
+    if rows.device.type == "meta":
+        raise ValueError(f"{name}: rows are on the meta device (they have no values); rows must be real tensors")
     if rows.is_inference():  # kept by layers and saved for backward: a normal tensor (ops/_guards.py)
         with outside_inference_mode():
             rows = rows.clone()
