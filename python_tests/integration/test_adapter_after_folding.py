@@ -65,6 +65,13 @@ def test_loading_onto_the_folded_model_itself_is_refused_leaving_it_unchanged(tm
     assert torch.equal(_logits(model, batch), trained)
 
 
+def test_the_peft_format_refuses_a_folded_model_before_writing(tmp_path):
+    model, _ = _train_with_updates("split", torch.float64, steps=2)
+    with pytest.raises(ValueError, match="folded into its W0.*format='spft'"):
+        spft.save_adapter(model, tmp_path / "peft", format="peft")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_float32_base_saved_in_bfloat16_stays_close(tmp_path):
     model, batch = _train_with_updates("auto", torch.float32, steps=4)
     trained = _logits(model, batch)

@@ -107,3 +107,33 @@ def test_an_existing_read_only_file_is_not_overwritten(tmp_path):
 def test_a_directory_target_gets_the_default_file_name(tmp_path):
     written = spft.save_adapter(_model(), tmp_path)
     assert written == str(tmp_path / "spft_adapter.safetensors")
+
+
+def test_the_peft_format_checks_the_same(tmp_path):
+    with pytest.raises(ValueError, match=r"layer 'layers.0': values\[0\] = 100000 does not fit float16"):
+        spft.save_adapter(_model(value=1e5), tmp_path / "peft", format="peft", dtype=torch.float16)
+    assert _files(tmp_path) == []
+    folder = spft.save_adapter(_model(), os.fsencode(str(tmp_path / "peft")), format="peft")
+    assert folder == str(tmp_path / "peft")
+    config = tmp_path / "peft" / "adapter_config.json"
+    old = config.read_bytes()
+    os.chmod(config, stat.S_IRUSR)
+    try:
+        with pytest.raises(PermissionError, match="adapter_config.json' exists and is read-only"):
+            spft.save_adapter(_model(value=2.0), tmp_path / "peft", format="peft")
+    finally:
+        os.chmod(config, stat.S_IRUSR | stat.S_IWUSR)
+    assert config.read_bytes() == old
+
+
+def test_a_spft_folder_with_a_read_only_config_is_refused_before_the_tensors_are_written(tmp_path):
+    spft.save_adapter(_model(value=1.0), tmp_path / "folder")
+    tensors = tmp_path / "folder" / "spft_adapter.safetensors"
+    old = tensors.read_bytes()
+    os.chmod(tmp_path / "folder" / "adapter_config.json", stat.S_IRUSR)
+    try:
+        with pytest.raises(PermissionError):
+            spft.save_adapter(_model(value=2.0), tmp_path / "folder")
+    finally:
+        os.chmod(tmp_path / "folder" / "adapter_config.json", stat.S_IRUSR | stat.S_IWUSR)
+    assert tensors.read_bytes() == old
