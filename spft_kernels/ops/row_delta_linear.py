@@ -27,28 +27,6 @@ from .row_scatter_add import _row_scatter_add_op
 
 Tensor = torch.Tensor
 
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def _linear_acc(x2d: Tensor, delta: Tensor, acc: torch.dtype) -> Tensor:
-    """``x Wfᵀ`` [T, R] in ``acc``: on CUDA one cuBLAS GEMM with half inputs and fp32 output (Wf
-    rounded to x's dtype for the tensor cores), elsewhere the reference's chunked upcast."""
-    if x2d.dtype == acc and delta.dtype == acc:
-        return x2d.mm(delta.t())
-    if x2d.is_cuda and x2d.dtype in _HALF and acc == torch.float32:
-        return torch.mm(x2d, delta.to(x2d.dtype).t(), out_dtype=acc)
-    return naive.mm_acc(x2d, delta.t(), acc)
-
-
-def _grad_rows(g: Tensor, x2d: Tensor, acc: torch.dtype) -> Tensor:
-    """``dWf = gᵀ x`` [R, in] summed over tokens in ``acc`` (never rounded to half precision)."""
-    if g.dtype == acc and x2d.dtype == acc:
-        return g.t().mm(x2d)
-    if x2d.is_cuda and x2d.dtype in _HALF and g.dtype == x2d.dtype and acc == torch.float32:
-        return torch.mm(g.t(), x2d, out_dtype=acc)
-    return naive.mm_tn_acc(g, x2d, acc)
-
-
 @torch.library.custom_op("spft::row_delta_linear", mutates_args=())
 def _row_delta_linear_op(
     x: Tensor,
@@ -68,7 +46,8 @@ def _row_delta_linear_op(
     num_tokens = math.prod(x.shape[:-1])  # explicit: reshape(-1, 0) fails for a zero-width layer
     y2d = y.view(num_tokens, out_features)
     x2d = x.reshape(num_tokens, in_features)
-    _row_scatter_add_op(y2d, _linear_acc(x2d, delta, naive.accumulate_dtype(x, delta)), rows, backend)
+    # x Wfᵀ in one GEMM accumulated in fp32/fp64 (naive.mm_acc: tensor cores for half inputs on CUDA)
+    _row_scatter_add_op(y2d, naive.mm_acc(x2d, delta.t(), naive.accumulate_dtype(x, delta)), rows, backend)
     return y
 
 
@@ -108,7 +87,7 @@ def _backward(ctx, dy):
         if g is None:
             ddelta = torch.zeros_like(delta)
         else:
-            ddelta = _grad_rows(g, x2d, acc).to(delta.dtype)
+            ddelta = naive.mm_tn_acc(g, x2d, acc).to(delta.dtype)
     if ctx.needs_input_grad[4]:
         dbias = dy2d.sum(dim=0, dtype=naive.accumulate_dtype(dy2d)).to(ctx.bias_dtype)
     return dx, dweight, ddelta, None, dbias, None, None

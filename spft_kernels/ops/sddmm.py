@@ -35,10 +35,11 @@ def _(x, dy, index, tile_ptr, backend):
     return x.new_empty(index.shape, dtype=naive.accumulate_dtype(x, dy))
 
 
+# The default on every device: one dense GEMM by row blocks (or the gather path at very low
+# density and few tokens), see naive.sddmm.
 @register("sddmm", "reference")
 def _sddmm_reference(x, dy, index, tile_ptr):
-    rows = torch.div(index, x.shape[1], rounding_mode="floor")
-    return naive.sddmm(x, dy, rows, index - rows * x.shape[1])
+    return naive.sddmm(x, dy, index)
 
 
 # --- CUDA (csrc/sddmm.cu) ---------------------------------------------------------------------

@@ -37,8 +37,7 @@ def _(base, x, delta, index, row_ptr, backend):
 
 @register("spmm_add", "reference")
 def _spmm_add_reference(base, x, delta, index, row_ptr):
-    rows = torch.div(index, x.shape[1], rounding_mode="floor")
-    return naive.gather_scale_add(base, x, delta, index - rows * x.shape[1], rows)
+    return naive.spmm_add(base, x, delta, index)
 
 
 # --- spmm_t_add: base + dy Δ ----------------------------------------------------------------
@@ -60,8 +59,7 @@ def _(base, dy, delta, index, col_ptr, csc_perm, backend):
 
 @register("spmm_t_add", "reference")
 def _spmm_t_add_reference(base, dy, delta, index, col_ptr, csc_perm):
-    rows = torch.div(index, base.shape[1], rounding_mode="floor")
-    return naive.gather_scale_add(base, dy, delta, rows, index - rows * base.shape[1])
+    return naive.spmm_t_add(base, dy, delta, index)
 
 
 # --- CUDA (csrc/spmm.cu) ---------------------------------------------------------------------
