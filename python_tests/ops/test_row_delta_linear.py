@@ -181,23 +181,6 @@ def test_unsorted_rows_permute_delta_with_them():
     torch.testing.assert_close(shuffled_delta.grad[order], sorted_delta.grad, rtol=0, atol=0)
 
 
-def test_reference_chunking_matches_single_chunk(monkeypatch):
-    x, weight, delta, rows, bias, dy = random_row_problem(20, 24, (17,), 5, True, seed=9, dtype=torch.bfloat16)
-    delta = delta.float()
-
-    def step():
-        d = delta.clone().requires_grad_(True)
-        y = spft.row_delta_linear(x, weight, d, rows, bias)
-        y.backward(dy)
-        return y, d.grad
-
-    whole = step()
-    monkeypatch.setattr(naive, "CHUNK_ELEMENTS", 1)  # one token per chunk
-    chunked = step()
-    torch.testing.assert_close(whole[0], chunked[0], rtol=0, atol=0)
-    torch.testing.assert_close(whole[1], chunked[1], rtol=1e-6, atol=1e-6)
-
-
 def test_bf16_autocast_on_cpu():
     x, weight, delta, rows, bias, dy = random_row_problem(48, 40, (8,), 6, True, seed=11, dtype=torch.float32)
     layer = make_layer(weight, delta.float(), rows, bias, "split")

@@ -153,12 +153,12 @@ def test_delta_gradient_is_bitwise_reproducible():
     assert all(torch.equal(grads[0], g) for g in grads[1:])
 
 
-def test_reference_chunking_matches_single_chunk(monkeypatch):
+def test_reference_blocks_of_one_row_match_the_default_blocks(monkeypatch):
     x, weight, delta, index, bias, dy = random_problem(20, 24, (17,), 0.3, True, seed=9)
     whole = spft.sparse_delta_linear(x, weight, delta, index, bias)
     import spft_kernels.ops.naive as naive
 
-    monkeypatch.setattr(naive, "CHUNK_ELEMENTS", 1)  # one token per chunk
+    monkeypatch.setattr(naive, "CHUNK_ELEMENTS", 1)  # a budget of one value: blocks of one row
     chunked = spft.sparse_delta_linear(x, weight, delta, index, bias)
     torch.testing.assert_close(whole, chunked, rtol=1e-13, atol=1e-13)
 

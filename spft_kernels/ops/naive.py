@@ -8,10 +8,11 @@ multiplied directly ("gather"), in one pass. The number of launched ops never de
 number of tokens.
 
 Memory-lean: no out x in temporary. A temporary holds at most one block, ``temporary_budget``
-values (1/16 of the weight, at most ``CHUNK_ELEMENTS``), plus copies of at most one activation
-(the fp32 copy of a half-precision input; ``x``'s columns a block needs). Accumulation is in fp32,
-or fp64 when an operand is fp64; every op here is deterministic (the same inputs give the same
-bits), on the CPU and on CUDA (no atomics; cuBLAS: see the README's Backends section).
+values (1/16 of the weight, at most ``CHUNK_ELEMENTS``); the delta gradient may also copy the
+columns of ``x`` one block needs (at most 1/8 of the weight). Half-precision inputs on the CPU
+are upcast once to fp32 (a copy of the activation). Accumulation is in fp32, or fp64 when an
+operand is fp64; every op here is deterministic (the same inputs give the same bits), on the CPU
+and on CUDA (no atomics; cuBLAS: see the README's Backends section).
 """
 
 from __future__ import annotations
@@ -204,7 +205,8 @@ def sddmm(x: torch.Tensor, dy: torch.Tensor, flat: torch.Tensor, *, gather: Opti
         if entries.stop - entries.start <= in_features:  # only then can it touch at most half the columns
             block_rows_of, cols = split_flat(local, in_features)
             used_cols, position = torch.unique(cols, sorted=True, return_inverse=True)
-            if 2 * used_cols.numel() <= in_features:
+            # Narrower by half at least, and x's columns at most two blocks' worth (1/8 of W).
+            if 2 * used_cols.numel() <= in_features and num_tokens * used_cols.numel() <= 2 * product.numel():
                 narrow = mm_acc(dy_block, x.index_select(1, used_cols), acc)
                 torch.index_select(narrow.view(-1), 0, block_rows_of * used_cols.numel() + position, out=grad[entries])
                 continue
