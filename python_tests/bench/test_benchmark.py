@@ -5,7 +5,7 @@ from spft_kernels.bench import report as bench_report
 
 REQUIRED_FIELDS = {
     "op", "provider", "out_features", "in_features", "tokens", "density", "dtype", "median_ms",
-    "peak_mem_bytes", "device", "torch", "triton", "commit", "date",
+    "peak_mem_bytes", "ops_per_call", "device", "torch", "triton", "commit", "date",
 }
 ARGS = ["--device", "cpu", "--shape", "96", "80", "--tokens", "32", "--density", "0.05", "--repeats", "2", "--warmup", "1"]
 
@@ -22,10 +22,10 @@ def test_spft_bench_runs_and_writes_records_summary_and_plots(tmp_path, capsys):
     baseline = {"sddmm": "dense-full", "spmm": "dense-frozen"}
     for record in records:
         assert REQUIRED_FIELDS <= set(record), REQUIRED_FIELDS - set(record)
-        assert record["median_ms"] > 0 and record["peak_mem_bytes"] > 0
+        assert record["median_ms"] > 0 and record["peak_mem_bytes"] > 0 and record["ops_per_call"] > 0
         assert record[f"ratio_vs_{baseline.get(record['op'], 'dense-frozen')}"] > 0
     kernel_providers = {(r["op"], r["provider"]) for r in records if r["op"] in baseline}
-    assert {("sddmm", "dense-full"), ("sddmm", "spft-gather-dot-reference"), ("spmm", "dense-frozen"),
+    assert {("sddmm", "dense-full"), ("sddmm", "spft-row-blocks-reference"), ("spmm", "dense-frozen"),
             ("spmm", "spft-csr-reference"), ("spmm", "spft-csc-reference")} <= kernel_providers
     by_provider = {r["provider"]: r for r in records if r["op"] == "linear_fwd_bwd"}
     # equal trainable parameters, to within one LoRA rank step
@@ -35,6 +35,20 @@ def test_spft_bench_runs_and_writes_records_summary_and_plots(tmp_path, capsys):
     summary = (tmp_path / "summary.md").read_text()
     assert "| linear_fwd_bwd | 96×80 |" in summary and records[0]["commit"] in summary
     assert any(p.suffix == ".png" for p in tmp_path.iterdir())
+
+
+def test_spft_bench_runs_only_the_chosen_providers_ops_and_densities(tmp_path, capsys):
+    args = ARGS[:ARGS.index("--density")] + ["--density", "0.01", "0.3", "--repeats", "1", "--warmup", "0"]
+    chosen = ["dense-full", "spft-merged-reference", "spft-row-blocks-reference"]
+    assert benchmark.main(args + ["--providers", *chosen, "--ops", "linear_fwd_bwd", "sddmm", "--output", str(tmp_path)]) == 0
+    records = json.loads((tmp_path / "results.json").read_text())
+    assert {(r["op"], r["provider"], r["density"]) for r in records} == {
+        (op, provider, density) for density in (0.01, 0.3) for op, provider in
+        [("linear_fwd_bwd", "dense-full"), ("linear_fwd_bwd", "spft-merged-reference"), ("sddmm", "dense-full"),
+         ("sddmm", "spft-row-blocks-reference")]}
+    # the dense GEMM is one op; a step's op count is in the table next to its time
+    assert {r["ops_per_call"] for r in records if r["op"] == "sddmm" and r["provider"] == "dense-full"} == {1}
+    assert " ops " in capsys.readouterr().out
 
 
 def test_report_regenerates_from_json_and_compare_matches_cases(tmp_path, capsys):

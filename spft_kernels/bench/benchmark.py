@@ -14,14 +14,18 @@ Providers at the same number of trainable parameters (DESIGN.md names):
 - ``spruft-<mode>-<backend>``: RowSparseLinear with ``round(nnz / in)`` random rows;
 - ``pst-<backend>``: PSTLinear at 50% sparsity with r1 = r2 = r / 2 (PST prunes as it trains).
 
-Kernel ops on the same cases: ``sddmm`` (the delta gradient; ``spft-gather-dot-<backend>`` and,
-where a backend has it, ``spft-tensor-core-<backend>``, against ``dense-full``: the dense
-weight-gradient GEMM ``dyᵀx``) and ``spmm`` (``x Δᵀ`` added into y, ``spft-csr-<backend>``, and
-``dy Δ``, ``spft-csc-<backend>``, against ``dense-frozen``: the GEMM ``x W0ᵀ``).
+Kernel ops on the same cases: ``sddmm`` (the delta gradient; ``spft-row-blocks-reference``, the
+default on every device (row-block GEMMs, or the gather path where its cost model says so),
+``spft-gather-dot-<backend>`` and, where a backend has it, ``spft-tensor-core-<backend>``, against
+``dense-full``: the dense weight-gradient GEMM ``dyᵀx``) and ``spmm`` (``x Δᵀ`` added into y,
+``spft-csr-<backend>``, and ``dy Δ``, ``spft-csc-<backend>``, against ``dense-frozen``: the GEMM
+``x W0ᵀ``).
 
 Times are medians over repeats (CUDA events on a GPU); peak memory comes from the CUDA
 allocator on a GPU and from :class:`~spft_kernels.memory.TensorMemoryTracker` on the CPU, and
-counts the layer, the input and everything allocated during the call.
+counts the layer, the input and everything allocated during the call. ``ops_per_call`` is the
+number of ops one call launches (:class:`~spft_kernels.bench.op_count.OpCounter`, counted once):
+on a GPU each costs microseconds of host time, so a count that grows with the tokens shows here.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from ..nn.row_sparse_linear import RowSparseLinear
 from ..nn.sparse_delta_linear import SparseDeltaLinear
 from ..nn.pst_linear import PSTLinear
 from .memory import TensorMemoryTracker
+from .op_count import count_ops
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OPS = ("linear_fwd", "linear_bwd", "linear_fwd_bwd")
@@ -328,6 +333,8 @@ def _flops(op: str, provider: str, case: dict) -> float:
 
 
 def run_case(case: dict, device: torch.device, repeats: int, warmup: int, env: dict, progress=None) -> list[dict]:
+    if not any(op in case["ops"] for op in OPS):
+        return []
     dtype = DTYPES[case["dtype"]]
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(case["tokens"], case["in_features"], generator=generator)
@@ -335,6 +342,8 @@ def run_case(case: dict, device: torch.device, repeats: int, warmup: int, env: d
     grad_out = torch.randn(case["tokens"], case["out_features"], generator=generator).to(device=device, dtype=dtype)
     records = []
     for name, make in build_providers(case, device).items():
+        if case.get("providers") and name not in case["providers"]:
+            continue
         try:
             module = make()
             setup, fn = _steps(module, x, grad_out, "linear_fwd_bwd")
@@ -348,6 +357,8 @@ def run_case(case: dict, device: torch.device, repeats: int, warmup: int, env: d
         for op in [op for op in case["ops"] if op in OPS]:
             setup, fn = _steps(module, x, grad_out, op)
             median = time_ms(setup, fn, device, repeats, warmup)
+            setup()
+            ops_per_call = count_ops(fn)
             records.append(
                 {
                     "op": op,
@@ -361,6 +372,7 @@ def run_case(case: dict, device: torch.device, repeats: int, warmup: int, env: d
                     "median_ms": median,
                     "tflops": _flops(op, name, case) / (median * 1e-3) / 1e12 if median > 0 else None,
                     "peak_mem_bytes": peak_memory_bytes(setup, fn, module, x),
+                    "ops_per_call": ops_per_call,
                     "repeats": repeats,
                     **env,
                 }
@@ -395,7 +407,8 @@ def _kernel_providers(case: dict, device: torch.device) -> dict[str, tuple[str, 
     backends = ["reference"] + ([b for b in ("triton", "cuda") if b in available_backends()] if device.type == "cuda" else [])
     for backend in backends:
         if "sddmm" in case["ops"] and backend in implemented_backends("sddmm"):
-            providers[f"spft-gather-dot-{backend}"] = ("sddmm", lambda b=backend: sddmm(x, dy, si.flat, None, b))
+            variant = "row-blocks" if backend == "reference" else "gather-dot"
+            providers[f"spft-{variant}-{backend}"] = ("sddmm", lambda b=backend: sddmm(x, dy, si.flat, None, b))
             if backend != "reference":  # the tensor-core variant; the reference ignores tile_ptr
                 providers[f"spft-tensor-core-{backend}"] = ("sddmm", lambda b=backend: sddmm(x, dy, si.flat, si.tile_ptr, b))
         if "spmm" in case["ops"]:
@@ -415,6 +428,8 @@ def run_kernel_case(case: dict, device: torch.device, repeats: int, warmup: int,
     records = []
     nnz = round(case["density"] * case["out_features"] * case["in_features"])
     for name, (op, call) in _kernel_providers(case, device).items():
+        if case.get("providers") and name not in case["providers"]:
+            continue
         try:
             call()
         except SKIP_ERRORS as error:
@@ -441,7 +456,7 @@ def run_kernel_case(case: dict, device: torch.device, repeats: int, warmup: int,
                 "trainable_params": nnz, "median_ms": median,
                 "tflops": 2.0 * case["tokens"] * case["in_features"] * case["out_features"] / (median * 1e-3) / 1e12
                 if median > 0 and name.startswith("dense") else None,
-                "peak_mem_bytes": peak, "repeats": repeats, **env,
+                "peak_mem_bytes": peak, "ops_per_call": count_ops(call), "repeats": repeats, **env,
             }
         )
     bench_report.add_ratios(records)
@@ -481,8 +496,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--shape", type=int, nargs=2, metavar=("OUT", "IN"), help="a single layer shape")
     parser.add_argument("--tokens", type=int, help="tokens per step (with --shape)")
-    parser.add_argument("--density", type=float, help="delta density (with --shape)")
+    parser.add_argument("--density", type=float, nargs="+", help="delta densities, one case each (with --shape)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="dtype (with --shape)")
+    parser.add_argument("--providers", nargs="+", metavar="NAME", help="only these providers (with --shape)")
+    parser.add_argument("--ops", nargs="+", choices=OPS + KERNEL_OPS, help="only these ops (with --shape)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls before timing")
     parser.add_argument("--output", help="directory for results.json, summary.md and plots "
@@ -508,10 +525,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                 out_features=args.shape[0],
                 in_features=args.shape[1],
                 tokens=args.tokens or 512,
-                density=0.01 if args.density is None else args.density,
+                density=density,
                 dtype=args.dtype or ("bfloat16" if device.type == "cuda" else "float32"),
-                ops=list(OPS + KERNEL_OPS),
+                ops=list(args.ops or OPS + KERNEL_OPS),
+                providers=args.providers,
             )
+            for density in (args.density or [0.01])
         ]
     else:
         cases = default_cases(args.quick, device)

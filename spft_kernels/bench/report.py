@@ -41,15 +41,16 @@ def format_table(records: list[dict]) -> str:
     lora = _lora_baseline(records)
     header = (
         f"{'op':<15}{'shape':>12}{'tokens':>7}{'density':>8}{'provider':>27}{'trainable':>10}{'ms':>10}"
-        f"{'x frozen':>9}{'x ' + lora:>14}{'peak MiB':>10}"
+        f"{'ops':>6}{'x frozen':>9}{'x full':>8}{'x ' + lora:>14}{'peak MiB':>10}"
     )
     lines = [header, "-" * len(header)]
     for r in records:
-        frozen, vs_lora = r.get("ratio_vs_dense-frozen"), r.get(f"ratio_vs_{lora}")
+        frozen, full, vs_lora = (r.get(f"ratio_vs_{b}") for b in ("dense-frozen", "dense-full", lora))
         lines.append(
             f"{r['op']:<15}{_shape(r):>12}{r['tokens']:>7}{r['density']:>8.3g}"
-            f"{r['provider']:>27}{r['trainable_params']:>10}{r['median_ms']:>10.3f}"
-            f"{(f'{frozen:.2f}' if frozen else '-'):>9}{(f'{vs_lora:.2f}' if vs_lora else '-'):>14}"
+            f"{r['provider']:>27}{r['trainable_params']:>10}{r['median_ms']:>10.3f}{r.get('ops_per_call', '-'):>6}"
+            f"{(f'{frozen:.2f}' if frozen else '-'):>9}{(f'{full:.2f}' if full else '-'):>8}"
+            f"{(f'{vs_lora:.2f}' if vs_lora else '-'):>14}"
             f"{r['peak_mem_bytes'] / 2**20:>10.1f}"
         )
     return "\n".join(lines)
@@ -65,11 +66,12 @@ def format_markdown(records: list[dict]) -> str:
         "",
         f"Device: {first['device']}; torch {first['torch']}, triton {first.get('triton')}, CUDA {first.get('cuda')}, "
         f"peft {first.get('peft')}; commit `{first['commit']}`; {first['date']}. Median of {first['repeats']} "
-        "repeats; ratios are this provider's time (or peak memory) over the baseline's on the same case.",
+        "repeats; ratios are this provider's time (or peak memory) over the baseline's on the same case; "
+        "ops: the ops one call launches.",
         "",
-        f"| op | shape | tokens | density | dtype | provider | trainable | ms | TFLOP/s | × dense-frozen | × dense-full "
-        f"| × {lora} | peak MiB | mem × {lora} |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| op | shape | tokens | density | dtype | provider | trainable | ms | ops | TFLOP/s | × dense-frozen "
+        f"| × dense-full | × {lora} | peak MiB | mem × {lora} |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def ratio(record, key):
@@ -80,7 +82,7 @@ def format_markdown(records: list[dict]) -> str:
         tflops = f"{r['tflops']:.2f}" if r.get("tflops") else "-"
         lines.append(
             f"| {r['op']} | {r['out_features']}×{r['in_features']} | {r['tokens']} | {r['density']:g} | {r['dtype']} "
-            f"| {r['provider']} | {r['trainable_params']} | {r['median_ms']:.3f} | {tflops} "
+            f"| {r['provider']} | {r['trainable_params']} | {r['median_ms']:.3f} | {r.get('ops_per_call', '-')} | {tflops} "
             f"| {ratio(r, 'ratio_vs_dense-frozen')} | {ratio(r, 'ratio_vs_dense-full')} | {ratio(r, f'ratio_vs_{lora}')} "
             f"| {r['peak_mem_bytes'] / 2**20:.1f} | {ratio(r, f'mem_ratio_vs_{lora}')} |"
         )
