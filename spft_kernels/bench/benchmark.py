@@ -21,8 +21,8 @@ default on every device (row-block GEMMs, or the gather path where its cost mode
 ``spft-csr-<backend>``, and ``dy Δ``, ``spft-csc-<backend>``, against ``dense-frozen``: the GEMM
 ``x W0ᵀ``).
 
-Times are medians over repeats (CUDA events on a GPU); peak memory comes from the CUDA
-allocator on a GPU and from :class:`~spft_kernels.memory.TensorMemoryTracker` on the CPU, and
+Times are medians over repeats, the providers of a case taking turns (CUDA events on a GPU);
+peak memory comes from the CUDA allocator on a GPU and from :class:`~spft_kernels.memory.TensorMemoryTracker` on the CPU, and
 counts the layer, the input and everything allocated during the call. ``ops_per_call`` is the
 number of ops one call launches (:class:`~spft_kernels.bench.op_count.OpCounter`, counted once):
 on a GPU each costs microseconds of host time, so a count that grows with the tokens shows here.
@@ -287,25 +287,35 @@ def _steps(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, op: str):
     return clear_grads, forward_backward
 
 
-def time_ms(setup: Callable, fn: Callable, device: torch.device, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        setup()
+def _time_once_ms(fn: Callable, device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-    samples = []
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    begin = time.perf_counter()
+    fn()
+    return (time.perf_counter() - begin) * 1e3
+
+
+def time_interleaved(
+    calls: dict[str, tuple[Callable, Callable]], device: torch.device, repeats: int, warmup: int
+) -> dict[str, float]:
+    """Median ms of each ``(setup, fn)``, the calls taking turns repeat by repeat, so that load
+    that comes and goes (a shared CPU, a GPU's clocks) weighs on every provider alike and the
+    ratios of one run hold."""
+    for _ in range(warmup):
+        for setup, fn in calls.values():
+            setup()
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
-        setup()
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(samples)
+        for name, (setup, fn) in calls.items():
+            setup()
+            samples[name].append(_time_once_ms(fn, device))
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def peak_memory_bytes(setup: Callable, fn: Callable, module: nn.Module, x: torch.Tensor) -> int:
@@ -340,7 +350,7 @@ def run_case(case: dict, device: torch.device, repeats: int, warmup: int, env: d
     x = torch.randn(case["tokens"], case["in_features"], generator=generator)
     x = x.to(device=device, dtype=dtype).requires_grad_(True)
     grad_out = torch.randn(case["tokens"], case["out_features"], generator=generator).to(device=device, dtype=dtype)
-    records = []
+    records, makers = [], {}
     for name, make in build_providers(case, device).items():
         if case.get("providers") and name not in case["providers"]:
             continue
@@ -353,10 +363,10 @@ def run_case(case: dict, device: torch.device, repeats: int, warmup: int, env: d
             if progress is not None:
                 progress.write(f"  skip {name}: {str(error).splitlines()[0][:160]}")
             continue
+        makers[name] = make
         trainable = sum(p.numel() for p in _trainable(module))
         for op in [op for op in case["ops"] if op in OPS]:
             setup, fn = _steps(module, x, grad_out, op)
-            median = time_ms(setup, fn, device, repeats, warmup)
             setup()
             ops_per_call = count_ops(fn)
             records.append(
@@ -369,8 +379,6 @@ def run_case(case: dict, device: torch.device, repeats: int, warmup: int, env: d
                     "density": case["density"],
                     "dtype": case["dtype"],
                     "trainable_params": trainable,
-                    "median_ms": median,
-                    "tflops": _flops(op, name, case) / (median * 1e-3) / 1e12 if median > 0 else None,
                     "peak_mem_bytes": peak_memory_bytes(setup, fn, module, x),
                     "ops_per_call": ops_per_call,
                     "repeats": repeats,
@@ -380,6 +388,14 @@ def run_case(case: dict, device: torch.device, repeats: int, warmup: int, env: d
         del module
         if progress is not None:
             progress.update(1)
+    # Timing: every provider alive at once, taking turns (peak memory above was one at a time).
+    modules = {name: make() for name, make in makers.items()}
+    for op in [op for op in case["ops"] if op in OPS]:
+        medians = time_interleaved({n: _steps(m, x, grad_out, op) for n, m in modules.items()}, device, repeats, warmup)
+        for record in records:
+            if record["op"] == op:
+                median = record["median_ms"] = medians[record["provider"]]
+                record["tflops"] = _flops(op, record["provider"], case) / (median * 1e-3) / 1e12 if median > 0 else None
     bench_report.add_ratios(records)
     return records
 
@@ -425,7 +441,7 @@ def run_kernel_case(case: dict, device: torch.device, repeats: int, warmup: int,
     """The sddmm and spmm ops of ``case`` (see the module docstring)."""
     if not any(op in case["ops"] for op in KERNEL_OPS):
         return []
-    records = []
+    records, calls = [], {}
     nnz = round(case["density"] * case["out_features"] * case["in_features"])
     for name, (op, call) in _kernel_providers(case, device).items():
         if case.get("providers") and name not in case["providers"]:
@@ -436,7 +452,7 @@ def run_kernel_case(case: dict, device: torch.device, repeats: int, warmup: int,
             if progress is not None:
                 progress.write(f"  skip {op} {name}: {str(error).splitlines()[0][:160]}")
             continue
-        median = time_ms(lambda: None, call, device, repeats, warmup)
+        calls[name] = (lambda: None, call)
         # Kernel ops record the bytes allocated during the call (operands excluded), on any device.
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -453,12 +469,14 @@ def run_kernel_case(case: dict, device: torch.device, repeats: int, warmup: int,
             {
                 "op": op, "provider": name, "out_features": case["out_features"], "in_features": case["in_features"],
                 "tokens": case["tokens"], "density": case["density"], "dtype": case["dtype"],
-                "trainable_params": nnz, "median_ms": median,
-                "tflops": 2.0 * case["tokens"] * case["in_features"] * case["out_features"] / (median * 1e-3) / 1e12
-                if median > 0 and name.startswith("dense") else None,
-                "peak_mem_bytes": peak, "ops_per_call": count_ops(call), "repeats": repeats, **env,
+                "trainable_params": nnz, "peak_mem_bytes": peak, "ops_per_call": count_ops(call), "repeats": repeats, **env,
             }
         )
+    medians = time_interleaved(calls, device, repeats, warmup)
+    for record in records:
+        median = record["median_ms"] = medians[record["provider"]]
+        gemm_flops = 2.0 * case["tokens"] * case["in_features"] * case["out_features"]
+        record["tflops"] = gemm_flops / (median * 1e-3) / 1e12 if median > 0 and record["provider"].startswith("dense") else None
     bench_report.add_ratios(records)
     return records
 
