@@ -22,8 +22,8 @@ default on every device (row-block GEMMs, or the gather path where its cost mode
 ``x W0ᵀ``).
 
 Times are medians over repeats, the providers of a case taking turns (CUDA events on a GPU);
-peak memory comes from the CUDA allocator on a GPU and from :class:`~spft_kernels.memory.TensorMemoryTracker` on the CPU, and
-counts the layer, the input and everything allocated during the call. ``ops_per_call`` is the
+peak memory comes from the CUDA allocator on a GPU and from
+:class:`~spft_kernels.memory.TensorMemoryTracker` on the CPU, and counts the layer, the input and everything allocated during the call. ``ops_per_call`` is the
 number of ops one call launches (:class:`~spft_kernels.bench.op_count.OpCounter`, counted once):
 on a GPU each costs microseconds of host time, so a count that grows with the tokens shows here.
 """
