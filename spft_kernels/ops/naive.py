@@ -61,10 +61,10 @@ class DeviceCosts:
 
 
 DEVICE_COSTS = {
-    # Measured on the 2-core CPU of the development machine (fp32, 2048x2048): a GEMM at
-    # ~35 GFLOP/s, the gather path at ~3 ns per (entry, token) while its temporaries stay in
-    # cache (12 ns beyond), ~15 us per launched op; its bf16 GEMM is pathologically slow.
-    "cpu": DeviceCosts(flop_half=1 / 5e9, flop=1 / 35e9, gather=3e-9, launch=15e-6),
+    # Measured on the 2-core CPU of the development machine (fp32, 2048x2048, one thread): a
+    # GEMM at ~30 GFLOP/s, the gather path at ~4 ns per (entry, token) while its temporaries
+    # stay in cache (~12 ns beyond), ~10 us per launched op; its bf16 GEMM is pathologically slow.
+    "cpu": DeviceCosts(flop_half=1 / 5e9, flop=1 / 35e9, gather=4e-9, launch=10e-6),
     # Derived for an H100/H200 from its datasheet, to be measured: ~650 TFLOP/s on bf16/fp16
     # tensor cores, ~50 TFLOP/s in fp32/fp64; the gather path moves ~96 bytes per (entry, token)
     # (two scattered 2-byte reads that cost a 32-byte sector each, upcasts, product, sum) at
