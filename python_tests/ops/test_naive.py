@@ -141,3 +141,12 @@ def test_backward_op_count_does_not_grow_with_tokens(layer_kind, monkeypatch):
     # The row-block path: a handful of ops per block of Δ's rows, nothing per token.
     blocks = math.ceil(out_features / naive.block_rows(out_features, in_features))
     assert counts[0] <= 24 * blocks + 40, counts
+
+
+def test_auto_runs_the_reference_products_on_cpu_and_cuda_tensors():
+    # The cuda and triton SDDMM/SpMM kernels stay opt-in until a GPU run has measured them.
+    from spft_kernels.ops.backends import auto_candidates
+
+    for op in ("sddmm", "spmm_add", "spmm_t_add"):
+        for device_type in ("cpu", "cuda"):
+            assert auto_candidates(op, device_type) == ["reference"], (op, device_type)
