@@ -72,7 +72,7 @@ DEVICE_COSTS = {
     "cuda": DeviceCosts(flop_half=1 / 650e12, flop=1 / 50e12, gather=32e-12, launch=5e-6),
 }
 GATHER_OPS = 6  # launched ops of the gather path
-OPS_PER_BLOCK = 4  # launched ops per block of the row-block path (GEMM, slice, gather, and one more)
+OPS_PER_BLOCK = 4  # launched ops per block of the row-block path (sync-free: GEMM, mask, gather, select)
 
 
 def uses_gather(num_tokens: int, nnz: int, out_features: int, in_features: int, dtype: torch.dtype,
@@ -100,7 +100,7 @@ def gemm_dtype(t: torch.Tensor, acc: torch.dtype) -> torch.dtype:
 
 def mm_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``a @ b`` accumulated and returned in ``acc``: one GEMM, operands in :func:`gemm_dtype`
-    (a half-precision ``b`` is rounded to ``a``'s dtype on CUDA, as the tensor cores need)."""
+    (on CUDA an fp32 ``b`` is rounded to a half-precision ``a``'s dtype, as the tensor cores need)."""
     dtype = gemm_dtype(a, acc)
     a, b = a.to(dtype), b.to(dtype)
     if dtype == acc:
@@ -108,6 +108,14 @@ def mm_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype, out: Optional[tor
     if out is None:
         return torch.mm(a, b, out_dtype=acc)
     return torch.mm(a, b, out_dtype=acc, out=out)
+
+
+def addmm_acc_(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """In place ``total += a @ b`` for ``total`` in the accumulate dtype: the GEMM accumulates
+    into it when the operands share its dtype, else a :func:`mm_acc` result is added."""
+    if a.dtype == b.dtype == total.dtype:
+        return total.addmm_(a, b)
+    return total.add_(mm_acc(a, b, total.dtype))
 
 
 def mm_tn_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
@@ -246,9 +254,9 @@ def _spmm_row_blocks(base, src, delta, flat, out_features, in_features, transpos
             continue
         block = dense[: (last - first) * in_features].view(last - first, in_features)
         if transposed:
-            total += mm_acc(src[:, first:last], block, acc)
+            addmm_acc_(total, src[:, first:last], block)
         else:
-            total[:, first:last] += mm_acc(src, block.t(), acc)
+            addmm_acc_(total[:, first:last], src, block.t())
     return total.to(base.dtype)
 
 
