@@ -75,3 +75,16 @@ def fit_mse(layer, optimizer, x, target, steps):
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+def assert_merge_round_trip(layer, merged_weight, w0):
+    """merge() writes exactly ``merged_weight``, unmerge() restores W0 bitwise, both idempotent."""
+    layer.merge()
+    assert torch.equal(layer.weight, merged_weight)
+    layer.unmerge()
+    assert torch.equal(layer.weight, w0)
+    layer.merge()
+    layer.merge()
+    layer.unmerge()
+    layer.unmerge()
+    assert torch.equal(layer.weight, w0)

@@ -7,7 +7,8 @@ The folders are the architecture, and imports point one way (``python_tests/test
 
 - ``ops/``: one file per op (custom op, backends, autograd), the reference math (``naive.py``),
   the index format, backend dispatch, the extension and Triton loaders;
-- ``nn/``: the layers (``SparseDeltaLinear``, ``RowSparseLinear``, ``PSTLinear``) on one base;
+- ``nn/``: the layers (``SparseDeltaLinear``, ``RowSparseLinear``, ``BlockSparseLinear``, ``PSTLinear``)
+  on one base;
 - ``masks/``: choosing what trains (targets, salience scores, top-k, row importance, dynamic masks);
 - ``integration/``: the peft-style model API (config, conversion, merging, adapter files);
 - ``bench/``: ``spft-bench``, the end-to-end bench, reports, memory tracking.
@@ -25,11 +26,13 @@ from .masks.dynamic_mask import DynamicMask
 from .masks.row_importance import row_importance, select_rows
 from .masks.salience import salience_scores
 from .masks.select import lora_equivalent_params, random_indices, select_topk
+from .nn.block_sparse_linear import BlockSparseLinear
 from .nn.pst_linear import PSTLinear
 from .nn.row_sparse_linear import RowSparseLinear
 from .nn.sparse_delta_linear import SparseDeltaLinear
 from .ops._extension import SpftExtensionWarning
 from .ops.backends import available_backends
+from .ops.block_delta_linear import block_delta_linear
 from .ops.index import SparseIndex, random_index
 from .ops.pst_linear import cubic_sparsity, pst_linear, pst_threshold
 from .ops.row_delta_linear import row_delta_linear
@@ -41,6 +44,7 @@ from .ops.sparse_delta_linear import sparse_delta_linear
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockSparseLinear",
     "DynamicMask",
     "PSTLinear",
     "RowSparseLinear",
@@ -49,6 +53,7 @@ __all__ = [
     "SpftConfig",
     "SpftExtensionWarning",
     "available_backends",
+    "block_delta_linear",
     "cubic_sparsity",
     "from_peft",
     "get_spft_model",

@@ -263,33 +263,54 @@ def canonical_rows(
     """Validate SPruFT's row selection and bring it to canonical form: 1-D sorted unique int64 row
     numbers in ``[0, out_features)``. Returns ``(sorted_rows, order_or_None)``; ``order`` sorts the
     rows' values too (``delta_rows[order]``). Raises ``ValueError`` naming ``name`` and the problem."""
-    if not isinstance(rows, torch.Tensor):
-        raise ValueError(f"{name}: rows must be a torch.Tensor of row numbers, got {type(rows).__name__}")
-    if rows.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
-        raise ValueError(f"{name}: rows must have an integer dtype (int64 preferred), got {rows.dtype}")
-    if rows.dim() != 1:
-        raise ValueError(f"{name}: rows must be 1-D output-row numbers, got shape {tuple(rows.shape)}")
-    if device is not None and rows.device != torch.device(device):
+    return canonical_ids(rows, out_features, device=device, name=name)
+
+
+def canonical_ids(
+    ids,
+    limit: int,
+    *,
+    device: Optional[torch.device] = None,
+    name: str = "rows",
+    plural: str = "rows",
+    singular: str = "row",
+    meaning: str = "output-row numbers",
+    range_detail: str = "",
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Validate unique integer ids in ``[0, limit)`` (rows, blocks) and bring them to canonical form,
+    1-D sorted unique int64; returns ``(sorted_ids, order_or_None)``. Messages name ``name`` and
+    call the ids ``plural`` / ``singular`` (``meaning``: what they are; ``range_detail``: appended
+    to the out-of-range message)."""
+    if not isinstance(ids, torch.Tensor):
+        raise ValueError(f"{name}: {plural} must be a torch.Tensor of {meaning}, got {type(ids).__name__}")
+    if ids.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
+        raise ValueError(f"{name}: {plural} must have an integer dtype (int64 preferred), got {ids.dtype}")
+    if ids.dim() != 1:
+        raise ValueError(f"{name}: {plural} must be 1-D {meaning}, got shape {tuple(ids.shape)}")
+    if device is not None and ids.device != torch.device(device):
         raise ValueError(
-            f"{name}: rows are on {rows.device} but the weight is on {torch.device(device)}; "
-            f"move them with rows.to(weight.device)"
+            f"{name}: {plural} are on {ids.device} but the weight is on {torch.device(device)}; "
+            f"move them with {plural}.to(weight.device)"
         )
-    if rows.device.type == "meta":
-        raise ValueError(f"{name}: rows are on the meta device (they have no values); rows must be real tensors")
-    if rows.is_inference():  # kept by layers and saved for backward: a normal tensor (ops/_guards.py)
+    if ids.device.type == "meta":
+        raise ValueError(f"{name}: {plural} are on the meta device (they have no values); {plural} must be real tensors")
+    if ids.is_inference():  # kept by layers and saved for backward: a normal tensor (ops/_guards.py)
         with outside_inference_mode():
-            rows = rows.clone()
-    wide = rows.long()
+            ids = ids.clone()
+    wide = ids.long()
     if wide.numel() == 0:
         return wide, None
     low, high = int(wide.min()), int(wide.max())  # the one host sync, at build time
-    if low < 0 or high >= out_features:
+    if low < 0 or high >= limit:
         bad = low if low < 0 else high
-        raise ValueError(f"{name}: row {bad} is out of range [0, {out_features})")
+        raise ValueError(f"{name}: {singular} {bad} is out of range [0, {limit}){range_detail}")
     order = None
     if wide.numel() > 1 and not bool((wide[1:] > wide[:-1]).all()):
         wide, order = torch.sort(wide, stable=True)
         repeated = wide[1:] == wide[:-1]
         if bool(repeated.any()):
-            raise ValueError(f"{name}: rows has duplicates, e.g. row {int(wide[1:][repeated][0])}; each row may appear once")
+            raise ValueError(
+                f"{name}: {plural} has duplicates, e.g. {singular} {int(wide[1:][repeated][0])}; each {singular} may "
+                "appear once"
+            )
     return wide, order
