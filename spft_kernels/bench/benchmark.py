@@ -12,6 +12,8 @@ Providers at the same number of trainable parameters (DESIGN.md names):
 - ``torch-sparse``: ``x W0ᵀ + (Δ_coo xᵀ)ᵀ`` with ``torch.sparse``, where it supports the dtype;
 - ``spft-<mode>-<backend>``: every SparseDeltaLinear mode × backend that runs on the device;
 - ``spruft-<mode>-<backend>``: RowSparseLinear with ``round(nnz / in)`` random rows;
+- ``block-<mode>-<backend>``: BlockSparseLinear with 64x64 random blocks at the same budget
+  (``round(nnz / 4096)`` blocks);
 - ``pst-<backend>``: PSTLinear at 50% sparsity with r1 = r2 = r / 2 (PST prunes as it trains).
 
 Kernel ops on the same cases: ``sddmm`` (the delta gradient; ``spft-row-blocks-reference``, the
@@ -49,7 +51,9 @@ import torch.nn.functional as F
 from . import report as bench_report
 from ..ops.backends import available_backends, implemented_backends
 from ..ops.index import SparseIndex, random_index
+from ..nn.block_sparse_linear import BlockSparseLinear
 from ..nn.row_sparse_linear import RowSparseLinear
+from ..ops.block_index import block_grid, random_block_ids
 from ..nn.sparse_delta_linear import SparseDeltaLinear
 from ..nn.pst_linear import PSTLinear
 from .memory import TensorMemoryTracker
@@ -58,6 +62,7 @@ from .op_count import count_ops
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OPS = ("linear_fwd", "linear_bwd", "linear_fwd_bwd")
 KERNEL_OPS = ("sddmm", "spmm")
+BLOCK_SIZE = (64, 64)  # the block providers' blocks (the issue's and SMT-like sizes on a GPU are 64-256)
 SKIP_ERRORS = (NotImplementedError, RuntimeError, ValueError, TypeError, ImportError)
 
 
@@ -238,6 +243,7 @@ def build_providers(case: dict, device: torch.device, seed: int = 0) -> dict[str
                 return layer
 
             providers[f"spruft-{mode}-{backend}"] = make_rows
+    providers.update(block_providers(base_linear, index.numel(), out_features, in_features, backends, generator))
     for mode in ("merged", "split", "fused"):
         # The reference "fused" forward is the split one; only a real fused GEMM is worth timing.
         for backend in [b for b in backends if mode != "fused" or b in implemented_backends("fused_delta_linear")
@@ -249,6 +255,27 @@ def build_providers(case: dict, device: torch.device, seed: int = 0) -> dict[str
                 return layer
 
             providers[f"spft-{mode}-{backend}"] = make
+    return providers
+
+
+def block_providers(base_linear, count: int, out_features: int, in_features: int, backends, generator,
+                    block_size=BLOCK_SIZE) -> dict[str, Callable[[], nn.Module]]:
+    """``block-<mode>-<backend>``: BlockSparseLinear with ``round(count / (bh * bw))`` random
+    blocks (at least one), i.e. the case's trainable budget in whole blocks."""
+    grid = block_grid(out_features, in_features, block_size)
+    num_blocks = min(grid[0] * grid[1], max(1, round(count / (block_size[0] * block_size[1]))))
+    blocks = random_block_ids(out_features, in_features, block_size, num_blocks, generator)
+    providers = {}
+    for mode in ("merged", "split"):
+        for backend in [b for b in backends if b in implemented_backends("block_delta_linear")]:
+            def make(mode=mode, backend=backend):
+                base = base_linear()
+                layer = BlockSparseLinear.from_linear(base, blocks.to(base.weight.device), block_size, mode, backend)
+                with torch.no_grad():  # a trained-looking delta, so the merged mode re-syncs real values
+                    layer.delta.normal_(0.0, 1e-3)
+                return layer
+
+            providers[f"block-{mode}-{backend}"] = make
     return providers
 
 
