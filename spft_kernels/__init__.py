@@ -26,6 +26,7 @@ from .masks.dynamic_mask import DynamicMask
 from .masks.row_importance import row_importance, select_rows
 from .masks.salience import salience_scores
 from .masks.select import lora_equivalent_params, random_indices, select_topk
+from .masks.select_blocks import random_blocks, select_blocks
 from .nn.block_sparse_linear import BlockSparseLinear
 from .nn.pst_linear import PSTLinear
 from .nn.row_sparse_linear import RowSparseLinear
@@ -66,6 +67,7 @@ __all__ = [
     "pst_linear",
     "pst_threshold",
     "random_index",
+    "random_blocks",
     "random_indices",
     "row_delta_linear",
     "row_gather",
@@ -74,6 +76,7 @@ __all__ = [
     "salience_scores",
     "save_adapter",
     "scatter_delta_",
+    "select_blocks",
     "select_rows",
     "select_topk",
     "set_pst_sparsity",

@@ -9,7 +9,7 @@ import spft_kernels as spft
 from helpers import assert_within_budget, dense_oracle, plain_pytorch
 from spft_kernels.bench.memory import TensorMemoryTracker
 from spft_kernels.ops.block_delta_linear import gather_blocks, write_blocks_
-from spft_kernels.ops.block_index import BlockIndex, SlotGroups, block_grid, random_block_ids
+from spft_kernels.ops.block_index import BlockIndex, SlotGroups, block_entries, block_grid, random_block_ids
 
 # (out, in, leading dims of x, block size, number of blocks (None: all), bias)
 CASES = [
@@ -38,21 +38,9 @@ def random_block_problem(out_features, in_features, lead, block_size, num_blocks
     return cast(x), cast(weight), delta, blocks, cast(b), cast(dy)
 
 
-def entry_positions(blocks, shape, block_size):
-    """(flat weight positions of the live entries, their positions in delta.flatten())."""
-    out_features, in_features = shape
-    bh, bw = block_size
-    columns = block_grid(out_features, in_features, block_size)[1]
-    r = (blocks.long() // columns)[:, None, None] * bh + torch.arange(bh)[None, :, None]
-    c = (blocks.long() % columns)[:, None, None] * bw + torch.arange(bw)[None, None, :]
-    r, c = r.expand(-1, bh, bw), c.expand(-1, bh, bw)
-    live = ((r < out_features) & (c < in_features)).flatten()
-    return (r * in_features + c).flatten()[live], torch.arange(live.numel())[live]
-
-
 def block_oracle(x, weight, delta, blocks, block_size, bias, dy):
     """(y, dx, d delta [nb, bh, bw] with zeros at dead entries, d bias) in fp64."""
-    flat, where = entry_positions(blocks, weight.shape, block_size)
+    flat, where = block_entries(blocks, weight.shape, block_size)
     y, dx, dlive, dbias = dense_oracle(x, weight, delta.flatten()[where], flat, bias, dy)
     ddelta = torch.zeros(delta.numel(), dtype=torch.float64)
     ddelta[where] = dlive
@@ -60,7 +48,7 @@ def block_oracle(x, weight, delta, blocks, block_size, bias, dy):
 
 
 def block_plain(x, weight, delta, blocks, block_size, bias, dy):
-    flat, where = entry_positions(blocks, weight.shape, block_size)
+    flat, where = block_entries(blocks, weight.shape, block_size)
     y, dx, dlive = plain_pytorch(x, weight, delta.flatten()[where], flat, bias, dy)
     ddelta = torch.zeros(delta.numel(), dtype=dlive.dtype)
     ddelta[where] = dlive
@@ -236,7 +224,7 @@ def test_write_blocks_touches_only_live_entries(shape, block_size):
     base = gather_blocks(weight, index)
     delta = torch.randn(rows * cols, *block_size)
     write_blocks_(weight, index, base=base, delta=delta)
-    flat, where = entry_positions(index.blocks, shape, block_size)
+    flat, where = block_entries(index.blocks, shape, block_size)
     expected = w0.clone().view(-1)
     expected[flat] = (w0.view(-1)[flat].float() + delta.flatten()[where]).bfloat16()  # one rounding
     assert torch.equal(weight.view(-1), expected)
@@ -250,7 +238,7 @@ def test_write_blocks_on_a_transposed_weight():
     w0 = weight.clone()
     index, _ = BlockIndex.build(torch.tensor([1, 6]), 24, 19, (8, 5))
     write_blocks_(weight, index, delta=torch.ones(2, 8, 5))
-    flat, _ = entry_positions(index.blocks, (24, 19), (8, 5))
+    flat, _ = block_entries(index.blocks, (24, 19), (8, 5))
     changed = (weight != w0).reshape(-1).nonzero().squeeze(1)
     assert torch.equal(changed, flat.sort().values)
 

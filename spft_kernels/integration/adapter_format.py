@@ -13,7 +13,8 @@ File format (version 1): a safetensors file whose tensors are, for every spft la
   count per block of 65536 flat positions): 2 bytes an entry plus 4 bytes per 65536 weight
   entries, against 4 (or 8) for the flat form. The writer picks the smaller form per layer.
 
-and, for a PSTLinear, ``<name>.U``, ``.V``, ``.A``, ``.B``, ``.R``, ``.C`` (its trained factors, in
+for a BlockSparseLinear ``<name>.delta`` ``[nb, bh, bw]`` and ``<name>.blocks`` (int32 sorted block
+ids ``block_row * ceil(in / bw) + block_col``; int64 past 2**31 blocks); and, for a PSTLinear, ``<name>.U``, ``.V``, ``.A``, ``.B``, ``.R``, ``.C`` (its trained factors, in
 their fp32 masters or ``dtype``); and, for every module in ``modules_to_save``, its state dict as
 ``<module>.<key>``.
 
@@ -21,9 +22,10 @@ Metadata (safetensors' string map):
 
 - ``format`` = ``"spft_adapter"``, ``format_version`` = ``"1"``;
 - ``config``: the ``SpftConfig`` as JSON;
-- ``layers``: JSON ``{name: {"kind": "entries"|"rows"|"pst", "shape": [out, in], "count": nnz or R
-  (pst: the trainable count (out + in)(r1 + r2 + 1)), "index": "flat"|"split16"|null,
-  "weight_dtype": "float32", "fingerprint": sha256 hex}}``; a ``pst`` layer adds ``"pst": {"r1",
+- ``layers``: JSON ``{name: {"kind": "entries"|"rows"|"blocks"|"pst", "shape": [out, in], "count": nnz,
+  R or nb (pst: the trainable count (out + in)(r1 + r2 + 1)), "index": "flat"|"split16"|null,
+  "weight_dtype": "float32", "fingerprint": sha256 hex}}``; a ``blocks`` layer adds
+  ``"block_size": [bh, bw]``; a ``pst`` layer adds ``"pst": {"r1",
   "r2", "sparsity" (the layer's current one), "beta", "alpha1", "alpha2", "abs_score_grad"}``;
 - ``saved_modules``: JSON ``{module: [state dict keys]}``;
 - ``checksum``: sha256 over every other metadata entry and every tensor (name, dtype, shape,
@@ -32,7 +34,8 @@ Metadata (safetensors' string map):
 
 Base-weight fingerprint (per layer): sha256 of the weight's shape and dtype, of W0 at 256 fixed
 pseudo-random positions spread over the whole matrix (the same for every file of that shape), and
-of W0 at every position the adapter trains (its entries, or its whole rows; none for a PST
+of W0 at every position the adapter trains (its entries, its whole rows, or its blocks' live
+entries; none for a PST
 layer, whose mask depends on all of W0: only the sample guards it). Values are hashed
 bitwise in the weight's dtype. W0 at the trained positions is what the adapter's deltas are added
 to, so a base that differs there (or anywhere in the sample) is refused; a base of another dtype
@@ -60,9 +63,11 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
+from ..nn.block_sparse_linear import BlockSparseLinear
 from ..nn.pst_linear import PSTLinear
 from ..nn.row_sparse_linear import RowSparseLinear
 from ..nn.sparse_delta_linear import SparseDeltaLinear
+from ..ops.block_index import block_entries
 from .surgery import saved_module_names, SPFT_LAYER_TYPES
 
 FORMAT = "spft_adapter"
@@ -70,7 +75,7 @@ FORMAT_VERSION = 1
 ADAPTER_FILE = "spft_adapter.safetensors"  # the file name used when a directory is given
 SAMPLE_POSITIONS = 256
 _BLOCK = 1 << 16  # flat positions per high-count block of the split index form
-_KINDS = {"entries": SparseDeltaLinear, "rows": RowSparseLinear, "pst": PSTLinear}
+_KINDS = {"entries": SparseDeltaLinear, "rows": RowSparseLinear, "pst": PSTLinear, "blocks": BlockSparseLinear}
 _PST_FACTORS = ("U", "V", "A", "B", "R", "C")
 _VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -107,7 +112,11 @@ def _w0_entries(
     values = weight[rows, cols]
     if isinstance(module, SPFT_LAYER_TYPES) and getattr(module, "merged", False) and flat.numel():
         aside = module._w0_at_index
-        if isinstance(module, SparseDeltaLinear):
+        if isinstance(module, BlockSparseLinear):
+            merged_flat, merged_w0 = _merged_block_entries(module)
+            hit, where = _lookup(merged_flat, flat)
+            values[hit] = merged_w0[where[hit]]
+        elif isinstance(module, SparseDeltaLinear):
             hit, where = _lookup(module.index.long(), flat)
             values[hit] = aside[where[hit]]
         else:
@@ -130,12 +139,24 @@ def _w0_rows(module: nn.Linear, rows: torch.Tensor, weight: Optional[torch.Tenso
         if isinstance(module, RowSparseLinear):
             hit, where = _lookup(module.rows, rows)
             values[hit] = aside[where[hit]]
+        elif isinstance(module, BlockSparseLinear):
+            merged_flat, merged_w0 = _merged_block_entries(module)
+            entry_rows = torch.div(merged_flat, module.in_features, rounding_mode="floor")
+            hit, where = _lookup(rows, entry_rows)  # which merged entries fall in the asked rows
+            values[where[hit], (merged_flat - entry_rows * module.in_features)[hit]] = merged_w0[hit]
         else:
             index = module.index.long()
             entry_rows = torch.div(index, module.in_features, rounding_mode="floor")
             hit, where = _lookup(rows, entry_rows)  # which merged entries fall in the asked rows
             values[where[hit], (index - entry_rows * module.in_features)[hit]] = aside[hit]
     return values
+
+
+def _merged_block_entries(module: BlockSparseLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """A merged block layer's live entries as sorted flat positions with the W0 values it keeps aside."""
+    flat, where = block_entries(module.blocks, (module.out_features, module.in_features), module.block_size)
+    order = torch.argsort(flat)
+    return flat[order], module._w0_at_index.reshape(-1)[where[order]]
 
 
 def _lookup(sorted_keys: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,10 +167,13 @@ def _lookup(sorted_keys: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Ten
     return sorted_keys[where] == queries, where
 
 
-def fingerprint(module: nn.Linear, kind: str, positions: torch.Tensor, *, original: bool = False) -> str:
-    """The base-weight fingerprint of an adapter layer (module docstring): sha256 hex.
-    ``original``: of the base the layer was built on, before any dynamic-mask fold (saving);
-    loading checks the model's weight as it is."""
+def fingerprint(
+    module: nn.Linear, kind: str, positions: torch.Tensor, block_size: Optional[tuple] = None, *, original: bool = False
+) -> str:
+    """The base-weight fingerprint of an adapter layer (module docstring): sha256 hex
+    (``block_size``: for kind ``blocks``, whose positions are block ids). ``original``: of the base
+    the layer was built on, before any dynamic-mask fold (saving); loading checks the model's weight
+    as it is."""
     digest = hashlib.sha256()
     weight = _full(module.weight)
     digest.update(f"{module.out_features}x{module.in_features}:{_dtype_name(weight.dtype)}".encode())
@@ -159,6 +183,9 @@ def fingerprint(module: nn.Linear, kind: str, positions: torch.Tensor, *, origin
         trained = weight.new_empty(0)
     elif kind == "entries":
         trained = _w0_entries(module, positions, weight, original=original)
+    elif kind == "blocks":
+        trained = _w0_entries(module, block_entries(positions, (module.out_features, module.in_features), block_size)[0],
+                              weight, original=original)
     else:
         trained = _w0_rows(module, positions, weight)
     digest.update(_tensor_bytes(trained))

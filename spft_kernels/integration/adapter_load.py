@@ -4,16 +4,19 @@ nothing."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 
 from ..masks.targets import weight_reading_parent, weight_sharers
+from ..nn.block_sparse_linear import BlockSparseLinear
 from ..nn.pst_linear import PSTLinear
 from ..ops._guards import is_inference, outside_inference_mode
 from ..nn.row_sparse_linear import RowSparseLinear
 from ..nn.sparse_delta_linear import SparseDeltaLinear
+from ..ops.block_index import BlockIndex
 from ..ops.index import SparseIndex, canonical_rows
 from .adapter_format import _dtype_name, _is_dtensor, fingerprint, _KINDS, PathLike, _PST_FACTORS
 from .adapter_folder import read_any_adapter
@@ -41,6 +44,7 @@ class _Plan:
     values: Union[torch.Tensor, dict]  # sorted like the positions, master dtype, on the weight's device
     pst: Optional[dict] = None
     shared_with: Optional[str] = None  # another module holding the same weight: the layer never merges
+    block_size: Optional[tuple] = None  # blocks: (bh, bw)
 
 
 _BASE_DIFFERS = (
@@ -98,15 +102,19 @@ def _check_against(root: nn.Module, adapter: _Adapter, check_base: bool) -> dict
                 raise ValueError(f"{where}: mode 'merged' needs a contiguous weight")
             sparse_index, order = SparseIndex.build(positions, *shape, device=device, name=where)
             positions = sparse_index.flat
+        elif record.kind == "blocks":
+            block_index, order = BlockIndex.build(positions, *shape, record.block_size, device=device, name=where)
+            positions = block_index.blocks
         else:
             positions, order = canonical_rows(positions, shape[0], device=device, name=where)
         values = record.values.to(device)
         if order is not None:
             values = values[order]
         # A folder peft wrote has no fingerprint (None): nothing to check the base against.
-        if check_base and record.fingerprint is not None and fingerprint(module, record.kind, positions) != record.fingerprint:
+        if (check_base and record.fingerprint is not None
+                and fingerprint(module, record.kind, positions, record.block_size) != record.fingerprint):
             raise ValueError(_BASE_DIFFERS.format(where=where))
-        plans[name] = _Plan(record.kind, positions, values.to(master))
+        plans[name] = _Plan(record.kind, positions, values.to(master), block_size=record.block_size)
     _check_sharing(root, adapter, plans)
     for module_name, state in adapter.saved.items():
         module = modules.get(module_name)
@@ -158,7 +166,7 @@ def _check_sharing(root: nn.Module, adapter: _Adapter, plans: dict) -> None:
 
 
 def _layer_mode(module: nn.Module, config: SpftConfig) -> str:
-    return module.mode if isinstance(module, (SparseDeltaLinear, RowSparseLinear)) else config.mode
+    return module.mode if isinstance(module, (SparseDeltaLinear, RowSparseLinear, BlockSparseLinear)) else config.mode
 
 
 # --- installing --------------------------------------------------------------------------------
@@ -230,7 +238,10 @@ def _install_checked(root: nn.Module, plans: dict, saved: dict, config: SpftConf
             set_submodule(root, name, _pst_layer(plain_linear(current), plan, backend, name))
             continue
         mode = _layer_mode(current, config)
-        layer = _KINDS[plan.kind].from_linear(plain_linear(current), plan.positions, mode=mode, backend=backend, name=name)
+        build = _KINDS[plan.kind].from_linear
+        if plan.kind == "blocks":
+            build = functools.partial(build, block_size=plan.block_size)
+        layer = build(plain_linear(current), plan.positions, mode=mode, backend=backend, name=name)
         with torch.no_grad():
             layer.delta.copy_(plan.values)
         if plan.shared_with is not None:

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.index import index_dtype_for
+from ..ops.block_index import block_entries
 from .adapter_format import PathLike
 from .adapter_load import _check_against, _install, _Plan
 from .adapter_folder import read_any_adapter
@@ -33,7 +34,8 @@ def merge_adapters(
     written. Per layer the positions are the union of the adapters' positions and overlapping
     entries are summed (in fp64, rounded once to fp32). The result is a converted model with one
     adapter (new SparseDeltaLinear layers, or RowSparseLinear where every adapter trained rows of
-    that layer; row adapters count as their entries when mixed with entry adapters), so W0 stays
+    that layer, or BlockSparseLinear where every adapter trained blocks of one size there; rows
+    and blocks count as their entries when mixed with other kinds), so W0 stays
     intact: save it with ``save_adapter``, or fold it into plain linears with ``merge_and_unload``.
     A model that already has an adapter gets it replaced, as ``load_adapter`` does.
 
@@ -84,11 +86,13 @@ def merge_adapters(
     total = sum(plan.values.numel() for plan in merged.values())
     config = adapters[0].config
     method = config.method
-    if method == "spruft" and any(plan.kind == "entries" for plan in merged.values()):
+    if method == "spruft" and any(plan.kind != "rows" for plan in merged.values()):
         method = "speft"
+    block_sizes = {plan.block_size for plan in merged.values()}
     config = dataclasses.replace(
         config,
         method=method,
+        block_size=block_sizes.pop() if len(block_sizes) == 1 else None,
         metric=config.metric if method == config.method else None,
         scope=config.scope if method == config.method else None,
         density=None,
@@ -105,15 +109,22 @@ def _merge_layer(module: nn.Linear, parts: list) -> _Plan:
     """The union of the parts' positions with the weighted values summed (fp64, rounded once)."""
     in_features = module.in_features
     master = parts[0][0].values.dtype
-    if all(plan.kind == "rows" for plan, _ in parts):
+    kinds = {plan.kind for plan, _ in parts}
+    block_sizes = {plan.block_size for plan, _ in parts}
+    if len(kinds) == 1 and kinds <= {"rows", "blocks"} and len(block_sizes) == 1:
+        # Whole rows (or blocks of one size) everywhere: the union of rows (blocks), summed.
         union = torch.unique(torch.cat([plan.positions for plan, _ in parts]))
-        acc = torch.zeros(union.numel(), in_features, dtype=torch.float64, device=union.device)
+        acc = torch.zeros(union.numel(), *parts[0][0].values.shape[1:], dtype=torch.float64, device=union.device)
         for plan, w in parts:
             acc.index_add_(0, torch.searchsorted(union, plan.positions), plan.values.to(torch.float64) * w)
-        return _Plan("rows", union, acc.to(master))
+        return _Plan(kinds.pop(), union, acc.to(master), block_size=block_sizes.pop())
     flats, values = [], []
     for plan, w in parts:
-        if plan.kind == "rows":
+        if plan.kind == "blocks":  # mixed with other kinds or block sizes: as its live entries
+            flat, where = block_entries(plan.positions, (module.out_features, in_features), plan.block_size)
+            flats.append(flat)
+            values.append(plan.values.reshape(-1)[where].to(torch.float64) * w)
+        elif plan.kind == "rows":
             columns = torch.arange(in_features, device=plan.positions.device)
             flats.append((plan.positions[:, None] * in_features + columns).reshape(-1))
             values.append(plan.values.reshape(-1).to(torch.float64) * w)

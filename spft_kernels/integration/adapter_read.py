@@ -22,6 +22,7 @@ from .adapter_format import (
     _resolve_path,
     _VALUE_DTYPES,
 )
+from ..ops.block_index import check_block_size
 from ..ops.pst_linear import _check_scalars, _check_sparsity
 from .config import SpftConfig
 
@@ -37,6 +38,7 @@ class _LayerRecord:
     positions: Optional[torch.Tensor]  # decoded, as stored (int64 or int32), CPU; None for pst
     values: Union[torch.Tensor, dict]  # CPU, as stored; pst: {factor label: tensor}
     pst: Optional[dict] = None  # pst: r1, r2, sparsity, beta, alpha1, alpha2, abs_score_grad
+    block_size: Optional[tuple] = None  # blocks: (bh, bw)
 
 
 @dataclasses.dataclass
@@ -122,11 +124,19 @@ def _parse_layer(path: str, name: str, entry, tensors: dict) -> tuple[_LayerReco
     out_features, in_features = shape
     if kind == "pst":
         return _parse_pst_layer(where, name, entry, tensors)
+    block_size = None
     if kind == "entries":
         if encoding not in ("flat", "split16"):
             raise ValueError(f"{where}: unknown index encoding {encoding!r}")
         keys = {"index"} if encoding == "flat" else {"index_low16", "index_high_counts"}
         value_shape = (count,)
+    elif kind == "blocks":
+        try:
+            block_size = check_block_size(tuple(entry.get("block_size") or ()), where)
+        except (ValueError, TypeError):
+            raise ValueError(f"{where}: a blocks layer needs block_size [bh, bw], got {entry.get('block_size')!r}") from None
+        keys = {"blocks"}
+        value_shape = (count, *block_size)
     else:
         keys = {"rows"}
         value_shape = (count, in_features)
@@ -140,9 +150,11 @@ def _parse_layer(path: str, name: str, entry, tensors: dict) -> tuple[_LayerReco
         parts = {key: tensors[names[key]] for key in keys}
         positions = _decode_index(f"{path}: {name}", encoding, parts, count, out_features * in_features)
     else:
-        positions = tensors[names["rows"]]
-        _expect(names["rows"], positions, (torch.int32, torch.int64), (count,))
-    record = _LayerRecord(kind, (out_features, in_features), weight_dtype, digest, positions, values)
+        (key,) = keys
+        positions = tensors[names[key]]
+        _expect(names[key], positions, (torch.int32, torch.int64), (count,))
+    record = _LayerRecord(kind, (out_features, in_features), weight_dtype, digest, positions, values,
+                          block_size=block_size)
     return record, set(names.values())
 
 

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..nn.block_sparse_linear import BlockSparseLinear
 from ..nn.pst_linear import PSTLinear
 from ..nn.row_sparse_linear import RowSparseLinear
 from ..nn.sparse_delta_linear import SparseDeltaLinear
@@ -110,8 +111,8 @@ def save_adapter(
                     tensors[f"{name}.{label}"] = cast_values(name, label, _full(factor).detach(), dtype)
                 entries[name] = _pst_entry(layer)
                 continue
-            kind = "entries" if isinstance(layer, SparseDeltaLinear) else "rows"
-            positions = layer.index if kind == "entries" else layer.rows
+            kind = _kind(layer)
+            positions = getattr(layer, layer._POSITIONS)
             values = _full(layer.delta).detach()
             if kind == "entries" and layer.original_w0() is not None:
                 positions, values = _relative_to_original_base(layer, values)
@@ -119,8 +120,9 @@ def save_adapter(
             encoding = None
             if kind == "entries":
                 encoding, parts = _encode_index(positions, layer.out_features, layer.in_features)
-            else:
-                parts = {"rows": positions.to(torch.int32)}
+            else:  # rows or block ids: int32 (only a grid of 2**31 blocks or more needs int64)
+                wide = positions.numel() > 0 and int(positions.max()) >= 2**31
+                parts = {layer._POSITIONS: positions.long() if wide else positions.to(torch.int32)}
             for key, tensor in parts.items():
                 tensors[f"{name}.{key}"] = tensor.cpu().contiguous()
             entries[name] = {
@@ -129,8 +131,10 @@ def save_adapter(
                 "count": int(positions.numel()),
                 "index": encoding,
                 "weight_dtype": _dtype_name(layer.weight.dtype),
-                "fingerprint": fingerprint(layer, kind, positions, original=True),
+                "fingerprint": fingerprint(layer, kind, positions, getattr(layer, "block_size", None), original=True),
             }
+            if kind == "blocks":
+                entries[name]["block_size"] = list(layer.block_size)
         saved = saved_module_tensors(root, config.modules_to_save, tensors)
     metadata = {
         "format": FORMAT,
@@ -164,6 +168,12 @@ def _relative_to_original_base(layer: SparseDeltaLinear, delta: torch.Tensor) ->
     return union.to(layer.index.dtype), (now + trained - original).to(delta.dtype)
 
 
+def _kind(layer) -> str:
+    if isinstance(layer, BlockSparseLinear):
+        return "blocks"
+    return "entries" if isinstance(layer, SparseDeltaLinear) else "rows"
+
+
 def _pst_entry(layer: PSTLinear) -> dict:
     return {
         "kind": "pst",
@@ -187,4 +197,8 @@ def _describe(layers: dict) -> SpftConfig:
         return SpftConfig(method="pst", sparsity=sparsity, pst_r1=pst[0].r1, pst_r2=pst[0].r2)
     rows = all(isinstance(layer, RowSparseLinear) for layer in layers.values())
     total = sum(layer.delta.numel() for layer in layers.values())
-    return SpftConfig(method="spruft" if rows else "speft", num_params=max(total, 1))
+    block_sizes = {layer.block_size for layer in layers.values() if isinstance(layer, BlockSparseLinear)}
+    # Blocks of one size everywhere: a blocks config; the layers carry their own kinds and sizes anyway.
+    only_blocks = len(block_sizes) == 1 and all(isinstance(layer, BlockSparseLinear) for layer in layers.values())
+    return SpftConfig(method="spruft" if rows else "speft", num_params=max(total, 1),
+                      block_size=block_sizes.pop() if only_blocks else None)

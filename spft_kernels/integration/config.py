@@ -28,6 +28,10 @@ pst       PSTLinear              none: PST trains low-rank factors and prunes W0
                                  the mask starts as the magnitude top-v of W0). Data-free.
 ========  =====================  ==================================================================
 
+With ``block_size=(bh, bw)``, speft and sparta train whole blocks instead (``BlockSparseLinear``:
+``select_blocks`` ranks blocks by their summed scores, ``random_blocks`` draws them), "select
+sparsely, compute densely" as S2FT and SMT do.
+
 The budget is exactly one of ``density`` (fraction of the target weights), ``num_params`` (a
 total) or ``match_lora_rank=r`` (as many as a rank-r LoRA on the same modules, ``Σ r·(in+out)``).
 For spruft, whole rows are trained, so the count is met to within rounding to whole rows per layer.
@@ -54,6 +58,7 @@ from ..masks.row_importance import _DATA_METRICS as ROW_DATA_METRICS
 from ..masks.salience import DATA_FREE_METRICS, METRICS as SALIENCE_METRICS
 from ..nn.base import MODES
 from ..ops._guards import as_float, as_int, describe
+from ..ops.block_index import check_block_size
 from ..ops.backends import check_backend_name
 
 
@@ -79,6 +84,12 @@ class SpftConfig:
             is fixed by the ranks); ``match_lora_rank=r`` sets ``r1 = r2 = max(0, (r - 1) // 2)``.
         sparsity: pst only, and required there: the final target sparsity in [0, 1) (the layers
             start at 0; ``set_pst_sparsity`` moves them).
+        block_size: speft / sparta only: ``(bh, bw)`` trains whole blocks (``BlockSparseLinear``,
+            chosen by ``select_blocks`` / ``random_blocks`` on the summed scores) instead of
+            scattered entries; ``None``: entries. The budget is met in whole blocks:
+            ``match_lora_rank=r`` takes the block count closest to LoRA's (rounding half up; per
+            module for local scope, in total for global), ``num_params`` ``round(n / (bh bw))``
+            blocks, ``density`` that fraction of the blocks.
         pst_r1 / pst_r2: pst only: the ranks of the importance term AB and of the update UV
             (ints >= 0; ``None``: 8, or derived from ``match_lora_rank``, which excludes them).
         metric: how positions are scored; ``None`` picks the method's default (speft
@@ -120,6 +131,7 @@ class SpftConfig:
     sparsity: Optional[float] = None
     pst_r1: Optional[int] = None
     pst_r2: Optional[int] = None
+    block_size: Optional[tuple] = None
 
     def __post_init__(self) -> None:
         spec = _method_spec(self.method)
@@ -173,6 +185,17 @@ class SpftConfig:
         check_backend_name(self.backend)
         _check_int("seed", self.seed, minimum=0, optional=False)
         _check_int("num_calibration_batches", self.num_calibration_batches, minimum=1)
+        if self.block_size is not None:
+            self._check_blocks()
+
+    def _check_blocks(self) -> None:
+        self.block_size = check_block_size(self.block_size, "SpftConfig")  # a JSON list comes back as a tuple
+        if self.method not in ("speft", "sparta"):
+            raise ValueError(f"SpftConfig: block_size applies to methods 'speft' and 'sparta', not {self.method!r}")
+        if self.mode == "fused":
+            raise ValueError("SpftConfig: mode='fused' is the scattered entries' GEMM; blocks use 'auto', 'merged' or 'split'")
+        if self.mask_update_interval is not None:
+            raise ValueError("SpftConfig: mask_update_interval (dynamic masks) applies to scattered entries, not blocks")
 
     def _normalise_numbers(self) -> None:
         """numpy scalars (e.g. sizes computed with numpy) become Python ints and floats, so that the

@@ -12,6 +12,7 @@ adapter. Layers whose mode resolves to ``merged`` are merged at conversion (O(nn
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Callable, Iterable, Mapping, Optional
 
@@ -21,7 +22,9 @@ import torch.nn as nn
 from ..masks.row_importance import row_importance, select_rows
 from ..masks.salience import salience_scores
 from ..masks.select import lora_equivalent_params, random_indices, select_topk
+from ..masks.select_blocks import random_blocks, select_blocks
 from ..masks.targets import check_materialised, find_target_linears, weight_reading_parent, weight_sharers
+from ..nn.block_sparse_linear import BlockSparseLinear
 from ..ops._guards import outside_inference_mode
 from ..nn.pst_linear import PSTLinear
 from ..nn.row_sparse_linear import RowSparseLinear
@@ -50,9 +53,9 @@ def _budget(config: SpftConfig, targets: Mapping[str, nn.Linear]) -> dict:
     return {"num_params": lora_equivalent_params(dict(targets), config.match_lora_rank)}
 
 
-def _select_speft(model, targets, config, batches, loss_fn, scoring_kwargs):
+def _speft_scores(model, targets, config, batches, loss_fn, scoring_kwargs):
     generator = torch.Generator().manual_seed(config.seed) if config.metric == "random" else None
-    scores = salience_scores(
+    return salience_scores(
         model,
         batches,
         loss_fn,
@@ -62,6 +65,10 @@ def _select_speft(model, targets, config, batches, loss_fn, scoring_kwargs):
         generator=generator,
         **scoring_kwargs,
     )
+
+
+def _select_speft(model, targets, config, batches, loss_fn, scoring_kwargs):
+    scores = _speft_scores(model, targets, config, batches, loss_fn, scoring_kwargs)
     budget = _budget(config, targets)
     return select_topk(scores, budget.get("density"), num_params=budget.get("num_params"), scope=config.scope)
 
@@ -96,6 +103,26 @@ def _select_spruft(model, targets, config, batches, loss_fn, scoring_kwargs):
     return select_rows(scores, ratio=config.num_params / total)
 
 
+def _block_budget(config: SpftConfig) -> dict:
+    """The budget of ``select_blocks`` / ``random_blocks`` (``match_lora_rank`` -> ``lora_rank``)."""
+    if config.match_lora_rank is not None:
+        return {"lora_rank": config.match_lora_rank}
+    return {"density": config.density} if config.density is not None else {"num_params": config.num_params}
+
+
+def _select_speft_blocks(model, targets, config, batches, loss_fn, scoring_kwargs):
+    scores = _speft_scores(model, targets, config, batches, loss_fn, scoring_kwargs)
+    return select_blocks(scores, config.block_size, scope=config.scope, **_block_budget(config))
+
+
+def _select_sparta_blocks(model, targets, config, batches, loss_fn, scoring_kwargs):
+    if scoring_kwargs:
+        raise ValueError(f"get_spft_model: method 'sparta' takes no scoring options, got {sorted(scoring_kwargs)}")
+    return random_blocks(
+        dict(targets), config.block_size, generator=torch.Generator().manual_seed(config.seed), scope=config.scope,
+        **_block_budget(config),
+    )
+
 
 # How each method chooses positions and which layer trains them (pst chooses none).
 _SELECTORS: dict = {
@@ -103,6 +130,8 @@ _SELECTORS: dict = {
     "sparta": (_select_sparta, SparseDeltaLinear),
     "spruft": (_select_spruft, RowSparseLinear),
 }
+# With SpftConfig.block_size: whole blocks.
+_BLOCK_SELECTORS: dict = {"speft": _select_speft_blocks, "sparta": _select_sparta_blocks}
 
 
 # --- the public calls --------------------------------------------------------------------------
@@ -117,7 +146,8 @@ def get_spft_model(
 ) -> nn.Module:
     """Convert ``model`` in place for sparse fine-tuning and return it (the same object).
 
-    The targets (``config.target_modules``) become ``SparseDeltaLinear`` (speft, sparta),
+    The targets (``config.target_modules``) become ``SparseDeltaLinear`` (speft, sparta;
+    ``BlockSparseLinear`` with ``config.block_size``),
     ``RowSparseLinear`` (spruft) or ``PSTLinear`` (pst: at sparsity 0, no data needed; raise it
     with ``set_pst_sparsity``) layers sharing the original weights, with positions chosen by
     ``config.metric`` (data metrics need ``batches`` and ``loss_fn(model, batch) -> scalar loss``);
@@ -211,6 +241,10 @@ def _pst_maker(config: SpftConfig, scoring_kwargs: dict) -> Callable[[str, nn.Li
 def _delta_maker(root, targets, config, batches, loss_fn, scoring_kwargs):
     """The targets that get positions and the maker of their sparse-delta layers."""
     select, layer = _SELECTORS[config.method]
+    build = layer.from_linear
+    if config.block_size is not None:
+        select = _BLOCK_SELECTORS[config.method]
+        build = functools.partial(BlockSparseLinear.from_linear, block_size=config.block_size)
     positions = select(root, targets, config, batches, loss_fn, scoring_kwargs)
     if config.mask_update_interval is None:
         # A target that got no position (a global top-k can leave a layer empty) stays a plain
@@ -219,7 +253,7 @@ def _delta_maker(root, targets, config, batches, loss_fn, scoring_kwargs):
         targets = {name: linear for name, linear in targets.items() if positions[name].numel() > 0}
         if not targets:
             raise ValueError("get_spft_model: the budget selects no trainable position in any target")
-    return targets, lambda name, linear: layer.from_linear(
+    return targets, lambda name, linear: build(
         linear, positions[name], mode=config.mode, backend=config.backend, name=name
     )
 

@@ -9,12 +9,13 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch.nn as nn
 
 from ..masks.targets import find_target_linears, matches_target
+from ..nn.block_sparse_linear import BlockSparseLinear
 from ..nn.pst_linear import PSTLinear
 from ..nn.row_sparse_linear import RowSparseLinear
 from ..nn.sparse_delta_linear import SparseDeltaLinear
 
 # Every layer type a converted model may hold.
-SPFT_LAYER_TYPES: tuple = (SparseDeltaLinear, RowSparseLinear, PSTLinear)
+SPFT_LAYER_TYPES: tuple = (SparseDeltaLinear, RowSparseLinear, PSTLinear, BlockSparseLinear)
 
 # Attributes get_spft_model leaves on the converted model (removed again by unload/merge_and_unload).
 CONFIG_ATTR = "spft_config"

@@ -164,23 +164,23 @@ def select_topk(
     return {name: _top({name: scores[name]}, counts[name])[name] for name in scores}
 
 
-def _check_scores(scores) -> None:
+def _check_scores(scores, who: str = "select_topk") -> None:
     if not isinstance(scores, Mapping) or not scores:
-        raise ValueError("select_topk: scores must be a non-empty mapping {module_name: score[out, in]}")
+        raise ValueError(f"{who}: scores must be a non-empty mapping {{module_name: score[out, in]}}")
     dtypes = set()
     for name, score in scores.items():
         if not isinstance(score, Tensor) or score.dim() != 2 or score.dtype not in _BITS:
             dtype = f" of dtype {score.dtype}" if isinstance(score, Tensor) else ""
-            raise ValueError(f"select_topk: {name}: expected a 2-D floating score [out, in], got {_describe(score)}{dtype}")
+            raise ValueError(f"{who}: {name}: expected a 2-D floating score [out, in], got {_describe(score)}{dtype}")
         if score.device.type == "meta":
             raise ValueError(
-                f"select_topk: {name}: the score is on the meta device (it has no values); score a materialised model"
+                f"{who}: {name}: the score is on the meta device (it has no values); score a materialised model"
             )
         if bool(torch.isnan(score).any()):
-            raise ValueError(f"select_topk: {name}: the scores contain NaN")
+            raise ValueError(f"{who}: {name}: the scores contain NaN")
         dtypes.add(score.dtype)
     if len(dtypes) > 1:
-        raise ValueError(f"select_topk: all scores must share one dtype, got {sorted(map(str, dtypes))}")
+        raise ValueError(f"{who}: all scores must share one dtype, got {sorted(map(str, dtypes))}")
 
 
 def _top(scores: Mapping[str, Tensor], k: int) -> dict[str, Tensor]:

@@ -195,3 +195,18 @@ def random_block_ids(
         raise ValueError(f"random_block_ids: count must be an int in [0, {total}], got {count!r}")
     chosen = torch.randperm(total, generator=generator)[:count].sort().values  # the grid is small
     return chosen.to(device=device)
+
+
+def block_entries(blocks: torch.Tensor, shape: tuple, block_size: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(flat, where)``: the flat weight positions of the live entries of the blocks (the entries
+    of clipped edge blocks that lie in the weight), in delta order, and their positions in
+    ``delta.flatten()``. Per-entry indices, O(nb * bh * bw): for adapters (fingerprints, merging) and
+    oracles, never in a training step."""
+    out_features, in_features = shape
+    bh, bw = block_size
+    columns = block_grid(out_features, in_features, block_size)[1]
+    rows = (blocks.long() // columns).view(-1, 1, 1) * bh + torch.arange(bh, device=blocks.device).view(1, bh, 1)
+    cols = (blocks.long() % columns).view(-1, 1, 1) * bw + torch.arange(bw, device=blocks.device).view(1, 1, bw)
+    rows, cols = rows.expand(-1, bh, bw).reshape(-1), cols.expand(-1, bh, bw).reshape(-1)
+    live = (rows < out_features) & (cols < in_features)
+    return (rows * in_features + cols)[live], torch.nonzero(live).squeeze(1)
