@@ -26,3 +26,16 @@ def test_interleaved_run_writes_spft_bench_records(tmp_path, capsys):
         assert record["interleaved"] and record["ratio_vs_lora-peft"] > 0 and record["commit"]
     assert records[2]["trainable_params"] == 64 * 64  # round(0.5 * 128 * 64 / 4096) blocks
     assert "block-merged-reference" in capsys.readouterr().out
+
+
+def test_end_to_end_block_method_matches_loras_budget_in_blocks():
+    from spft_kernels.bench.e2e import run_e2e
+
+    small = dict(hidden=64, intermediate=96, layers=1, heads=2, kv_heads=2, vocab=64, sequence=16, batch=2)
+    records = run_e2e(torch.device("cpu"), torch.float32, steps=1, warmup=1, rank=32, spec=small,
+                      methods=["lora-peft", "spft-blocks"])
+    lora, blocks = records
+    assert blocks["provider"] == "spft-blocks" and blocks["tokens_per_s"] > 0
+    # 64x64 blocks, per layer round(32 (in + out) / 4096): 1 for the 64x64 attention projections
+    # (4096 / 4096), 1 for the 96x64 / 64x96 MLP ones (5120 / 4096 = 1.25; a clipped block).
+    assert blocks["trainable_params"] == 7 * 4096 and lora["trainable_params"] == 32 * (4 * 128 + 3 * 160)

@@ -4,7 +4,7 @@ and peak memory. ``spft-bench --e2e`` runs it.
 
 Methods: ``full`` (every parameter trains), ``lora-peft`` (rank r on every linear layer of the
 blocks), ``spft-sparta`` (random mask), ``spft-speft`` (gradient-salience mask, global top-k), ``spruft``
-(whole rows by l2 importance) and whatever else is registered in ``METHODS``, each with the same number of trainable parameters as LoRA rank r (to within
+(whole rows by l2 importance), ``spft-blocks`` (random 64x64 blocks) and whatever else is registered in ``METHODS``, each with the same number of trainable parameters as LoRA rank r (to within
 rounding): r·(in + out) per targeted layer.
 """
 
@@ -108,12 +108,27 @@ def method_spruft(model: nn.Module, rank: int) -> nn.Module:
     return model
 
 
+def method_blocks(model: nn.Module, rank: int, block_size=(64, 64)) -> nn.Module:
+    """Block-sparse deltas at LoRA's budget: per layer the number of 64x64 blocks closest to
+    r (in + out) (rounding half up), drawn at random (the step time does not depend on which)."""
+    from ..masks.select_blocks import random_blocks
+    from ..nn.block_sparse_linear import BlockSparseLinear
+
+    blocks = random_blocks(model, block_size, lora_rank=rank, scope="local", generator=torch.Generator().manual_seed(0))
+    _freeze(model)
+    targets = {name: linear for name, linear in find_target_linears(model).items() if blocks[name].numel()}
+    replace_linears(model, lambda name, linear: BlockSparseLinear.from_linear(linear, blocks[name], block_size, name=name),
+                    targets)
+    return model
+
+
 METHODS: dict[str, Callable[[nn.Module, int], nn.Module]] = {
     "full": method_full,
     "lora-peft": method_lora_peft,
     "spft-sparta": method_sparta,
     "spft-speft": method_speft,
     "spruft": method_spruft,
+    "spft-blocks": method_blocks,
 }
 
 
