@@ -118,14 +118,16 @@ def pretraining_corpus(size: int, exclude: set, seed: int) -> list:
     return rows
 
 
-def pretrain_tiny_llama(tokenizer, corpus, steps: int, device, seed: int, directory: str) -> str:
-    """A tiny Llama sequence classifier trained on ``corpus`` for ``steps`` batches of 32 (one
-    pass over 2,000 sentences by default), saved in ``directory``, which is returned."""
+def pretrain_tiny_llama(tokenizer, corpus, steps: int, device, seed: int, directory: str, hidden: int = 64,
+                        intermediate: int = 128) -> str:
+    """A tiny Llama sequence classifier (``hidden`` / ``intermediate`` sizes, 2 blocks, 4 heads)
+    trained on ``corpus`` for ``steps`` batches of 32 (one pass over 2,000 sentences by default),
+    saved in ``directory``, which is returned."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, pad_token_id=0, num_labels=2,
     )
     model = LlamaForSequenceClassification(config).to(device)
