@@ -201,3 +201,19 @@ def test_merge_adapters_of_blocks_and_with_entries(tmp_path):
         dense[layer.index.long()] = layer.delta.detach().double()
         expected = sum(d.get(name, 0) for d in deltas)
         assert torch.equal(dense.view_as(expected), expected.float().double()), name
+
+
+def test_peft_shira_folder_holds_the_blocks_live_entries(tmp_path):
+    peft = pytest.importorskip("peft")
+    model, batches = convert("sparta")
+    randomised(model, 3)
+    expected = [logits(model, b) for b in batches]
+    folder = spft.save_adapter(model, tmp_path / "shira", format="peft")
+    fresh = tiny_model("llama", dtype=torch.float32)
+    spft.load_adapter(fresh, folder)  # back as scattered entries: SHiRA has no blocks
+    for (name, layer), loaded in zip(spft_layers(model).items(), spft_layers(fresh).values()):
+        assert type(loaded) is spft.SparseDeltaLinear and loaded.nnz == layer.trained_entries, name
+    for batch, out in zip(batches, expected):
+        assert torch.equal(logits(fresh, batch), out)
+    stock = peft.PeftModel.from_pretrained(tiny_model("llama", dtype=torch.float32), folder)
+    torch.testing.assert_close(logits(stock, batches[0]), expected[0], rtol=1e-5, atol=1e-6)

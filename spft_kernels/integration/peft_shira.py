@@ -19,8 +19,9 @@ installed peft):
   the sum the merged mode writes, so fp32 outputs are bitwise equal.
 
 Writing: every spft layer kind whose delta is a set of weight entries gives its flat entries
-(``SHIRA_KINDS``: scattered entries as they are, rows as their ``in`` entries each; a new kind,
-e.g. blocks, adds its way there and back). ``r`` is the smallest that holds every layer's entries
+(``SHIRA_KINDS``: scattered entries as they are, rows as their ``in`` entries each, blocks as
+their live entries, which load back as scattered entries: SHiRA has no blocks; a new kind adds
+its way there and back). ``r`` is the smallest that holds every layer's entries
 (``ceil(count / (in + out))``, at least 1); a layer's remaining ``K - count`` entries are zeros at
 untrained positions spread evenly over the weight, so peft's output is the model's. The real
 entries come first, then the padding, and the safetensors metadata (which peft ignores) keeps the
@@ -44,9 +45,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
+from ..nn.block_sparse_linear import BlockSparseLinear
 from ..nn.pst_linear import PSTLinear
 from ..nn.row_sparse_linear import RowSparseLinear
 from ..nn.sparse_delta_linear import SparseDeltaLinear
+from ..ops.block_index import block_entries
 from .adapter_format import (
     cast_values,
     _checksum,
@@ -110,10 +113,20 @@ def _rows_from_flat(where: str, count: int, shape: tuple, flat: torch.Tensor, va
     return rows, values.view(count, width)
 
 
-# The layer kinds SHiRA can express (a new kind, e.g. blocks, adds its entry here).
+def _blocks_to_flat(layer: BlockSparseLinear):
+    """SHiRA has no blocks: a block layer crosses as its live entries (the dead entries of clipped
+    edge blocks are not weights) and comes back as scattered entries, with the same W0 + Δ."""
+    flat, where = block_entries(layer.blocks, (layer.out_features, layer.in_features), layer.block_size)
+    order = torch.argsort(flat)
+    flat = flat[order]
+    return flat, _full(layer.delta).detach().reshape(-1)[where[order]], flat
+
+
+# The layer kinds SHiRA can express (a new kind adds its entry here).
 SHIRA_KINDS: dict[type, ShiraKind] = {
     SparseDeltaLinear: ShiraKind("entries", lambda shape: 1, _scattered_to_flat, _scattered_from_flat),
     RowSparseLinear: ShiraKind("rows", lambda shape: shape[1], _rows_to_flat, _rows_from_flat),
+    BlockSparseLinear: ShiraKind("entries", lambda shape: 1, _blocks_to_flat, _scattered_from_flat),
 }
 
 
