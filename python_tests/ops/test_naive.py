@@ -97,7 +97,7 @@ def test_row_blocks_hold_one_block_of_temporary():
     assert not naive.uses_gather(tokens, index.numel(), out_features, in_features, torch.float32, "cpu")
     with TensorMemoryTracker() as tracker:
         naive.sddmm(x, dy, index)
-    # one block of dyᵀx (1/16 of W), or x's columns one block needs (at most 1/8 of W)
+    # one block of dyᵀx (1/8 of W), or x's columns one block needs (at most 1/8 of W)
     assert tracker.largest_numel <= weight_numel // 8, (tracker.largest_shape, tracker.largest_op)
     for fn in (naive.spmm_add, naive.spmm_t_add):
         base = torch.zeros(tokens, out_features if fn is naive.spmm_add else in_features)
