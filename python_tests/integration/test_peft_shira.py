@@ -264,3 +264,29 @@ def test_padding_positions_are_free_distinct_and_spread():
     assert not bool(torch.isin(padding, flat).any()) and int(padding.max()) >= 80
     assert torch.equal(_padding(torch.arange(10), 12, 2), torch.tensor([10, 11]))  # the only free ones
     assert _padding(flat, 100, 0).numel() == 0
+
+
+@pytest.mark.parametrize("mode", ["auto", "merged"])
+def test_from_peft_never_writes_a_tied_head_into_the_embedding(mode):
+    """A SHiRA adapter on a tied LM head (its weight is the input embedding's): from_peft computes
+    that layer in the split form, so the embedding keeps W0 and the outputs stay peft's; mode
+    'merged' is refused before the peft model changes."""
+    model = tiny_model("llama", dtype=torch.float64, tie_word_embeddings=True)
+    embedding = model.model.embed_tokens.weight
+    w0 = embedding.detach().clone()
+    peft_model = peft.get_peft_model(model, peft.ShiraConfig(r=2, target_modules=["lm_head", "q_proj"],
+                                                             init_weights=False, random_seed=3))
+    batch = tiny_batches("llama")[0]
+    expected = logits(peft_model, batch)
+    if mode == "merged":
+        with pytest.raises(ValueError, match="lm_head.*shares its weight"):
+            spft.from_peft(peft_model, mode=mode)
+        assert torch.equal(logits(peft_model, batch), expected)  # the peft model is untouched
+        return
+    converted = spft.from_peft(peft_model, mode=mode)
+    layers = spft_layers(converted)
+    head = next(layer for name, layer in layers.items() if name.endswith("lm_head"))
+    assert not head.merged and head.weight_shared_with is not None
+    assert any(layer.merged for name, layer in layers.items() if not name.endswith("lm_head"))
+    torch.testing.assert_close(logits(converted, batch), expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(converted.model.embed_tokens.weight, w0)

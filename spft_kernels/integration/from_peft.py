@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..masks.targets import weight_sharers
 from ..nn.sparse_delta_linear import SparseDeltaLinear
 from ..ops.index import canonical_flat_index
 from .config import SpftConfig
@@ -61,6 +62,7 @@ def from_peft(peft_model: nn.Module, *, mode: str = "auto", backend: str = "auto
         layers[name] = _layer(name, module, adapter, mode, backend)
     if not layers:
         raise ValueError(f"from_peft: adapter {adapter!r} has no SHiRA layer")
+    shared = _shared_weights(base, layers, mode)
     config = SpftConfig(
         method="sparta" if getattr(peft_config, "mask_type", None) == "random" else "speft",
         num_params=max(1, sum(layer.nnz for layer in layers.values())),
@@ -69,10 +71,33 @@ def from_peft(peft_model: nn.Module, *, mode: str = "auto", backend: str = "auto
     tuner.unload()  # peft's own way back: base layers and the trained modules_to_save copies in place
     for name, layer in layers.items():
         set_submodule(base, name, layer)
+        if name in shared:
+            layer.mark_weight_shared(shared[name])  # split form: W0 is never written
     remember_requires_grad(base)
     prepare_for_training(base, saved)
     setattr(base, CONFIG_ATTR, config)
     return base
+
+
+def _shared_weights(base: nn.Module, layers: dict, mode: str) -> dict:
+    """``{layer: other module}`` for the SHiRA layers whose base weight another module holds too
+    (a tied LM head and input embedding), as ``get_spft_model`` finds them; checked before the peft
+    model is unloaded. Such a layer computes in the split form; mode 'merged' is refused."""
+    suffix = ".base_layer"
+    found = weight_sharers(base, [f"{name}{suffix}" for name in layers])
+    shared = {}
+    for holder, other in found.items():
+        name = holder[: -len(suffix)]
+        if other == name:  # the SHiRA wrapper around its own base layer
+            continue
+        if mode == "merged":
+            raise ValueError(
+                f"from_peft: layer {name!r} shares its weight with {other!r} (e.g. a tied LM head and input "
+                "embedding); mode='merged' would write W0 + delta into it too. Use mode='auto' (the split form "
+                "for such a layer, W0 untouched) or 'split'"
+            )
+        shared[name] = other.removesuffix(suffix)
+    return shared
 
 
 def _tuner(peft_model: nn.Module):
