@@ -115,3 +115,15 @@ class TestRandomIndex:
 
     def test_device_argument(self):
         assert spft.random_index(4, 4, 0.5, device="meta").device.type == "meta"
+
+
+def test_derived_forms_are_built_on_first_access_and_reported():
+    built = []
+    flat = torch.tensor([1, 5, 6, 13], dtype=torch.int32)
+    sparse_index = spft.SparseIndex(flat, 3, 5, on_build=lambda name, tensor: built.append(name))
+    assert sparse_index.cached() == {} and sparse_index.tile_metadata  # density 4/15 >= 2%
+    assert sparse_index.col_ptr.tolist() == [0, 1, 3, 3, 4, 4] and built == ["col_ptr"]
+    assert sparse_index.col_ptr is sparse_index.cached()["col_ptr"] and built == ["col_ptr"]  # once
+    moved = sparse_index.to(torch.device("cpu"))
+    assert set(moved.cached()) == {"col_ptr"} and moved.tile_ptr.shape == (3, 2)
+    assert spft.SparseIndex(flat, 300, 500).tile_ptr is None  # below TILE_SDDMM_MIN_DENSITY

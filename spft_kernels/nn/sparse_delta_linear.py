@@ -9,10 +9,14 @@ import torch
 import torch.nn as nn
 
 from ..ops._guards import builds_state
-from ..ops.index import SparseIndex
+from ..ops.index import DERIVED, SparseIndex
 from ..ops.scatter_delta import scatter_delta_
 from ..ops.sparse_delta_linear import sparse_delta_linear
 from .base import _FrozenBaseDeltaLinear
+
+
+def _metadata_buffer(name: str) -> str:
+    return "_" + name
 
 
 class SparseDeltaLinear(_FrozenBaseDeltaLinear):
@@ -61,11 +65,17 @@ class SparseDeltaLinear(_FrozenBaseDeltaLinear):
 
     def _adopt(self, sparse_index: SparseIndex) -> None:
         self.register_buffer("index", sparse_index.flat)
-        # Derived once per mask; non-persistent so they follow .to() but never reach a state dict.
-        self.register_buffer("_row_ptr", sparse_index.row_ptr, persistent=False)
-        self.register_buffer("_col_ptr", sparse_index.col_ptr, persistent=False)
-        self.register_buffer("_csc_perm", sparse_index.csc_perm, persistent=False)
-        self.register_buffer("_tile_ptr", sparse_index.tile_ptr, persistent=False)
+        # The derived forms (CSR/CSC pointers, tile pointers) are built when a kernel that reads
+        # them first runs (SparseIndex), then kept as non-persistent buffers: they follow .to()
+        # but never reach a state dict. The default (reference) path never builds them.
+        for name in DERIVED:
+            self._buffers.pop(_metadata_buffer(name), None)
+        for name, tensor in sparse_index.cached().items():
+            self._keep_metadata(name, tensor)
+
+    def _keep_metadata(self, name: str, tensor: torch.Tensor) -> None:
+        if not torch.compiler.is_compiling():  # a traced graph must not add module state
+            self.register_buffer(_metadata_buffer(name), tensor, persistent=False)
 
     @staticmethod
     def _positions_tensor(sparse_index: SparseIndex) -> torch.Tensor:
@@ -75,10 +85,11 @@ class SparseDeltaLinear(_FrozenBaseDeltaLinear):
         return (sparse_index.nnz,)
 
     def sparse_index(self) -> SparseIndex:
-        """The cached, validated index (no validation or rebuild: O(1))."""
+        """The validated index with the derived forms built so far (no validation or rebuild:
+        O(1)); a derived form read from it for the first time is built then and kept."""
+        cached = {name: self._buffers.get(_metadata_buffer(name)) for name in DERIVED}
         return SparseIndex(
-            self.index, self._row_ptr, self._col_ptr, self._csc_perm, self.out_features, self.in_features,
-            self._tile_ptr,
+            self.index, self.out_features, self.in_features, on_build=self._keep_metadata, **cached
         )
 
     @property
@@ -137,8 +148,8 @@ class SparseDeltaLinear(_FrozenBaseDeltaLinear):
 
     def _functional(self, x: torch.Tensor) -> torch.Tensor:
         return sparse_delta_linear(
-            x, self.weight, self.delta, self.sparse_index(), self.bias, backend=self.backend, merged=self._merged,
-            fused=self.mode == "fused" and not self._merged,
+            x, self.weight, self.delta, self.sparse_index(), self.bias, backend=self.backend, merged=self._computes_merged(),
+            fused=self.mode == "fused" and not self._computes_merged(),
         )
 
     def _describe(self) -> str:

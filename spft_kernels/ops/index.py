@@ -2,25 +2,28 @@
 
 Canonical form: 1-D sorted unique flat positions ``row * in_features + col``, int32 when
 ``out * in < 2**31`` else int64, on the weight's device. Validation happens once, here, when an
-index is built or loaded; kernels then trust it. Derived forms are computed once per mask and
-cached (on the layer as non-persistent buffers):
+index is built or loaded; kernels then trust it. Derived forms are built lazily, the first time
+an op that reads them runs, and then cached (on the layer as non-persistent buffers):
 
 - ``row_ptr`` [out + 1]: CSR row pointers into the canonical order (entries are already
-  row-major, so the canonical order *is* the CSR order; a column is ``flat - row * in``);
-- ``col_ptr`` [in + 1] and ``csc_perm`` [nnz]: the CSC view used by ``dy @ Δ``; ``csc_perm[j]``
-  is the canonical position of the j-th entry in column-major order;
+  row-major, so the canonical order *is* the CSR order; a column is ``flat - row * in``); read by
+  the CSR SpMM and the fused GEMM kernels;
+- ``col_ptr`` [in + 1] and ``csc_perm`` [nnz]: the CSC view used by the kernels of ``dy @ Δ``;
+  ``csc_perm[j]`` is the canonical position of the j-th entry in column-major order;
 - ``tile_ptr`` [out, ceil(in / TILE_K) + 1], only at densities where the tensor-core SDDMM runs:
   where each row's entries of every TILE_K-column range start (see :func:`tile_pointers`).
 
+The reference path (the default, ``auto``, on every device until a kernel is measured) reads
+none of them, and merged mode never needs the CSC view: built eagerly they cost 4-8 bytes per
+trainable entry (0.98 GiB at SpaRTA rank 64 on Llama-2-7B), as much as the index itself.
 No per-entry row or column array is kept: each would cost 4 bytes per trainable parameter, as
 much as the fp32 value itself.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -39,17 +42,38 @@ def index_dtype_for(out_features: int, in_features: int) -> torch.dtype:
     return torch.int32 if out_features * in_features < INT32_LIMIT else torch.int64
 
 
-@dataclasses.dataclass(frozen=True)
-class SparseIndex:
-    """A validated index with its derived CSR/CSC metadata. Build with :meth:`build`."""
+# The derived forms, in the order ``SparseIndex`` takes them.
+DERIVED = ("row_ptr", "col_ptr", "csc_perm", "tile_ptr")
 
-    flat: torch.Tensor
-    row_ptr: torch.Tensor
-    col_ptr: torch.Tensor
-    csc_perm: torch.Tensor
-    out_features: int
-    in_features: int
-    tile_ptr: Optional[torch.Tensor] = None
+
+class SparseIndex:
+    """A validated canonical index and its derived CSR/CSC/tile metadata, each built on first
+    access and kept (``cached()`` says which exist). Build with :meth:`build` (validates) or
+    :meth:`from_canonical` (trusts). ``on_build(name, tensor)`` is told about each derived tensor
+    when it is built, so that a layer can keep it across calls."""
+
+    def __init__(
+        self,
+        flat: torch.Tensor,
+        out_features: int,
+        in_features: int,
+        *,
+        tile_metadata: Optional[bool] = None,
+        on_build: Optional[Callable[[str, torch.Tensor], None]] = None,
+        **derived: Optional[torch.Tensor],
+    ) -> None:
+        unknown = set(derived) - set(DERIVED)
+        if unknown:
+            raise TypeError(f"SparseIndex: unknown derived forms {sorted(unknown)}")
+        self.flat = flat
+        self.out_features = out_features
+        self.in_features = in_features
+        total = out_features * in_features
+        if tile_metadata is None:
+            tile_metadata = total > 0 and flat.numel() / total >= TILE_SDDMM_MIN_DENSITY
+        self.tile_metadata = bool(tile_metadata)
+        self._derived = {name: tensor for name, tensor in derived.items() if tensor is not None}
+        self._on_build = on_build
 
     @property
     def nnz(self) -> int:
@@ -75,7 +99,7 @@ class SparseIndex:
         name: str = "sparse index",
         tile_metadata: Optional[bool] = None,
     ) -> tuple["SparseIndex", Optional[torch.Tensor]]:
-        """Validate ``index`` and derive its metadata.
+        """Validate ``index``; the metadata is derived when first read.
 
         Returns ``(sparse_index, order)``: ``order`` is ``None`` when ``index`` was already sorted,
         else the permutation that sorts it (apply it to the values: ``values[order]``).
@@ -89,37 +113,65 @@ class SparseIndex:
     def from_canonical(
         cls, flat: torch.Tensor, out_features: int, in_features: int, *, tile_metadata: Optional[bool] = None
     ) -> "SparseIndex":
-        """Derive the metadata of an already validated canonical index. ``tile_metadata``: build
-        ``tile_ptr`` (None: when the density reaches ``TILE_SDDMM_MIN_DENSITY``)."""
-        nnz = flat.numel()
-        pointer_dtype = torch.int32 if nnz < INT32_LIMIT else torch.int64
-        position_dtype = torch.int32 if nnz < INT32_LIMIT else torch.int64
-        wide = flat.long()
-        rows = torch.div(wide, in_features, rounding_mode="floor")
-        cols = wide - rows * in_features
-        row_ptr = _pointers(rows, out_features, pointer_dtype)
-        col_ptr = _pointers(cols, in_features, pointer_dtype)
+        """An already validated canonical index. ``tile_metadata``: whether ``tile_ptr`` exists
+        (None: when the density reaches ``TILE_SDDMM_MIN_DENSITY``)."""
+        return cls(flat, out_features, in_features, tile_metadata=tile_metadata)
+
+    # --- the derived forms, built on first access ------------------------------------------
+
+    def cached(self) -> dict[str, torch.Tensor]:
+        """The derived tensors built so far, by name."""
+        return dict(self._derived)
+
+    def _get(self, name: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        tensor = self._derived.get(name)
+        if tensor is None:
+            tensor = self._derived[name] = make()
+            if self._on_build is not None:
+                self._on_build(name, tensor)
+        return tensor
+
+    @property
+    def _pointer_dtype(self) -> torch.dtype:
+        return torch.int32 if self.nnz < INT32_LIMIT else torch.int64
+
+    @property
+    def row_ptr(self) -> torch.Tensor:
+        return self._get("row_ptr", lambda: _pointers(self.rows_and_cols()[0], self.out_features, self._pointer_dtype))
+
+    @property
+    def col_ptr(self) -> torch.Tensor:
+        return self._get("col_ptr", lambda: _pointers(self.rows_and_cols()[1], self.in_features, self._pointer_dtype))
+
+    @property
+    def csc_perm(self) -> torch.Tensor:
         # Stable: within a column, entries stay in row order.
-        csc_perm = torch.argsort(cols, stable=True).to(position_dtype)
-        total = out_features * in_features
-        if tile_metadata is None:
-            tile_metadata = total > 0 and nnz / total >= TILE_SDDMM_MIN_DENSITY
-        tile_ptr = tile_pointers(flat, out_features, in_features) if tile_metadata else None
-        return cls(flat, row_ptr, col_ptr, csc_perm, out_features, in_features, tile_ptr)
+        return self._get(
+            "csc_perm", lambda: torch.argsort(self.rows_and_cols()[1], stable=True).to(self._pointer_dtype)
+        )
+
+    @property
+    def tile_ptr(self) -> Optional[torch.Tensor]:
+        if not self.tile_metadata:
+            return None
+        return self._get("tile_ptr", lambda: tile_pointers(self.flat, self.out_features, self.in_features))
 
     def rows_and_cols(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-entry row and column (computed, O(nnz); not cached, see the module docstring)."""
-        rows = torch.div(self.flat, self.in_features, rounding_mode="floor")
-        return rows, self.flat - rows * self.in_features
+        """Per-entry row and column as int64 (computed, O(nnz); not cached, see the module docstring)."""
+        wide = self.flat.long()
+        rows = torch.div(wide, self.in_features, rounding_mode="floor")
+        return rows, wide - rows * self.in_features
 
     def to(self, device: torch.device) -> "SparseIndex":
-        return dataclasses.replace(
-            self,
-            flat=self.flat.to(device),
-            row_ptr=self.row_ptr.to(device),
-            col_ptr=self.col_ptr.to(device),
-            csc_perm=self.csc_perm.to(device),
-            tile_ptr=None if self.tile_ptr is None else self.tile_ptr.to(device),
+        return SparseIndex(
+            self.flat.to(device), self.out_features, self.in_features, tile_metadata=self.tile_metadata,
+            **{name: tensor.to(device) for name, tensor in self._derived.items()},
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"SparseIndex(shape={self.shape}, nnz={self.nnz}, dtype={self.flat.dtype}, "
+            f"derived={sorted(self._derived)})"
         )
 
 

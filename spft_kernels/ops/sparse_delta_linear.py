@@ -22,9 +22,9 @@ import torch.nn.functional as F
 
 from . import naive
 from ._linear_args import check_x_and_weight, prepare_operands, weight_for_dx
-from .backends import check_backend_name
+from .backends import check_backend_name, resolve_backend
 from .fused_delta_linear import fused_delta_linear
-from .index import SparseIndex
+from .index import DERIVED, SparseIndex
 from .sddmm import sddmm
 from .spmm import spmm_add, spmm_t_add
 
@@ -34,15 +34,21 @@ Tensor = torch.Tensor
 # --- the layer op ------------------------------------------------------------------------------
 
 
+def _or_empty(metadata: Optional[Tensor], index: Tensor) -> Tensor:
+    # Derived index metadata is passed only to backends that read it (see _metadata_for); the
+    # reference implementations take an empty placeholder.
+    return index[:0] if metadata is None else metadata
+
+
 @torch.library.custom_op("spft::sparse_delta_linear", mutates_args=())
 def _sparse_delta_linear_op(
     x: Tensor,
     weight: Tensor,
     delta: Tensor,
     index: Tensor,
-    row_ptr: Tensor,
-    col_ptr: Tensor,
-    csc_perm: Tensor,
+    row_ptr: Optional[Tensor],
+    col_ptr: Optional[Tensor],
+    csc_perm: Optional[Tensor],
     tile_ptr: Optional[Tensor],
     bias: Optional[Tensor],
     mode: str,
@@ -50,12 +56,12 @@ def _sparse_delta_linear_op(
 ) -> Tensor:
     out_features, in_features = weight.shape
     if mode == "fused" and index.numel() > 0:
-        y2d = fused_delta_linear(x.reshape(-1, in_features), weight, delta, index, row_ptr, bias, backend)  # nnz > 0: in > 0
+        y2d = fused_delta_linear(x.reshape(-1, in_features), weight, delta, index, _or_empty(row_ptr, index), bias, backend)  # nnz > 0: in > 0
         return y2d.reshape(*x.shape[:-1], out_features)
     y = F.linear(x, weight, bias)
     if mode == "merged" or index.numel() == 0:
         return y
-    y2d = spmm_add(y.reshape(-1, out_features), x.reshape(-1, in_features), delta, index, row_ptr, backend)
+    y2d = spmm_add(y.reshape(-1, out_features), x.reshape(-1, in_features), delta, index, _or_empty(row_ptr, index), backend)
     return y2d.reshape(y.shape)
 
 
@@ -84,7 +90,9 @@ def _backward(ctx, dy):
     if ctx.needs_input_grad[0]:
         dx2d = dy2d.mm(weight)
         if not ctx.merged and index.numel() > 0:
-            dx2d = spmm_t_add(dx2d, dy2d, delta, index, col_ptr, csc_perm, ctx.backend)
+            dx2d = spmm_t_add(
+                dx2d, dy2d, delta, index, _or_empty(col_ptr, index), _or_empty(csc_perm, index), ctx.backend
+            )
         dx = dx2d.reshape(x.shape)
     if ctx.needs_input_grad[1]:
         dweight = dy2d.t().mm(x2d)
@@ -105,6 +113,25 @@ _KERNEL_OPS = {
     "merged": ("sddmm",),
     "fused": ("fused_delta_linear", "spmm_t_add", "sddmm"),
 }
+
+# The derived index forms each op's kernels read (``SparseIndex``); the reference
+# implementations read none. The forward's op is the first of the mode's kernel ops.
+_METADATA = {
+    "spmm_add": ("row_ptr",),
+    "fused_delta_linear": ("row_ptr",),
+    "spmm_t_add": ("col_ptr", "csc_perm"),
+    "sddmm": ("tile_ptr",),
+}
+
+
+def _metadata_for(sparse_index: SparseIndex, mode: str, backend: str, device: torch.device) -> dict:
+    """``{name: tensor or None}`` for the four derived forms: built (lazily, cached by the index's
+    owner) only where the backend that will run an op of this mode reads it."""
+    needed = set()
+    for op in _KERNEL_OPS[mode]:
+        if resolve_backend(op, backend, device) != "reference":
+            needed.update(_METADATA[op])
+    return {name: getattr(sparse_index, name) if name in needed else None for name in DERIVED}
 
 
 def sparse_delta_linear(
@@ -161,15 +188,16 @@ def sparse_delta_linear(
     x, weight, bias = prepare_operands(
         "sparse_delta_linear", x, weight, bias, (delta, sparse_index.flat), _KERNEL_OPS[mode], backend
     )
+    metadata = _metadata_for(sparse_index, mode, backend, weight.device) if sparse_index.nnz else dict.fromkeys(DERIVED)
     return _sparse_delta_linear_op(
         x,
         weight,
         delta,
         sparse_index.flat,
-        sparse_index.row_ptr,
-        sparse_index.col_ptr,
-        sparse_index.csc_perm,
-        sparse_index.tile_ptr,
+        metadata["row_ptr"],
+        metadata["col_ptr"],
+        metadata["csc_perm"],
+        metadata["tile_ptr"],
         bias,
         mode,
         backend,
