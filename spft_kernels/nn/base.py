@@ -22,7 +22,8 @@ Modes (DESIGN.md "Execution modes"), the same for both layers:
 
 The state dict always holds W0 (never W_eff), the fp32 delta and the canonical positions
 (``index`` or ``rows``), so it is the same whatever the mode and loads into a layer of any mode
-or size.
+or size. A merged layer builds it without copying the weight: W0 is written back into the trained
+positions and lent to the state dict until it is freed (``w0_loan.py``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch.nn as nn
 
 from ..ops._guards import as_int, builds_state, describe, is_inference
 from ..ops.backends import check_backend_name
+from .w0_loan import W0Loans
 
 MODES = ("auto", "merged", "split", "fused")
 
@@ -136,6 +138,8 @@ class _FrozenBaseDeltaLinear(nn.Linear):
         # (the weight Parameter merge() wrote W0 + Δ into,) while merged; see _check_weight_kept.
         self._merged_into = None
         self._merge_disabled = False  # mode 'auto' after the weight was swapped out (FSDP2)
+        # Live state-dict views of the weight while it holds W0 for them (w0_loan.py).
+        self._w0_loans = W0Loans()
         self.register_buffer("_w0_at_index", None, persistent=False)
         self.weight.requires_grad_(False)
         if self.bias is not None:
@@ -225,7 +229,7 @@ class _FrozenBaseDeltaLinear(nn.Linear):
         else:
             self.delta = nn.Parameter(values)
         if was_merged:
-            self.merge()
+            self._merge()
 
     def _master_dtype(self) -> torch.dtype:
         # The delta master follows the base only into fp64 (gradcheck); otherwise it stays fp32
@@ -261,11 +265,29 @@ class _FrozenBaseDeltaLinear(nn.Linear):
                 delta.register_post_accumulate_grad_hook(_count_gradient)
 
     @builds_state
-    @torch.no_grad()
     def merge(self) -> None:
         """Make the weight hold ``W0 + Δ`` (W0 at the positions kept aside); later forwards re-sync it
         when ``delta`` changes. Idempotent. Refused for a weight another module shares
-        (``weight_shared_with``) and for an inference tensor weight: both stay in the split form."""
+        (``weight_shared_with``) and for an inference tensor weight: both stay in the split form.
+        Raises ``RuntimeError`` while a state dict of this layer that shares its weight (holding
+        W0) is still alive (``w0_loan.py``)."""
+        if self._w0_loans.active:
+            import gc
+
+            gc.collect()  # a state dict caught in a reference cycle
+        if self._w0_loans.active:
+            raise RuntimeError(
+                f"{self.layer_name}: a state dict of this merged layer is still alive and shares its weight, "
+                "which holds W0 for it; writing W0 + delta would change that state dict. Delete it (or copy "
+                "its tensors) before merge()"
+            )
+        self._merge()
+
+    @builds_state
+    @torch.no_grad()
+    def _merge(self) -> None:
+        """merge() for the forward: while W0 is lent the weight keeps W0 (the forward computes the
+        split form) and the next forward after the loan re-syncs."""
         if self._merged:
             self._resync_if_stale()
             return
@@ -276,10 +298,10 @@ class _FrozenBaseDeltaLinear(nn.Linear):
         if is_inference(self.weight):
             raise ValueError(_INFERENCE_WEIGHT.format(layer=self.layer_name))
         self._w0_at_index = self._gather_w0()
-        self._write(self.weight, base=self._w0_at_index, delta=self.delta)
         self._merged = True
         self._merged_into = (self.weight,)
-        self._synced_delta_key = self._delta_key()
+        self._synced_delta_key = None
+        self._resync_if_stale()
 
     @builds_state
     @torch.no_grad()
@@ -297,10 +319,17 @@ class _FrozenBaseDeltaLinear(nn.Linear):
     @builds_state
     @torch.no_grad()
     def _resync_if_stale(self) -> None:
+        if self._w0_loans.active:
+            return  # the weight holds W0 for a live state dict
         key = self._delta_key()
         if key != self._synced_delta_key:
             self._write(self.weight, base=self._w0_at_index, delta=self.delta)
             self._synced_delta_key = key
+
+    def _computes_merged(self) -> bool:
+        """Whether the weight holds ``W0 + Δ`` for this forward (merged and W0 not lent): the
+        subclasses' ``_functional`` computes the merged form then, else the split form."""
+        return self._merged and not self._w0_loans.active
 
     def _wants_merged(self) -> bool:
         if self.mode == "merged":
@@ -348,9 +377,11 @@ class _FrozenBaseDeltaLinear(nn.Linear):
     def merged_weight(self) -> torch.Tensor:
         """A new tensor holding ``W0 + Δ`` in the weight's dtype (fp32 sum, rounded once), bitwise
         equal to the merged mode's weight."""
-        if self._merged:
-            self._resync_if_stale()
+        self._resync_if_stale()
+        if self._computes_merged():
             return self.weight.detach().clone()
+        if self._merged:  # W0 lent to a state dict: the weight holds W0
+            return self._write(self.weight.detach().clone(), base=None, delta=self.delta)
         weight = self.weight.detach().clone(memory_format=torch.contiguous_format)
         return self._write(weight, base=None, delta=self.delta)
 
@@ -372,7 +403,7 @@ class _FrozenBaseDeltaLinear(nn.Linear):
             return self._traced_forward(x)
         self._check_weight_kept()
         if not self._merged and self._wants_merged():
-            self.merge()
+            self._merge()
         if self._merged:
             self._resync_if_stale()
         return self._functional(x)
@@ -393,7 +424,7 @@ class _FrozenBaseDeltaLinear(nn.Linear):
                 f"{self.layer_name}: the weight Parameter of this merged layer was replaced (FSDP); use "
                 "mode='split' with FSDP and torch.compile"
             )
-        if self._merged:
+        if self._computes_merged():  # Dynamo guards on the loan count: one more graph while lent
             with torch.no_grad():
                 self._write(self.weight, base=self._w0_at_index, delta=self.delta.detach())
         return self._functional(x)
@@ -403,10 +434,12 @@ class _FrozenBaseDeltaLinear(nn.Linear):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self._merged:
-            # Save W0, never W_eff: the state dict must not depend on the mode.
+            # Save W0, never W_eff: the state dict must not depend on the mode. W0 is written back
+            # into the trained positions (O(nnz), exact) and lent, never copied (w0_loan.py).
             with torch.no_grad():
-                w0 = self._write(self.weight.detach().clone(), base=self._w0_at_index, delta=None)
-            destination[prefix + "weight"] = w0
+                self._write(self.weight, base=self._w0_at_index, delta=None)
+            self._synced_delta_key = None
+            destination[prefix + "weight"] = self._w0_loans.lend(self.weight)
 
     @builds_state
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
@@ -454,7 +487,7 @@ class _FrozenBaseDeltaLinear(nn.Linear):
                     self.delta.data = self.delta.data[order.to(self.delta.device)]
             self._adopt(validated)
         if was_merged:
-            self.merge()
+            self._merge()
 
     def _load_problem(self, validated, incoming_delta, positions_key, delta_key, state_dict, prefix) -> Optional[str]:
         """What makes a state dict unloadable into this layer, found without changing it (None: loadable)."""

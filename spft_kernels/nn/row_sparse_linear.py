@@ -82,7 +82,7 @@ class RowSparseLinear(_FrozenBaseDeltaLinear):
 
     def _functional(self, x: torch.Tensor) -> torch.Tensor:
         return row_delta_linear(
-            x, self.weight, self.delta, self.rows, self.bias, backend=self.backend, merged=self._merged, validate=False
+            x, self.weight, self.delta, self.rows, self.bias, backend=self.backend, merged=self._computes_merged(), validate=False
         )
 
     def _describe(self) -> str:
