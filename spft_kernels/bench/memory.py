@@ -11,7 +11,7 @@ workspaces); the CPU has no such statistics, hence this.
 from __future__ import annotations
 
 import weakref
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -33,9 +33,19 @@ class TensorMemoryTracker(TorchDispatchMode):
 
     Attributes after (or during) use: ``current_bytes``, ``peak_bytes`` (live bytes of storages
     created under the tracker, plus ``baseline_bytes``), ``largest_numel`` and ``largest_shape``
-    (the biggest tensor any op allocated)."""
+    (the biggest tensor any op allocated), ``large_shapes`` (the shapes of every allocation of
+    at least ``record_at_least`` elements, in order). ``on_peak()`` is called whenever the peak
+    grows (e.g. to see what is alive at that moment). Works under ``FakeTensorMode`` (enter the
+    fake mode first): fake tensors have storages of their real size, so a whole model's step
+    can be measured without its memory."""
 
-    def __init__(self, baseline: Optional[Iterable[torch.Tensor]] = None):
+    def __init__(
+        self,
+        baseline: Optional[Iterable[torch.Tensor]] = None,
+        *,
+        record_at_least: Optional[int] = None,
+        on_peak: Optional[Callable[[], None]] = None,
+    ):
         super().__init__()
         self.baseline_bytes = _storage_bytes(baseline or ())
         self.current_bytes = 0
@@ -43,6 +53,9 @@ class TensorMemoryTracker(TorchDispatchMode):
         self.largest_numel = 0
         self.largest_shape: tuple = ()
         self.largest_op = ""
+        self.large_shapes: list[tuple] = []
+        self._record_at_least = record_at_least
+        self._on_peak = on_peak
         self._live: dict[int, int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -66,10 +79,15 @@ class TensorMemoryTracker(TorchDispatchMode):
             return
         if tensor.numel() > self.largest_numel:
             self.largest_numel, self.largest_shape, self.largest_op = tensor.numel(), tuple(tensor.shape), op
+        if self._record_at_least is not None and tensor.numel() >= self._record_at_least:
+            self.large_shapes.append(tuple(tensor.shape))
         nbytes = storage.nbytes()
         self._live[key] = nbytes
         self.current_bytes += nbytes
-        self.peak_bytes = max(self.peak_bytes, self.baseline_bytes + self.current_bytes)
+        if self.baseline_bytes + self.current_bytes > self.peak_bytes:
+            self.peak_bytes = self.baseline_bytes + self.current_bytes
+            if self._on_peak is not None:
+                self._on_peak()
         weakref.finalize(storage, self._release, key)
 
     def _release(self, key: int) -> None:

@@ -23,6 +23,34 @@ from ..ops.pst_linear import (
 
 Tensor = torch.Tensor
 
+_optimizer_steps = 0
+_step_hook = None
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+def optimizer_steps() -> int:
+    """Steps taken by any ``torch.optim.Optimizer`` (fused ones included) since the first
+    ``PSTLinear`` was built: a global step-post hook counts them (``PSTLinear.threshold``)."""
+    return _optimizer_steps
+
+
+def _watch_optimizer_steps() -> None:
+    global _step_hook
+    if _step_hook is None:  # once per process, when the first PSTLinear is built (not at import)
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _step_hook = register_optimizer_step_post_hook(_count_step)
+
+
+def _tensor_key(t: Tensor) -> tuple:
+    # An inference tensor (a layer built under inference_mode) has no version counter: never equal.
+    version = object() if t.is_inference() else t._version
+    return (version, t.data_ptr(), t.dtype, t.device)
+
 
 class PSTLinear(nn.Linear):
     """A drop-in ``nn.Linear`` that prunes its frozen weight W0 to ``sparsity`` while training
@@ -72,6 +100,7 @@ class PSTLinear(nn.Linear):
         self.backend = check_backend_name(backend)
         self.sparsity = _check_sparsity(sparsity)
         self._threshold_cache: Optional[tuple] = None
+        _watch_optimizer_steps()
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
@@ -152,24 +181,36 @@ class PSTLinear(nn.Linear):
 
     def invalidate_threshold(self) -> None:
         """Forget the cached threshold (needed only after replacing a factor's ``.data`` by hand;
-        in-place updates such as optimizer steps are seen through the version counters)."""
+        in-place updates and optimizer steps are seen, see :meth:`threshold`)."""
         self._threshold_cache = None
 
     def _threshold_key(self) -> tuple:
         tensors = (self.weight,) + self.factors()
-        return (self.sparsity, self.beta, self.alpha1, self.alpha2, self.backend) + tuple(
-            (t._version, t.data_ptr(), t.dtype, t.device) for t in tensors
+        return (self.sparsity, self.beta, self.alpha1, self.alpha2, self.backend, optimizer_steps()) + tuple(
+            _tensor_key(t) for t in tensors
         )
 
     def threshold(self) -> Tensor:
         """The top-v threshold for the current sparsity and factors, computed at most once per
-        change of either (so once per optimizer step, whatever the gradient accumulation)."""
+        change of either (so once per optimizer step, whatever the gradient accumulation).
+
+        A change is seen through the version counters (in-place updates, foreach/for-loop
+        optimizers) and through a count of optimizer steps: fused optimizers (torch's
+        ``AdamW(fused=True)``, the transformers Trainer's default) update the factors without
+        bumping their version counters, and a mask kept from step 0 would never follow training.
+        The merged layers count gradients for the same reason (base.py), which is right for an
+        O(nnz) re-sync; here a recomputation is several passes over the n x k scores, so counting
+        steps keeps it once per step under gradient accumulation (3 micro-batches: 1 threshold,
+        not 3). The threshold is made outside inference mode, so one evaluation under
+        ``torch.inference_mode`` does not leave an inference tensor that the next training
+        forward would have to save for backward."""
         key = self._threshold_key()
         if self._threshold_cache is None or self._threshold_cache[0] != key:
-            value = pst_threshold(
-                self.weight, *self.factors(), self.sparsity, beta=self.beta, alpha1=self.alpha1,
-                alpha2=self.alpha2, backend=self.backend,
-            )
+            with torch.inference_mode(False):
+                value = pst_threshold(
+                    self.weight, *self.factors(), self.sparsity, beta=self.beta, alpha1=self.alpha1,
+                    alpha2=self.alpha2, backend=self.backend,
+                )
             self._threshold_cache = (key, value)
         return self._threshold_cache[1]
 

@@ -26,11 +26,11 @@ of the masked weight:
 
 The top-v threshold is computed once per step (``pst_threshold``) as the pair ``(t, p)``: the
 v-th largest score's order key and the cut position among the scores equal to it; the mask is
-``key > t or (key == t and position < p)``. ``PSTLinear`` caches it until the sparsity or one of
+``key > t or (key == t and position < p)``. ``PSTLinear`` caches it until the sparsity, an optimizer step or one of
 W0, U, V, A, B, R, C changes (their version counters), so gradient accumulation pays it once.
 
-Backends: ``reference`` (pure PyTorch, fp32/fp64; it materialises n x k tensors: W_eff, S, the
-keys, G; it is the oracle, not the fast path) and ``triton`` (pst_kernels.py: the threshold by a
+Backends: ``reference`` (pure PyTorch, fp32/fp64, by row blocks of the weight: no n x k
+temporary in a training step and no sort; pst_reference.py) and ``triton`` (pst_kernels.py: the threshold by a
 streamed radix select and GEMMs that build the masked weight tile in registers; no n x k
 temporary in a training step). Scores are computed in fp32 (fp64 for fp64 inputs in the
 reference); the two backends round the score differently, so their masks can differ where two
@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 from . import naive
 from . import pst_kernels  # noqa: F401  (registers the Triton implementations)
+from . import pst_reference
 from .backends import check_backend_name, implementation, register, resolve_backend
 
 Tensor = torch.Tensor
@@ -100,89 +101,14 @@ def cubic_sparsity(step, total_steps: int, final_sparsity: float, warmup: float 
     return final * (1.0 - remaining**3)
 
 
-# --- reference (pure PyTorch; materialises n x k: the oracle, not the fast path) ---------------
+# --- reference (pure PyTorch, by row blocks: pst_reference.py) ----------------------------------
 
-
-def _reference_weight_and_score(weight, U, V, A, B, R, C, beta, alpha1, alpha2):
-    """(W_eff, S), both [n, k] in the accumulate dtype (fp32, or fp64 if any input is fp64)."""
-    acc = naive.accumulate_dtype(weight, U, V, A, B, R, C)
-    effective = torch.addmm(weight.to(acc), U.to(acc), V.to(acc), alpha=beta)
-    score = torch.addmm(effective.abs(), A.to(acc), B.to(acc), alpha=alpha1)
-    score += alpha2 * (R.to(acc) + C.to(acc))
-    return effective, score
-
-
-def order_keys(scores: Tensor) -> Tensor:
-    """int64 keys that order like the fp32/fp64 ``scores`` (their bit patterns with the magnitude
-    bits of negatives flipped); ``-0.0`` gets the key of ``+0.0``."""
-    if scores.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"order_keys: scores must be fp32 or fp64, got {scores.dtype}")
-    int_dtype, sign = (torch.int64, 63) if scores.dtype == torch.float64 else (torch.int32, 31)
-    bits = scores.contiguous().view(int_dtype)
-    bits = bits.masked_fill(bits == torch.iinfo(int_dtype).min, 0)
-    return (bits ^ ((bits >> sign) & torch.iinfo(int_dtype).max)).to(torch.int64)
-
-
-def _keep_mask(scores: Tensor, threshold: Tensor) -> Tensor:
-    keys = order_keys(scores)
-    position = torch.arange(keys.numel(), device=keys.device).view(keys.shape)
-    t_key, p_cut = threshold[0], threshold[1]
-    return (keys > t_key) | ((keys == t_key) & (position < p_cut))
-
-
-@register("pst_threshold", "reference")
-def _threshold_reference(weight, U, V, A, B, R, C, beta, alpha1, alpha2, keep):
-    _, score = _reference_weight_and_score(weight, U, V, A, B, R, C, beta, alpha1, alpha2)
-    # A stable descending sort keeps equal keys in position order: the v-th entry fixes (t, p).
-    ordered, order = torch.sort(order_keys(score).view(-1), descending=True, stable=True)
-    return torch.stack([ordered[keep - 1], order[keep - 1] + 1])
-
-
-@register("pst_dense", "reference")
-def _dense_reference(weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2):
-    effective, score = _reference_weight_and_score(weight, U, V, A, B, R, C, beta, alpha1, alpha2)
-    return effective, _keep_mask(score, threshold)
-
-
-def _reference_masked_weight(weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2, dtype):
-    """(W_eff, M, W_eff ⊙ M rounded to ``dtype``: the weight the GEMM sees, as in the fused kernel)."""
-    effective, mask = _dense_reference(weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2)
-    return effective, mask, torch.where(mask, effective, 0.0).to(dtype)
-
-
-@register("pst_linear", "reference")
-def _forward_reference(x2d, weight, U, V, A, B, R, C, bias, threshold, beta, alpha1, alpha2):
-    _, _, masked = _reference_masked_weight(weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2, x2d.dtype)
-    acc = naive.accumulate_dtype(x2d, masked)
-    y = F.linear(x2d.to(acc), masked.to(acc), None if bias is None else bias.to(acc))
-    return y.to(x2d.dtype)
-
-
-def _effective_weight_grad(g, mask, effective, abs_score_grad):
-    """dL/dW_eff = G ⊙ M, plus dS ⊙ sign(W_eff) = G ⊙ |W_eff| through the score's |W_eff| term."""
-    return g * (mask + effective.abs()) if abs_score_grad else g * mask
-
-
-@register("pst_linear_backward", "reference")
-def _backward_reference(
-    dy2d, x2d, weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2, abs_score_grad, needs_dx, needs_params
-):
-    effective, mask, masked = _reference_masked_weight(
-        weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2, x2d.dtype
-    )
-    acc = naive.accumulate_dtype(dy2d, x2d, effective)
-    dx = (dy2d.to(acc) @ masked.to(acc)).to(x2d.dtype) if needs_dx else None
-    if not needs_params:
-        return dx, None
-    g = dy2d.to(acc).t() @ x2d.to(acc)
-    d_effective = _effective_weight_grad(g, mask, effective, abs_score_grad)
-    d_score = g * effective
-    U, V, A, B = (t.to(acc) for t in (U, V, A, B))
-    grads = (
-        beta * d_effective @ V.t(), beta * U.t() @ d_effective, alpha1 * d_score @ B.t(), alpha1 * A.t() @ d_score,
-        alpha2 * d_score.sum(1, keepdim=True), alpha2 * d_score.sum(0, keepdim=True),
-    )
-    return dx, grads
+order_keys = pst_reference.order_keys
+_effective_weight_grad = pst_reference.effective_weight_grad
+register("pst_threshold", "reference")(pst_reference.threshold)
+register("pst_dense", "reference")(pst_reference.dense)
+register("pst_linear", "reference")(pst_reference.forward)
+register("pst_linear_backward", "reference")(pst_reference.backward)
 
 
 # --- the ops ------------------------------------------------------------------------------------

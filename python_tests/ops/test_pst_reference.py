@@ -1,0 +1,63 @@
+"""PST's reference backend by row blocks (ops/pst_reference.py): the radix-select threshold is the
+pair a stable sort gives, and a training step allocates one n x k tensor (the forward's masked
+weight) and no sort buffer."""
+
+import pytest
+import torch
+
+import spft_kernels as spft
+from spft_kernels.bench.memory import TensorMemoryTracker
+from spft_kernels.ops import pst_reference as ref
+
+
+def _factors(n, k, r1, r2, dtype, generator, ties=False):
+    def draw(*shape):
+        if ties:  # few distinct dyadic values: many equal scores at the threshold
+            return (torch.randint(-3, 4, shape, generator=generator) / 4).to(dtype)
+        return torch.randn(shape, generator=generator, dtype=dtype)
+
+    return draw(n, k), draw(n, r2), draw(r2, k), draw(n, r1), draw(r1, k), draw(n, 1), draw(1, k)
+
+
+def _sorted_threshold(weight, U, V, A, B, R, C, keep, acc):
+    # The old reference: every block's score side by side, one stable descending sort.
+    n, k = weight.shape
+    scores = torch.cat([ref.block_weight_and_score(weight, U, V, A, B, R, C, 0.7, 1.3, 0.6, a, b, acc)[1]
+                        for a, b in ref.row_blocks(n, k)])
+    ordered, order = torch.sort(ref.order_keys(scores).view(-1), descending=True, stable=True)
+    return [ordered[keep - 1].item(), order[keep - 1].item() + 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("n, k", [(37, 29), (1, 7), (130, 64)])
+def test_radix_select_threshold_is_the_stable_sort_pair(dtype, ties, n, k):
+    generator = torch.Generator().manual_seed(n * k)
+    weight, U, V, A, B, R, C = _factors(n, k, 3, 2, dtype, generator, ties)
+    R -= 1.5  # part of the scores negative
+    for keep in sorted({1, 2, n * k // 3, n * k // 2, n * k - 1}):
+        if 0 < keep < n * k:
+            got = ref.threshold(weight, U, V, A, B, R, C, 0.7, 1.3, 0.6, keep)
+            assert got.tolist() == _sorted_threshold(weight, U, V, A, B, R, C, keep, dtype)
+            _, mask = ref.dense(weight, U, V, A, B, R, C, got, 0.7, 1.3, 0.6)
+            assert int(mask.sum()) == keep
+
+
+def test_reference_training_step_allocates_one_n_by_k_tensor():
+    n, k = 300, 260
+    linear = torch.nn.Linear(k, n)
+    layer = spft.PSTLinear.from_linear(linear, 0.7, r1=4, r2=4, backend="reference",
+                                       generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=1e-3, fused=True)
+    x = torch.randn(2, 9, k, requires_grad=True)
+    with TensorMemoryTracker(record_at_least=n * k // 8) as tracker:
+        for _ in range(2):  # threshold, forward, backward, step; again with new factors
+            layer(x).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    # Blocks of at most n * k / 16 entries (whole rows), and one n x k: the forward's masked weight.
+    large = [shape for shape in tracker.large_shapes if shape[0] * shape[1] >= n * k // 8]
+    assert large == [(n, k)] * 2, large  # one per step
+    print(f"\nPST reference step ({n}x{k}): largest allocation {tracker.largest_numel} values "
+          f"{tracker.largest_shape}, peak {tracker.peak_bytes} bytes (weight {n * k * 4} bytes)")
+    assert tracker.peak_bytes < 3 * n * k * 4  # the masked weight, factors, their grads and Adam state, a few blocks (was ~20 n x k)
