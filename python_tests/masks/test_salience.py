@@ -367,3 +367,39 @@ def test_hooks_keep_one_layer_gradient_alive_not_the_whole_model():
     assert hooked.peak_bytes <= model_bytes + score_bytes + largest_grad + one_pass.peak_bytes
     assert naive.peak_bytes >= model_bytes + 2 * score_bytes  # all target gradients + the scores
     assert hooked.peak_bytes < naive.peak_bytes
+
+
+def test_scores_kept_off_the_device_leave_one_layer_gradient_there():
+    """score_device moves the score buffers off the device the model trains on. The CPU is the
+    only device here, so "meta" stands in for host memory: the tracker counts what stays on the
+    CPU (the model's device), and the scores are not there."""
+    model = tiny_model(
+        "llama", dtype=torch.float32, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4
+    )
+    batches = tiny_batches("llama", count=2, batch=2, tokens=8)
+    params = list(model.parameters())
+    model_bytes = sum(p.numel() * p.element_size() for p in params)
+    score_bytes = sum(w.numel() * 4 for w in target_weights(model).values())
+    with TensorMemoryTracker(baseline=params) as on_device:
+        spft.salience_scores(model, batches, hf_loss, "gradient")
+    with TensorMemoryTracker(baseline=params) as off_device:
+        scores = spft.salience_scores(model, batches, hf_loss, "snip", score_device="meta")
+    assert all(score.device.type == "meta" for score in scores.values())
+    print(f"\nabove the model: scores on the device {on_device.peak_bytes - model_bytes} B, "
+          f"off it {off_device.peak_bytes - model_bytes} B (scores {score_bytes} B)")
+    assert off_device.peak_bytes <= on_device.peak_bytes - score_bytes
+
+
+@pytest.mark.parametrize("metric", ["gradient", "taylor_fo", "fisher"])
+def test_scores_in_bf16_rank_like_fp32(metric):
+    model = tiny_model("llama", dtype=torch.float32)
+    batches = tiny_batches("llama")
+    exact = spft.salience_scores(model, batches, hf_loss, metric, fisher_mode="loop")
+    low = spft.salience_scores(model, batches, hf_loss, metric, fisher_mode="loop", score_dtype=torch.bfloat16,
+                               score_device="cpu")
+    for name, score in exact.items():
+        assert low[name].dtype == torch.bfloat16
+        # One bf16 rounding per batch (3 here): about 2**-8 of the largest batch gradient, absolute.
+        torch.testing.assert_close(low[name].float(), score, rtol=2e-2, atol=1e-2 * float(score.abs().max()))
+    with pytest.raises(ValueError, match="score_dtype must be a floating-point"):
+        spft.salience_scores(model, batches, hf_loss, metric, score_dtype=torch.int8)

@@ -253,8 +253,10 @@ def _delta_maker(root, targets, config, batches, loss_fn, scoring_kwargs):
         targets = {name: linear for name, linear in targets.items() if positions[name].numel() > 0}
         if not targets:
             raise ValueError("get_spft_model: the budget selects no trainable position in any target")
+    # Positions chosen from scores kept elsewhere (salience_scores(score_device="cpu")) move to
+    # their weight's device: O(nnz) per layer.
     return targets, lambda name, linear: build(
-        linear, positions[name], mode=config.mode, backend=config.backend, name=name
+        linear, positions[name].to(linear.weight.device), mode=config.mode, backend=config.backend, name=name
     )
 
 

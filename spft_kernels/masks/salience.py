@@ -47,6 +47,18 @@ for one forward/backward (activations and the one transient layer gradient, larg
 the naive loop that lets ``.grad`` accumulate peaks 1,179,648 B above the model = the scores + all
 589,824 B of target gradients at once.
 
+Where the scores live: ``score_device`` (default: each weight's device) and ``score_dtype``
+(default fp32) say where the per-target score buffers are kept. At 7B the fp32 scores are 24.1
+GiB, more than the bf16 model (12.6 GiB): on the accelerator the gradient metric peaked at 39.5
+GiB with one 1 x 512 batch, above the training step it prepares for. ``score_device="cpu"`` keeps
+them in host memory: each layer's gradient is copied there as it arrives (then freed), so the
+device holds the model, the activations and one layer's gradient, below a training step (no
+optimizer state, no trainable copies); ``spft-bench --memory`` reports both peaks. A bf16
+``score_dtype`` halves the buffers; each batch's gradient is then rounded once into the bf16 sum
+(~3 significant digits: enough to rank entries, not for exact scores). The first-order metrics
+and ``fisher`` honour both options; ``grasp`` and ``synflow`` keep fp32 scores on the weights'
+devices.
+
 - ``fisher`` (``fisher_mode="vmap"``) holds ``chunk × all target weights`` per-example gradients
   (``fisher_chunk_size``); ``fisher_mode="loop"`` runs one backward per example with the same
   hooks (one layer's gradient at a time). ``"auto"`` tries vmap and falls back to the loop (with a
@@ -125,6 +137,8 @@ def salience_scores(
     generator: Optional[torch.Generator] = None,
     fisher_mode: str = "auto",
     fisher_chunk_size: Optional[int] = None,
+    score_device=None,
+    score_dtype: torch.dtype = torch.float32,
 ) -> dict[str, Tensor]:
     """``{module_name: score[out, in]}`` (fp32, on each weight's device) for the targeted linears.
 
@@ -142,6 +156,9 @@ def salience_scores(
         fisher_mode: ``"vmap"`` (torch.func per-example gradients), ``"loop"`` (one backward per
             example, lean) or ``"auto"`` (vmap, falling back to the loop when it cannot trace).
         fisher_chunk_size: examples per vmap call (``None``: the whole batch).
+        score_device: where the score buffers live (``None``: each weight's device; ``"cpu"``
+            keeps them off the accelerator, see "Where the scores live").
+        score_dtype: the scores' dtype (fp32; ``torch.bfloat16`` halves them).
 
     Raises ``ValueError`` for an unknown metric or option, missing or empty batches, a loss that
     is not a scalar depending on the target weights, and batches Fisher cannot split.
@@ -163,6 +180,9 @@ def salience_scores(
                 "salience_scores: metric 'grasp' reads the batches twice; pass a list or a DataLoader, "
                 "not a one-shot iterator"
             )
+    if not isinstance(score_dtype, torch.dtype) or not score_dtype.is_floating_point:
+        raise ValueError(f"salience_scores: score_dtype must be a floating-point torch.dtype, got {score_dtype!r}")
+    placement = _ScorePlacement(None if score_device is None else torch.device(score_device), score_dtype)
     if progress is None:
         progress = sys.stderr.isatty()
     targets = find_target_linears(model, target_modules, exclude_attention=exclude_attention)
@@ -178,13 +198,14 @@ def salience_scores(
         calibration = _Calibration(batches, loss_fn, num_batches, progress, metric)
         with _only_these_trainable(model, weights):
             if metric in _FIRST_ORDER:
-                scores, count = calibration.gradient_sums(model, weights)
+                scores, count = calibration.gradient_sums(model, weights, placement)
                 for name, w in weights.items():
-                    _FIRST_ORDER[metric](scores[name], w.detach(), count)
+                    theta = None if metric == "gradient" else placement.weight_for(scores[name], w)
+                    _FIRST_ORDER[metric](scores[name], theta, count)
                 return scores
             if metric == "grasp":
                 return calibration.grasp(model, weights)
-            return calibration.fisher(model, weights, fisher_mode, fisher_chunk_size)
+            return calibration.fisher(model, weights, fisher_mode, fisher_chunk_size, placement)
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -271,7 +292,34 @@ def _grad_hooks(weights: Mapping[str, Tensor], consume: Callable[[str, Tensor], 
 
 
 def _zeros_like_fp32(weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
+    return _ScorePlacement(None, torch.float32).zeros(weights)
+
+
+class _ScorePlacement:
+    """Where the score buffers live (``device``: None means each weight's own) and their dtype."""
+
+    def __init__(self, device: Optional[torch.device], dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+
+    def zeros(self, weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {
+            name: torch.zeros(w.shape, dtype=self.dtype, device=self.device or w.device) for name, w in weights.items()
+        }
+
+    def weight_for(self, score: Tensor, weight: Tensor) -> Tensor:
+        """θ for the in-place transforms, on the score's device (a host copy of one layer at a time)."""
+        return weight.detach().to(score.device)
+
+    @staticmethod
+    def add(total: Tensor, grad: Tensor) -> None:
+        # One rounding into the buffer's dtype; a gradient on another device is copied there (and
+        # freed with the hook's reference), never kept twice on the accelerator.
+        total.add_(grad.to(device=total.device, dtype=total.dtype) if grad.device != total.device else grad)
+
+    @staticmethod
+    def add_square(total: Tensor, grad: Tensor) -> None:
+        grad = grad.to(device=total.device, dtype=torch.float32)
+        total.addcmul_(grad, grad)
 
 
 # --- data metrics ---------------------------------------------------------------------------
@@ -310,11 +358,12 @@ class _Calibration:
             )
         return loss.reshape(())
 
-    def gradient_sums(self, model, weights) -> tuple[dict[str, Tensor], int]:
-        """``(Σ_b ∇ℓ_b in fp32 per target, number of batches)``."""
-        sums = _zeros_like_fp32(weights)
+    def gradient_sums(self, model, weights, placement=None) -> tuple[dict[str, Tensor], int]:
+        """``(Σ_b ∇ℓ_b per target (fp32 unless placed otherwise), number of batches)``."""
+        placement = placement or _ScorePlacement(None, torch.float32)
+        sums = placement.zeros(weights)
         count = 0
-        with _grad_hooks(weights, lambda name, grad: sums[name].add_(grad)):
+        with _grad_hooks(weights, lambda name, grad: placement.add(sums[name], grad)):
             for batch in self.iterate(f"salience ({self.metric})"):
                 self.loss(model, batch).backward()
                 count += 1
@@ -351,10 +400,11 @@ class _Calibration:
             hvp[name].div_(seen).mul_(w.detach())
         return hvp
 
-    def fisher(self, model, weights, mode: str, chunk_size: Optional[int]) -> dict[str, Tensor]:
-        scores = _zeros_like_fp32(weights)
+    def fisher(self, model, weights, mode: str, chunk_size: Optional[int], placement=None) -> dict[str, Tensor]:
+        placement = placement or _ScorePlacement(None, torch.float32)
+        scores = placement.zeros(weights)
         examples = 0
-        with _grad_hooks(weights, lambda name, grad: scores[name].addcmul_(grad, grad)):
+        with _grad_hooks(weights, lambda name, grad: placement.add_square(scores[name], grad)):
             for batch in self.iterate("salience (fisher)"):
                 size = _batch_size(batch)
                 if mode != "loop":
@@ -371,7 +421,7 @@ class _Calibration:
                         mode = "loop"
                     else:
                         for name, grads in per_example.items():
-                            scores[name].add_(grads.square_().sum(0))
+                            placement.add(scores[name], grads.square_().sum(0))
                 if mode == "loop":
                     for e in range(size):
                         example = tree_map(lambda t: t[e : e + 1] if _batched(t) else t, batch)
