@@ -44,6 +44,18 @@ from .ops.sparse_delta_linear import sparse_delta_linear
 
 __version__ = "0.1.0"
 
+# Imported on first use: they import transformers (integration/trainer.py).
+_LAZY = {"SpftTrainer": "trainer", "SpftTrainerMixin": "trainer"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".integration.{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "BlockSparseLinear",
     "DynamicMask",
@@ -53,6 +65,8 @@ __all__ = [
     "SparseIndex",
     "SpftConfig",
     "SpftExtensionWarning",
+    "SpftTrainer",
+    "SpftTrainerMixin",
     "available_backends",
     "block_delta_linear",
     "cubic_sparsity",
