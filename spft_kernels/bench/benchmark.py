@@ -64,6 +64,7 @@ OPS = ("linear_fwd", "linear_bwd", "linear_fwd_bwd")
 KERNEL_OPS = ("sddmm", "spmm")
 BLOCK_SIZE = (64, 64)  # the block providers' blocks (the issue's and SMT-like sizes on a GPU are 64-256)
 SKIP_ERRORS = (NotImplementedError, RuntimeError, ValueError, TypeError, ImportError)
+MEMORY_METHODS = ("full", "lora", "sparta", "speft", "spruft", "pst", "block")  # memory_estimate.METHODS
 
 
 class ProviderUnavailable(Exception):
@@ -554,7 +555,29 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--e2e-only", action="store_true", help="only the end-to-end training comparison")
     parser.add_argument("--compare", metavar="FILE", help="an earlier results.json to compare against")
     parser.add_argument("--report", metavar="FILE", help="only regenerate summary.md and plots from a results.json")
+    memory = parser.add_argument_group("--memory: will it fit? (peak of one training step per method, fake tensors)")
+    memory.add_argument("--memory", action="store_true", help="estimate the training step's peak memory per method "
+                        "on the CPU, without a GPU or weights (memory_estimate.py)")
+    memory.add_argument("--model-config", metavar="PATH.json", help="a transformers config as JSON (with model_type), "
+                        "e.g. bench/configs/llama-2-7b.json")
+    memory.add_argument("--methods", default=",".join(MEMORY_METHODS), help="comma-separated, from "
+                        + ",".join(MEMORY_METHODS))
+    memory.add_argument("--rank", type=int, default=16, help="LoRA rank; the other methods match its parameter count")
+    memory.add_argument("--batch", type=int, default=1, help="sequences per step")
+    memory.add_argument("--seq", type=int, default=512, help="tokens per sequence")
+    memory.add_argument("--mode", choices=("merged", "split"), default="merged", help="mode of the sparse layers")
+    memory.add_argument("--optimizer", choices=("fused", "foreach", "loop"), default="fused",
+                        help="AdamW implementation (fused: the Trainer's default)")
     args = parser.parse_args(argv)
+
+    if args.memory:
+        from . import memory_estimate
+
+        if not args.model_config:
+            parser.error("--memory needs --model-config PATH.json")
+        args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        args.dtype = DTYPES[args.dtype or "bfloat16"]
+        return memory_estimate.main(args, environment(torch.device("cpu")))
 
     if args.report:
         with open(args.report) as handle:

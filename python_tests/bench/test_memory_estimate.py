@@ -1,0 +1,51 @@
+"""spft-bench --memory (bench/memory_estimate.py): the fake-tensor estimate equals the same step
+on real tensors, and its table says what each method costs per trainable parameter."""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from spft_kernels.bench import benchmark, memory_estimate  # noqa: E402
+
+TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 1,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 96, "max_position_embeddings": 64}
+
+
+def _args(**overrides):
+    values = dict(rank=4, batch=1, seq=16, mode="merged", optimizer="fused", dtype=torch.float32)
+    values.update(overrides)
+    return argparse.Namespace(**values)
+
+
+@pytest.mark.parametrize("method", ["sparta", "spruft"])
+def test_fake_estimate_equals_the_real_step(method):
+    config = memory_estimate.load_model_config_from(TINY)
+    torch.manual_seed(0)
+    fake = memory_estimate.measure_method(method, config, _args(), fake=True)
+    torch.manual_seed(0)
+    real = memory_estimate.measure_method(method, config, _args(), fake=False)
+    for key in ("peak_bytes", "weights_bytes", "optimizer_bytes", "grads_at_peak_bytes", "state_dict_alloc_bytes"):
+        assert fake[key] == real[key], (key, fake[key], real[key])
+
+
+def test_memory_command_writes_the_table_and_json(tmp_path, capsys):
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(TINY))
+    out = tmp_path / "out"
+    assert benchmark.main(["--memory", "--model-config", str(path), "--methods", "lora,sparta,spruft,block",
+                           "--rank", "4", "--seq", "16", "--dtype", "float32", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Not counted: the CUDA context" in printed and "| lora |" in printed
+    records = {r["method"]: r for r in json.loads((out / "memory.json").read_text())}
+    assert "BlockSparseLinear" in records["block"].get("skipped", "BlockSparseLinear")
+    base = records["lora"]["weights_bytes"] - records["lora"]["trainable_bytes"]
+    # value + grad + Adam (16 B), + int32 index + W0 at the positions in fp32 here (8 B)
+    assert memory_estimate.entry_bytes(records["lora"], base) == pytest.approx(16, abs=0.05)  # + step counters
+    assert memory_estimate.entry_bytes(records["sparta"], base) == pytest.approx(24, abs=0.05)
+    for method in ("sparta", "spruft"):
+        weight_bytes = 64 * 64 * 4
+        assert records[method]["state_dict_alloc_bytes"] < weight_bytes  # no copy of W0
+        assert records[method]["weight_shaped_temporaries"] == []

@@ -1,0 +1,454 @@
+"""``spft-bench --memory``: will it fit? The peak memory of one training step per method, for a
+model given by its config alone, computed on the CPU with fake tensors (no GPU, no weights).
+
+The model is built from its config (e.g. ``bench/configs/llama-2-7b.json``: LlamaConfig fields)
+under ``FakeTensorMode``, converted by each method, and trained one step (AdamW, steady state:
+the optimizer state exists) while :class:`~spft_kernels.bench.memory.TensorMemoryTracker` follows
+every tensor storage the step creates, inside spft's own ops too. A fake tensor has the size of
+the real one, so the numbers are exact allocations of this code, without a byte of weights.
+On a small real model the tracker agreed with the allocator to within 224 bytes.
+
+Each row gives the peak and what is alive at that moment: weights (frozen base, trainable
+values and their buffers: index, W0 at the trained positions), gradients, optimizer state and
+the rest (activations and temporaries), plus what ``model.state_dict()`` allocates (a
+checkpoint) and any temporary of a target weight's shape (out x in). For ``speft`` the
+selection pass (gradient salience over one batch) is measured too, with the scores on the
+device and with ``score_device="cpu"`` (host memory; "meta" stands in for it here, the one
+device there is).
+
+Positions: ``sparta`` and ``speft`` place LoRA-rank-r's parameter count at one uniform density
+(the per-layer count of a global top-k depends on the data), ``spruft`` takes
+``round(r (in + out) / in)`` rows per layer, ``pst`` r1 = r2 = (r - 1) // 2 (at most LoRA's
+count), ``lora`` is peft's LoRA (fp32 adapters, dropout 0). A new method is one entry of
+``METHODS``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from ..masks.select import lora_equivalent_params
+from ..masks.targets import find_target_linears
+from ..nn.pst_linear import PSTLinear
+from ..nn.row_sparse_linear import RowSparseLinear
+from ..nn.sparse_delta_linear import SparseDeltaLinear
+from ..ops.index import SparseIndex, index_dtype_for
+from .memory import TensorMemoryTracker
+
+GIB = 2**30
+NOT_COUNTED = (
+    "the CUDA context (about 0.3-0.6 GiB a process)",
+    "allocator fragmentation and cached blocks (reserved can exceed allocated by 10-30%)",
+    "cuBLAS/cuDNN workspaces and kernels' own scratch memory (tens of MiB)",
+    "NCCL buffers (distributed runs)",
+)
+
+
+
+class MethodUnavailable(Exception):
+    """The method cannot be built in this version (the reason is shown, the row skipped)."""
+
+
+# --- fake model ---------------------------------------------------------------------------------
+
+
+def load_model_config(path: str):
+    """A transformers config from a JSON of its fields (``model_type`` names the class)."""
+    with open(path) as handle:
+        return load_model_config_from(json.load(handle), path)
+
+
+def load_model_config_from(fields: dict, where: str = "model config"):
+    from transformers import CONFIG_MAPPING
+
+    fields = dict(fields)
+    model_type = fields.pop("model_type", None)
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"{where}: 'model_type' must name a transformers config (e.g. 'llama'), got {model_type!r}")
+    fields.pop("architectures", None)
+    return CONFIG_MAPPING[model_type](**fields)
+
+
+@contextlib.contextmanager
+def fake_tensors():
+    """FakeTensorMode, with module casts that work on fake parameters (``nn.Module._apply``
+    swaps a fake parameter's tensor, which fails while the fake mode holds a weak reference to
+    it: the swap falls back to ``.data``, the same result for a cast)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    real_swap = torch.utils.swap_tensors
+
+    def swap(first, second):
+        try:
+            return real_swap(first, second)
+        except RuntimeError:
+            first.data = second.data if isinstance(second, nn.Parameter) else second
+
+    torch.utils.swap_tensors = swap
+    try:
+        with FakeTensorMode(), torch.device("cpu"):
+            yield
+    finally:
+        torch.utils.swap_tensors = real_swap
+
+
+@contextlib.contextmanager
+def accelerator_paths():
+    """The reference ops as they run on an accelerator, at the cost of a fake run.
+
+    - An op with a ``sync_free`` switch (reading the index on the host is free on the CPU only)
+      takes its accelerator path, the one a GPU run would take.
+    - The token-chunked SDDMM (``naive.sddmm(x, dy, rows, cols)``: one chunk of a few tokens per
+      iteration, 256 iterations a layer at rank 64 on Llama-2-7B, over an hour of fake dispatch)
+      runs its first two chunks only: every chunk allocates the same temporaries and the second
+      one already holds the first one's until it is rebound, so the peak is the same; its output
+      ([nnz]) does not depend on the tokens."""
+    import inspect
+
+    from ..ops import naive
+
+    real = {name: getattr(naive, name) for name in ("sddmm", "spmm_add", "spmm_t_add") if hasattr(naive, name)}
+    patched = {}
+    for name, fn in real.items():
+        parameters = inspect.signature(fn).parameters
+        if "sync_free" in parameters:
+            patched[name] = _with_defaults(fn, sync_free=True)
+        elif name == "sddmm" and {"rows", "cols"} <= set(parameters) and hasattr(naive, "token_chunk"):
+            patched[name] = _two_chunks(fn, naive.token_chunk)
+    try:
+        for name, fn in patched.items():
+            setattr(naive, name, fn)
+        yield
+    finally:
+        for name, fn in real.items():
+            setattr(naive, name, fn)
+
+
+def _with_defaults(fn, **defaults):
+    def call(*args, **kwargs):
+        return fn(*args, **{**defaults, **kwargs})
+
+    return call
+
+
+def _two_chunks(fn, token_chunk):
+    def call(x, dy, rows, cols):
+        step = token_chunk(x.shape[0], rows.numel(), x.shape[1] * dy.shape[1], temporaries=2)
+        return fn(x[: 2 * step], dy[: 2 * step], rows, cols)
+
+    return call
+
+
+def build_model(config, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _targets(model) -> dict[str, nn.Linear]:
+    return find_target_linears(model)
+
+
+def _swap(model, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+# --- methods ------------------------------------------------------------------------------------
+# Each maker converts the model in place. Positions are evenly spread (valid, of the right size),
+# installed without the validation pass, which reads values (a fake tensor has none).
+
+
+def _full(model, args):
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def _lora(model, args):
+    try:
+        import peft
+    except ImportError as error:
+        raise MethodUnavailable(f"peft is not installed ({error})") from None
+    names = list(_targets(model))
+    config = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=names)
+    return peft.get_peft_model(model, config)
+
+
+def _sparse_entries(model, args):
+    targets = _targets(model)
+    density = lora_equivalent_params(targets, args.rank) / sum(m.weight.numel() for m in targets.values())
+    for name, linear in targets.items():
+        out_f, in_f = linear.weight.shape
+        nnz = min(out_f * in_f, round(density * out_f * in_f))
+        layer = _trusted(SparseDeltaLinear, linear, args.mode, name)
+        spread = torch.arange(nnz, dtype=torch.int64) * (out_f * in_f // max(nnz, 1))  # valid, evenly spread
+        layer._install(SparseIndex(spread.to(index_dtype_for(out_f, in_f)), out_f, in_f), None)
+        _swap(model, name, layer)
+    return model
+
+
+def _rows(model, args):
+    for name, linear in _targets(model).items():
+        out_f, in_f = linear.weight.shape
+        count = min(out_f, round(args.rank * (in_f + out_f) / in_f))
+        layer = _trusted(RowSparseLinear, linear, args.mode, name)
+        layer._install(torch.arange(count, dtype=torch.int64), None)
+        _swap(model, name, layer)
+    return model
+
+
+def _pst(model, args):
+    rank = max(0, (args.rank - 1) // 2)
+    for name, linear in _targets(model).items():
+        _swap(model, name, PSTLinear.from_linear(linear, 0.5, r1=rank, r2=rank, name=name))
+    return model
+
+
+def _block(model, args):
+    import importlib.util
+
+    if importlib.util.find_spec(f"{__package__.rpartition('.')[0]}.nn.block_sparse_linear") is None:
+        raise MethodUnavailable("spft.BlockSparseLinear is not in this version yet (issue 15)")
+    from ..integration.config import SpftConfig
+    from ..integration.conversion import get_spft_model
+
+    try:
+        config = SpftConfig(method="sparta", block_size=(64, 64), match_lora_rank=args.rank, mode=args.mode)
+    except (TypeError, ValueError) as error:
+        raise MethodUnavailable(f"SpftConfig has no block_size yet ({error})") from None
+    try:
+        return get_spft_model(model, config)
+    except Exception as error:  # noqa: BLE001 - e.g. a selection that reads values: say why, go on
+        raise MethodUnavailable(f"cannot be built on fake tensors yet: {type(error).__name__}: {error}") from None
+
+
+def _trusted(cls, linear, mode, name):
+    """A layer on ``linear``'s weight with no positions yet (``_install`` adds them)."""
+    layer = cls(linear.in_features, linear.out_features, None, bias=linear.bias is not None, device="meta",
+                dtype=linear.weight.dtype, mode=mode, name=name)
+    layer.weight = linear.weight
+    if linear.bias is not None:
+        layer.bias = linear.bias
+    return layer
+
+
+METHODS: dict[str, Callable] = {
+    "full": _full,
+    "lora": _lora,
+    "sparta": _sparse_entries,
+    "speft": _sparse_entries,
+    "spruft": _rows,
+    "pst": _pst,
+    "block": _block,
+}
+
+
+# --- measuring ----------------------------------------------------------------------------------
+
+
+def _bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None:
+            continue
+        storage = t.untyped_storage()
+        if storage._cdata not in seen:
+            seen.add(storage._cdata)
+            total += storage.nbytes()
+    return total
+
+
+def _loss(model, ids):
+    return model(input_ids=ids, labels=ids).loss
+
+
+def _optimizer(params, kind: str):
+    options = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[kind]
+    return torch.optim.AdamW(params, lr=1e-5, **options)
+
+
+def measure_method(method: str, config, args, *, fake: bool = True) -> dict:
+    """One row: the step's peak and its breakdown for ``method`` (bytes). ``fake=False`` runs the
+    same measurement on real tensors (to check the fake one on a small model)."""
+    with fake_tensors() if fake else contextlib.nullcontext(), accelerator_paths() if fake else contextlib.nullcontext():
+        model = build_model(config, args.dtype)
+        shapes = {tuple(m.weight.shape) for m in _targets(model).values()}
+        model = METHODS[method](model, args)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = _optimizer(trainable, args.optimizer)
+        ids = torch.randint(0, config.vocab_size, (args.batch, args.seq))
+
+        def step():
+            _loss(model, ids).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        step()  # steady state: optimizer state, merged layers, cached thresholds
+        weights = _bytes(list(model.parameters()) + list(model.buffers()))
+        trainable_bytes = _bytes(trainable)
+        state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+        optimizer_bytes = _bytes(state)
+        at_peak = {}
+
+        def on_peak():
+            at_peak["grads"] = _bytes([p.grad for p in trainable])
+
+        smallest = min(math.prod(s) for s in shapes)
+        with TensorMemoryTracker(baseline=list(model.parameters()) + list(model.buffers()) + state,
+                                 record_at_least=smallest, on_peak=on_peak) as tracker:
+            step()
+        trainable_shapes = {tuple(p.shape) for p in trainable}
+        weight_shaped = sorted({s for s in tracker.large_shapes
+                                if (s in shapes or s[::-1] in shapes) and s not in trainable_shapes})
+        with TensorMemoryTracker(record_at_least=smallest) as saving:
+            checkpoint = model.state_dict()
+            checkpoint_keys = len(checkpoint)
+            del checkpoint
+        grads = at_peak.get("grads", 0)
+        peak = tracker.peak_bytes
+        count = sum(p.numel() for p in trainable)
+        return {
+            "op": "train_step_memory",
+            "method": method,
+            "mode": args.mode if method in ("sparta", "speft", "spruft") else None,
+            "trainable_params": count,
+            "weights_bytes": weights,
+            "trainable_bytes": trainable_bytes,
+            "grads_at_peak_bytes": grads,
+            "optimizer_bytes": optimizer_bytes,
+            "activations_at_peak_bytes": peak - weights - optimizer_bytes - grads,
+            "peak_bytes": peak,
+            "largest_allocation": list(tracker.largest_shape),
+            "largest_allocation_op": tracker.largest_op,
+            "weight_shaped_temporaries": [list(s) for s in weight_shaped],
+            "state_dict_alloc_bytes": saving.peak_bytes,
+            "state_dict_weight_shaped": [list(s) for s in saving.large_shapes],
+            "state_dict_keys": checkpoint_keys,
+        }
+
+
+def measure_selection(config, args) -> dict:
+    """SPEFT's selection: gradient salience over one batch, scores on the device vs off it."""
+    from ..masks.salience import salience_scores
+
+    rows = {}
+    for where, score_device in (("device", None), ("cpu", "meta")):
+        with fake_tensors():
+            model = build_model(config, args.dtype)
+            ids = torch.randint(0, config.vocab_size, (args.batch, args.seq))
+            params = list(model.parameters()) + list(model.buffers())
+            with TensorMemoryTracker(baseline=params) as tracker:
+                scores = salience_scores(model, [ids], _loss, "gradient", score_device=score_device, progress=False)
+                del scores
+            rows[where] = tracker.peak_bytes
+    return {"op": "selection_memory", "method": "speft", "metric": "gradient",
+            "peak_scores_on_device_bytes": rows["device"], "peak_scores_on_cpu_bytes": rows["cpu"]}
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+
+def entry_bytes(row: dict, base_weights: int) -> Optional[float]:
+    """Persistent bytes per trainable parameter: its value, gradient, optimizer state and the
+    method's own buffers (index, W0 at the positions), i.e. everything beyond the base model."""
+    if not row["trainable_params"] or row["method"] == "full":
+        return None
+    extra = row["weights_bytes"] - base_weights + row["trainable_bytes"] + row["optimizer_bytes"]
+    return extra / row["trainable_params"]
+
+
+def format_table(rows: list[dict], selection: Optional[dict], header: str) -> str:
+    lora = next((r for r in rows if r["method"] == "lora"), None)
+    base = next((r["weights_bytes"] - r["trainable_bytes"] for r in rows if r["method"] != "full"), None)
+    lines = [header, "",
+             "| method | trainable | weights | grads | optimizer | activations+temps | peak (GiB) | vs LoRA | "
+             "B/param | state_dict() allocates | out×in temporaries |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['method']} | skipped: {r['skipped']} |||||||||")
+            continue
+        ratio = f"{r['peak_bytes'] / lora['peak_bytes']:.3f}×" if lora and "peak_bytes" in lora else ""
+        per = entry_bytes(r, base) if base is not None else None
+        name = r["method"] + (f" ({r['mode']})" if r.get("mode") else "")
+        lines.append(
+            f"| {name} | {r['trainable_params'] / 1e6:.1f}M | {r['weights_bytes'] / GIB:.2f} | "
+            f"{r['grads_at_peak_bytes'] / GIB:.2f} | {r['optimizer_bytes'] / GIB:.2f} | "
+            f"{r['activations_at_peak_bytes'] / GIB:.2f} | **{r['peak_bytes'] / GIB:.2f}** | {ratio} | "
+            f"{'' if per is None else f'{per:.1f}'} | {r['state_dict_alloc_bytes'] / 2**20:.1f} MiB | "
+            f"{'none' if not r['weight_shaped_temporaries'] else r['weight_shaped_temporaries']} |"
+        )
+    if selection is not None:
+        lines += ["", f"SPEFT selection (gradient salience, one batch): peak {selection['peak_scores_on_device_bytes'] / GIB:.2f} "
+                  f"GiB with fp32 scores on the device, {selection['peak_scores_on_cpu_bytes'] / GIB:.2f} GiB with "
+                  "score_device='cpu'."]
+    lines += ["", "GiB = 2^30 bytes. Grads and activations are what is alive at the peak. B/param: value + gradient + "
+              "optimizer state + the method's buffers per trainable parameter. Not counted: " + "; ".join(NOT_COUNTED) + "."]
+    return "\n".join(lines)
+
+
+def run(args, env: dict) -> tuple[list[dict], Optional[dict]]:
+    config = load_model_config(args.model_config)
+    rows = []
+    for method in args.methods:
+        if method not in METHODS:
+            raise ValueError(f"spft-bench --memory: unknown method {method!r}; choose from {sorted(METHODS)}")
+        try:
+            row = measure_method(method, config, args)
+        except MethodUnavailable as reason:
+            row = {"op": "train_step_memory", "method": method, "skipped": str(reason)}
+        row.update(model_config=os.path.basename(args.model_config), rank=args.rank, batch=args.batch, seq=args.seq,
+                   dtype=str(args.dtype).replace("torch.", ""), optimizer=f"adamw-{args.optimizer}",
+                   **{k: env[k] for k in ("torch", "peft", "commit", "date")},
+                   device="cpu FakeTensorMode estimate (no GPU)", not_counted=list(NOT_COUNTED))
+        rows.append(row)
+        print(f"  {method}: " + (f"skipped ({row['skipped']})" if "skipped" in row else
+                                 f"peak {row['peak_bytes'] / GIB:.2f} GiB"), flush=True)
+    selection = measure_selection(config, args) if "speft" in args.methods else None
+    return rows, selection
+
+
+def write(rows: list[dict], selection: Optional[dict], table: str, output: str, command: str) -> list[str]:
+    os.makedirs(output, exist_ok=True)
+    records = rows + ([selection] if selection else [])
+    for record in records:
+        record["command"] = command
+    paths = [os.path.join(output, "memory.json"), os.path.join(output, "summary.md")]
+    with open(paths[0], "w") as handle:
+        json.dump(records, handle, indent=1)
+    with open(paths[1], "w") as handle:
+        handle.write(table + f"\n\nCommand: `{command}`\n")
+    return paths
+
+
+def main(args, env: dict) -> int:
+    """``spft-bench --memory`` (arguments parsed by benchmark.py)."""
+    import shlex
+    import sys
+
+    print(f"spft-bench --memory: {args.model_config}, {', '.join(args.methods)}, rank {args.rank}, "
+          f"{args.batch}x{args.seq} tokens, {str(args.dtype).replace('torch.', '')}, AdamW ({args.optimizer}), "
+          f"mode {args.mode}; fake tensors on the CPU", flush=True)
+    rows, selection = run(args, env)
+    header = (f"Peak memory of one training step (GiB), {os.path.basename(args.model_config)}, "
+              f"{str(args.dtype).replace('torch.', '')}, {args.batch}x{args.seq} tokens, AdamW ({args.optimizer}), "
+              f"rank {args.rank}, sparse layers in {args.mode} mode (torch {env['torch']}, commit {env['commit']})")
+    table = format_table(rows, selection, header)
+    print(table)
+    command = "spft-bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    stem = os.path.splitext(os.path.basename(args.model_config))[0]
+    output = args.output or os.path.join("bench", "results", f"memory-{stem}-{env['date']}")
+    print("wrote " + ", ".join(write(rows, selection, table, output, command)))
+    return 0
