@@ -417,6 +417,9 @@ def run(args, env: dict) -> tuple[list[dict], Optional[dict]]:
         print(f"  {method}: " + (f"skipped ({row['skipped']})" if "skipped" in row else
                                  f"peak {row['peak_bytes'] / GIB:.2f} GiB"), flush=True)
     selection = measure_selection(config, args) if "speft" in args.methods else None
+    if selection is not None:
+        selection.update({k: rows[0][k] for k in ("model_config", "batch", "seq", "dtype", "torch", "commit", "date",
+                                                  "device", "not_counted")})
     return rows, selection
 
 
