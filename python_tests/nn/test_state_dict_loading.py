@@ -26,7 +26,9 @@ def _layer(kind, mode):
 
 def _snapshot(layer):
     return {
-        "weight": layer.weight.detach().clone(),
+        # W0 + delta as the layer computes it: a merged layer's state_dict() writes W0 back into
+        # its weight and lends it (nn/w0_loan.py) until the next forward re-syncs.
+        "weight": layer.merged_weight(),
         "state": {k: v.clone() for k, v in layer.state_dict().items()},
         "buffers": {k: v.clone() for k, v in layer.named_buffers()},
         "merged": layer.merged,
@@ -35,7 +37,7 @@ def _snapshot(layer):
 
 
 def _assert_unchanged(layer, before):
-    assert torch.equal(layer.weight.detach(), before["weight"])
+    assert torch.equal(layer.merged_weight(), before["weight"])
     assert layer.merged == before["merged"]
     assert layer.delta is before["delta"]
     state = layer.state_dict()

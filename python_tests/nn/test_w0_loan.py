@@ -55,6 +55,9 @@ def test_state_dict_lends_w0_without_a_weight_sized_allocation(kind):
     assert torch.equal(view.view(OUT, IN), w0)
     with pytest.raises(RuntimeError, match="state dict of this merged layer is still alive"):
         layer.merge()
+    if kind == "entries":
+        with pytest.raises(RuntimeError, match="fold_delta"):
+            layer.fold_delta()
     expected = layer.merged_weight()
     del view
     y = layer(x)
@@ -84,7 +87,7 @@ def test_state_dict_round_trips_and_copies_do_not_inherit_the_loan():
 
 def test_state_dict_between_forward_and_backward_fails_loudly():
     layer, _ = _layer("rows")
-    y = layer(torch.randn(2, IN))
+    y = layer(torch.randn(2, IN, requires_grad=True))  # dx needs the (merged) weight
     state = layer.state_dict()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()

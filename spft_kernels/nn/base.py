@@ -271,6 +271,11 @@ class _FrozenBaseDeltaLinear(nn.Linear):
         (``weight_shared_with``) and for an inference tensor weight: both stay in the split form.
         Raises ``RuntimeError`` while a state dict of this layer that shares its weight (holding
         W0) is still alive (``w0_loan.py``)."""
+        self._refuse_while_lent("merge()")
+        self._merge()
+
+    def _refuse_while_lent(self, action: str) -> None:
+        """``action`` writes into the weight: refused while a state dict holds W0 from it."""
         if self._w0_loans.active:
             import gc
 
@@ -278,10 +283,9 @@ class _FrozenBaseDeltaLinear(nn.Linear):
         if self._w0_loans.active:
             raise RuntimeError(
                 f"{self.layer_name}: a state dict of this merged layer is still alive and shares its weight, "
-                "which holds W0 for it; writing W0 + delta would change that state dict. Delete it (or copy "
-                "its tensors) before merge()"
+                f"which holds W0 for it; {action} would change that state dict. Delete it (or copy its "
+                f"tensors) before {action}"
             )
-        self._merge()
 
     @builds_state
     @torch.no_grad()
@@ -377,7 +381,8 @@ class _FrozenBaseDeltaLinear(nn.Linear):
     def merged_weight(self) -> torch.Tensor:
         """A new tensor holding ``W0 + Δ`` in the weight's dtype (fp32 sum, rounded once), bitwise
         equal to the merged mode's weight."""
-        self._resync_if_stale()
+        if self._merged:
+            self._resync_if_stale()
         if self._computes_merged():
             return self.weight.detach().clone()
         if self._merged:  # W0 lent to a state dict: the weight holds W0

@@ -111,6 +111,7 @@ class SparseDeltaLinear(_FrozenBaseDeltaLinear):
                 f"{self.layer_name}: the weight is shared with {self.weight_shared_with!r}; folding the delta "
                 "into it would change that module too"
             )
+        self._refuse_while_lent("fold_delta()")
         was_merged = self._merged
         self.unmerge()
         flat = self.index.long()

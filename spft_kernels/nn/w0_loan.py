@@ -9,7 +9,9 @@ view is alive the layer is *on loan*: it stays merged (W0 at the positions stays
 never writes ``W0 + Δ`` into the weight, and its forward computes the split form
 ``x W0ᵀ + x Δᵀ`` (exact; the same values up to rounding). When the last view is freed (the
 Trainer drops its state dict right after writing it) a finalizer ends the loan and the next
-forward re-syncs the positions (O(nnz)).
+forward re-syncs the positions (O(nnz)). Until then the weight itself (and the linear the layer
+was built from, which shares it) holds W0 at the trained positions: ``merged_weight()``,
+``to_linear()``, ``merge()`` and every forward see W0 + Δ as before.
 
 Why this and not the alternatives:
 
