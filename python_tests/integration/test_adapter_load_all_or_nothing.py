@@ -35,11 +35,19 @@ def _trained_adapter(method, tmp_path, mode="auto"):
     return spft.save_adapter(model, tmp_path / f"{method}.safetensors"), logits, batch
 
 
+def _live_weight(module):
+    # What a merged layer computes with: between state_dict() and its next forward its weight
+    # holds W0, lent to the state dict (nn/w0_loan.py), so W0 + delta is merged_weight().
+    if getattr(module, "merged", False):
+        return module.merged_weight()
+    return module.weight.detach().clone()
+
+
 def _snapshot(model):
     return {
         "modules": dict(model.named_modules()),
         "state": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
-        "weights": {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)},
+        "weights": {n: _live_weight(m) for n, m in model.named_modules() if isinstance(m, nn.Linear)},
         "merged": {n: m.merged for n, m in spft_layers(model).items() if hasattr(m, "merged")},
         "flags": {n: p.requires_grad for n, p in model.named_parameters()},
         "attributes": dict(model.__dict__),
@@ -49,7 +57,7 @@ def _snapshot(model):
 def _assert_as_before(model, before):
     assert dict(model.named_modules()) == before["modules"]
     for name, weight in before["weights"].items():  # the live weights, merged ones included
-        assert torch.equal(model.get_submodule(name).weight.detach(), weight), name
+        assert torch.equal(_live_weight(model.get_submodule(name)), weight), name
     state = model.state_dict()
     assert state.keys() == before["state"].keys()
     assert all(torch.equal(state[k], v) for k, v in before["state"].items())

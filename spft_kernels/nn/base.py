@@ -279,7 +279,7 @@ class _FrozenBaseDeltaLinear(nn.Linear):
         if self._w0_loans.active:
             import gc
 
-            gc.collect()  # a state dict caught in a reference cycle
+            gc.collect()  # a state dict caught in a reference cycle (even if collected since)
         if self._w0_loans.active:
             raise RuntimeError(
                 f"{self.layer_name}: a state dict of this merged layer is still alive and shares its weight, "
@@ -323,7 +323,7 @@ class _FrozenBaseDeltaLinear(nn.Linear):
     @builds_state
     @torch.no_grad()
     def _resync_if_stale(self) -> None:
-        if self._w0_loans.active:
+        if self._w0_loans.settled():
             return  # the weight holds W0 for a live state dict
         key = self._delta_key()
         if key != self._synced_delta_key:
@@ -333,7 +333,7 @@ class _FrozenBaseDeltaLinear(nn.Linear):
     def _computes_merged(self) -> bool:
         """Whether the weight holds ``W0 + Δ`` for this forward (merged and W0 not lent): the
         subclasses' ``_functional`` computes the merged form then, else the split form."""
-        return self._merged and not self._w0_loans.active
+        return self._merged and not self._w0_loans.settled()
 
     def _wants_merged(self) -> bool:
         if self.mode == "merged":

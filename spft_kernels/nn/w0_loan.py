@@ -37,6 +37,11 @@ import weakref
 import torch
 
 
+# Loans made / loans after which the garbage collector ran (see W0Loans.settled).
+_lent = 0
+_collected_after = -1
+
+
 class W0Loans:
     """Counts the live tensors that share a merged layer's weight while it holds W0."""
 
@@ -47,10 +52,25 @@ class W0Loans:
     def active(self) -> bool:
         return self._live > 0
 
+    def settled(self) -> bool:
+        """``active``, after one garbage collection per new loan, process-wide: a state dict left in
+        a reference cycle (transformers' saving code leaves some) would otherwise keep every layer
+        in the split form until the collector happens to run. One ``gc.collect()`` per
+        ``state_dict()`` call, at the first forward after it; never while tracing."""
+        global _collected_after
+        if self._live > 0 and _collected_after != _lent and not torch.compiler.is_compiling():
+            import gc
+
+            _collected_after = _lent
+            gc.collect()
+        return self._live > 0
+
     def lend(self, weight: torch.Tensor) -> torch.Tensor:
         """A detached view of ``weight`` (which must hold W0 now); the loan lasts while it lives."""
+        global _lent
         view = weight.detach()
         self._live += 1
+        _lent += 1
         weakref.finalize(view, W0Loans._return, weakref.ref(self))
         return view
 
