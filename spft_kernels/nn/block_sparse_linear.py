@@ -137,7 +137,7 @@ class BlockSparseLinear(_FrozenBaseDeltaLinear):
 
     def _functional(self, x: torch.Tensor) -> torch.Tensor:
         return block_delta_linear(
-            x, self.weight, self.delta, self.block_index(), None, self.bias, backend=self.backend, merged=self._merged
+            x, self.weight, self.delta, self.block_index(), None, self.bias, backend=self.backend, merged=self._computes_merged()
         )
 
     def _describe(self) -> str:
