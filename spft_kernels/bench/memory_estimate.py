@@ -101,27 +101,16 @@ def fake_tensors():
 
 @contextlib.contextmanager
 def accelerator_paths():
-    """The reference ops as they run on an accelerator, at the cost of a fake run.
-
-    - An op with a ``sync_free`` switch (reading the index on the host is free on the CPU only)
-      takes its accelerator path, the one a GPU run would take.
-    - The token-chunked SDDMM (``naive.sddmm(x, dy, rows, cols)``: one chunk of a few tokens per
-      iteration, 256 iterations a layer at rank 64 on Llama-2-7B, over an hour of fake dispatch)
-      runs its first two chunks only: every chunk allocates the same temporaries and the second
-      one already holds the first one's until it is rebound, so the peak is the same; its output
-      ([nnz]) does not depend on the tokens."""
+    """The reference ops as they run on an accelerator: an op with a ``sync_free`` switch
+    (reading the index on the host is free on the CPU only, so the CPU takes another path) takes
+    the path a GPU run takes, in fake and real runs alike."""
     import inspect
 
     from ..ops import naive
 
     real = {name: getattr(naive, name) for name in ("sddmm", "spmm_add", "spmm_t_add") if hasattr(naive, name)}
-    patched = {}
-    for name, fn in real.items():
-        parameters = inspect.signature(fn).parameters
-        if "sync_free" in parameters:
-            patched[name] = _with_defaults(fn, sync_free=True)
-        elif name == "sddmm" and {"rows", "cols"} <= set(parameters) and hasattr(naive, "token_chunk"):
-            patched[name] = _two_chunks(fn, naive.token_chunk)
+    patched = {name: _with_defaults(fn, sync_free=True) for name, fn in real.items()
+               if "sync_free" in inspect.signature(fn).parameters}
     try:
         for name, fn in patched.items():
             setattr(naive, name, fn)
@@ -134,14 +123,6 @@ def accelerator_paths():
 def _with_defaults(fn, **defaults):
     def call(*args, **kwargs):
         return fn(*args, **{**defaults, **kwargs})
-
-    return call
-
-
-def _two_chunks(fn, token_chunk):
-    def call(x, dy, rows, cols):
-        step = token_chunk(x.shape[0], rows.numel(), x.shape[1] * dy.shape[1], temporaries=2)
-        return fn(x[: 2 * step], dy[: 2 * step], rows, cols)
 
     return call
 
@@ -217,27 +198,48 @@ def _pst(model, args):
 
 
 def _block(model, args):
-    import importlib.util
-
-    if importlib.util.find_spec(f"{__package__.rpartition('.')[0]}.nn.block_sparse_linear") is None:
-        raise MethodUnavailable("spft.BlockSparseLinear is not in this version yet (issue 15)")
-    from ..integration.config import SpftConfig
-    from ..integration.conversion import get_spft_model
-
+    """64 x 64 blocks, per layer the count closest to LoRA's budget, evenly spread. The block
+    index is derived on real tensors (its slot groups read ids on the host) and then faked."""
     try:
-        config = SpftConfig(method="sparta", block_size=(64, 64), match_lora_rank=args.rank, mode=args.mode)
-    except (TypeError, ValueError) as error:
-        raise MethodUnavailable(f"SpftConfig has no block_size yet ({error})") from None
-    try:
-        return get_spft_model(model, config)
-    except Exception as error:  # noqa: BLE001 - e.g. a selection that reads values: say why, go on
-        raise MethodUnavailable(f"cannot be built on fake tensors yet: {type(error).__name__}: {error}") from None
+        from ..nn.block_sparse_linear import BlockSparseLinear
+        from ..ops.block_index import BlockIndex, block_grid
+    except ImportError:
+        raise MethodUnavailable("spft.BlockSparseLinear is not in this version") from None
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch._guards import detect_fake_mode
+
+    fake_mode = detect_fake_mode()
+    size = (64, 64)
+    for name, linear in _targets(model).items():
+        out_f, in_f = linear.weight.shape
+        rows, cols = block_grid(out_f, in_f, size)
+        count = max(1, min(rows * cols, round(args.rank * (in_f + out_f) / (size[0] * size[1]))))
+        with unset_fake_temporarily():
+            index = BlockIndex.from_canonical(torch.arange(count) * (rows * cols // count), out_f, in_f, size)
+        if fake_mode is not None:
+            index = _faked(index, fake_mode)
+        layer = _trusted(BlockSparseLinear, linear, args.mode, name, block_size=size)
+        layer._install(index, None)
+        _swap(model, name, layer)
+    return model
 
 
-def _trusted(cls, linear, mode, name):
+def _faked(value, fake_mode):
+    """A dataclass of tensors (nested) with every tensor turned into a fake one."""
+    import dataclasses
+
+    if isinstance(value, torch.Tensor):
+        return fake_mode.from_tensor(value)
+    if dataclasses.is_dataclass(value):
+        return dataclasses.replace(value, **{f.name: _faked(getattr(value, f.name), fake_mode)
+                                             for f in dataclasses.fields(value)})
+    return value
+
+
+def _trusted(cls, linear, mode, name, **options):
     """A layer on ``linear``'s weight with no positions yet (``_install`` adds them)."""
     layer = cls(linear.in_features, linear.out_features, None, bias=linear.bias is not None, device="meta",
-                dtype=linear.weight.dtype, mode=mode, name=name)
+                dtype=linear.weight.dtype, mode=mode, name=name, **options)
     layer.weight = linear.weight
     if linear.bias is not None:
         layer.bias = linear.bias
@@ -282,7 +284,7 @@ def _optimizer(params, kind: str):
 def measure_method(method: str, config, args, *, fake: bool = True) -> dict:
     """One row: the step's peak and its breakdown for ``method`` (bytes). ``fake=False`` runs the
     same measurement on real tensors (to check the fake one on a small model)."""
-    with fake_tensors() if fake else contextlib.nullcontext(), accelerator_paths() if fake else contextlib.nullcontext():
+    with fake_tensors() if fake else contextlib.nullcontext(), accelerator_paths():
         model = build_model(config, args.dtype)
         shapes = {tuple(m.weight.shape) for m in _targets(model).values()}
         model = METHODS[method](model, args)
@@ -322,7 +324,7 @@ def measure_method(method: str, config, args, *, fake: bool = True) -> dict:
         return {
             "op": "train_step_memory",
             "method": method,
-            "mode": args.mode if method in ("sparta", "speft", "spruft") else None,
+            "mode": args.mode if method in ("sparta", "speft", "spruft", "block") else None,
             "trainable_params": count,
             "weights_bytes": weights,
             "trainable_bytes": trainable_bytes,
