@@ -92,7 +92,8 @@ class _FrozenBaseDeltaLinear(nn.Linear):
     keep the master delta.
 
     A subclass says where the delta sits: ``_POSITIONS`` (the persistent buffer's name), ``_UNIT``
-    (what one position is called in messages) and the hooks ``_validate``, ``_adopt``,
+    (what one position is called in messages) and the hooks ``_validate`` (a classmethod; given
+    ``layer=`` when positions come into an existing layer), ``_adopt``,
     ``_positions_tensor``, ``_delta_shape``, ``_gather_w0``, ``_write``, ``_functional`` and
     ``_describe``.
     """
@@ -200,7 +201,7 @@ class _FrozenBaseDeltaLinear(nn.Linear):
     @builds_state
     def _set_positions(self, positions, values: Optional[torch.Tensor]) -> None:
         validated, order = self._validate(
-            positions, self.out_features, self.in_features, self.weight.device, self.layer_name
+            positions, self.out_features, self.in_features, self.weight.device, self.layer_name, layer=self
         )
         if values is not None:
             shape = self._delta_shape(validated)
@@ -465,6 +466,7 @@ class _FrozenBaseDeltaLinear(nn.Linear):
                 self.in_features,
                 self.weight.device,
                 f"{self.layer_name} ({positions_key})",
+                layer=self,
             )
         problem = self._load_problem(validated, incoming_delta, positions_key, delta_key, state_dict, prefix)
         if problem is not None:

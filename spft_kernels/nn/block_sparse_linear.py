@@ -3,7 +3,6 @@ compute densely": S2FT / SMT style); the modes and the state dict are the base's
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -14,25 +13,6 @@ from ..ops.block_index import BlockIndex, SlotGroups, check_block_size
 from .base import _FrozenBaseDeltaLinear
 
 DEFAULT_BLOCK_SIZE = (64, 64)
-
-
-def _validate_blocks(own_block_size, positions, out_features, in_features, device, name):
-    """``positions``: ``(blocks, block_size)``, or block ids alone for a layer (its own size)."""
-    if isinstance(positions, tuple):
-        blocks, block_size = positions
-    else:
-        blocks, block_size = positions, own_block_size
-    return BlockIndex.build(blocks, out_features, in_features, block_size, device=device, name=name)
-
-
-class _ValidateWithBlockSize:
-    """The base validates positions with ``cls._validate(positions, ...)`` when a layer is built and
-    with ``layer._validate(positions, ...)`` when a state dict or new positions come in. Block ids
-    mean nothing without a block size: the class-level call gets ``(blocks, block_size)``, the
-    layer-level call uses the layer's own block size."""
-
-    def __get__(self, layer, owner):
-        return functools.partial(_validate_blocks, None if layer is None else layer.block_size)
 
 
 class BlockSparseLinear(_FrozenBaseDeltaLinear):
@@ -53,7 +33,6 @@ class BlockSparseLinear(_FrozenBaseDeltaLinear):
     _POSITIONS = "blocks"
     _UNIT = "blocks"
     _MERGE_NEEDS_CONTIGUOUS_WEIGHT = False  # blocks are written with 2-D indices, any layout
-    _validate = _ValidateWithBlockSize()
 
     def __init__(
         self,
@@ -93,6 +72,13 @@ class BlockSparseLinear(_FrozenBaseDeltaLinear):
         layer is unmerged first and re-merged afterwards if it was merged. ``delta`` gets new
         storage, so an optimizer holding it must be rebuilt (or its state reset)."""
         self._set_positions(blocks, values)
+
+    @classmethod
+    def _validate(cls, positions, out_features, in_features, device, name, layer=None):
+        """``positions``: ``(blocks, block_size)``, or block ids alone when they come into an existing
+        ``layer`` (its own block size)."""
+        blocks, block_size = positions if isinstance(positions, tuple) else (positions, layer.block_size)
+        return BlockIndex.build(blocks, out_features, in_features, block_size, device=device, name=name)
 
     def _adopt(self, block_index: BlockIndex) -> None:
         object.__setattr__(self, "block_size", block_index.block_size)

@@ -61,7 +61,7 @@ class RowSparseLinear(_FrozenBaseDeltaLinear):
         return self.rows.numel()
 
     @classmethod
-    def _validate(cls, rows, out_features, in_features, device, name):
+    def _validate(cls, rows, out_features, in_features, device, name, layer=None):
         return canonical_rows(rows, out_features, device=device, name=name)
 
     def _adopt(self, rows: torch.Tensor) -> None:

@@ -60,7 +60,7 @@ class SparseDeltaLinear(_FrozenBaseDeltaLinear):
         self._set_positions(index, values)
 
     @classmethod
-    def _validate(cls, index, out_features, in_features, device, name):
+    def _validate(cls, index, out_features, in_features, device, name, layer=None):
         return SparseIndex.build(index, out_features, in_features, device=device, name=name)
 
     def _adopt(self, sparse_index: SparseIndex) -> None:
