@@ -185,12 +185,15 @@ def _opcheck_args(requires_grad):
     return x, weight, delta, sparse_index, bias
 
 
+@pytest.mark.parametrize("compact", [False, True])
 @pytest.mark.parametrize("mode", ["split", "merged", "fused"])
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck_layer_op(mode, requires_grad):
+def test_opcheck_layer_op(mode, requires_grad, compact):
     x, weight, delta, si, bias = _opcheck_args(requires_grad)
     assert si.tile_ptr is not None  # density 0.2: the tile metadata rides along
-    args = (x, weight, delta, si.flat, si.row_ptr, si.col_ptr, si.csc_perm, si.tile_ptr, bias, mode, "reference")
+    # A layer passes its compact index (low bytes + block ends); the functional API the flat one.
+    index, block_ends = si.compact() if compact else (si.flat, None)
+    args = (x, weight, delta, index, block_ends, si.row_ptr, si.col_ptr, si.csc_perm, si.tile_ptr, bias, mode, "reference")
     torch.library.opcheck(torch.ops.spft.sparse_delta_linear.default, args)
 
 

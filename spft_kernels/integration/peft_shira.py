@@ -90,7 +90,8 @@ class ShiraKind:
 
 
 def _scattered_to_flat(layer: SparseDeltaLinear):
-    return layer.index.long(), _full(layer.delta).detach(), layer.index
+    index = layer.index  # expanded from the layer's compact form on each read: once
+    return index.long(), _full(layer.delta).detach(), index
 
 
 def _scattered_from_flat(where: str, count: int, shape: tuple, flat: torch.Tensor, values: torch.Tensor):

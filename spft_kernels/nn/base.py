@@ -99,6 +99,10 @@ class _FrozenBaseDeltaLinear(nn.Linear):
     """
 
     _POSITIONS = ""
+    # False: the positions are stored in another form and the subclass writes the _POSITIONS key
+    # of the state dict itself (_save_to_state_dict) and reads its canonical form back
+    # (_current_positions).
+    _POSITIONS_IS_BUFFER = True
     _UNIT = ""
     _MERGE_NEEDS_CONTIGUOUS_WEIGHT = True
     _HAS_FUSED_MODE = False
@@ -480,10 +484,18 @@ class _FrozenBaseDeltaLinear(nn.Linear):
             # Resize so the default loader can copy; values come from the state dict right after.
             self.delta.data = torch.zeros(self._delta_shape(validated), dtype=self.delta.dtype, device=self.delta.device)
             self.delta.grad = None
-            self._buffers[self._POSITIONS] = torch.empty_like(self._positions_tensor(validated))
+            if self._POSITIONS_IS_BUFFER:
+                self._buffers[self._POSITIONS] = torch.empty_like(self._positions_tensor(validated))
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        if not self._POSITIONS_IS_BUFFER:
+            # Positions kept in another form than a buffer of that name (SparseDeltaLinear's
+            # compact index): the key is this method's, neither unexpected nor left unreported.
+            if positions_key in unexpected_keys:
+                unexpected_keys.remove(positions_key)
+            if strict and incoming is None and positions_key not in missing_keys:
+                missing_keys.append(positions_key)
         if len(error_msgs) > errors_before:  # a check the default loader made failed: undo
             self.delta.data, self.delta.grad = kept[0], kept[1]
             self._buffers.clear()
@@ -524,8 +536,12 @@ class _FrozenBaseDeltaLinear(nn.Linear):
                 )
         return None
 
+    def _current_positions(self) -> torch.Tensor:
+        """The layer's positions in canonical form (subclasses that store another form override)."""
+        return self._buffers[self._POSITIONS]
+
     def _same_positions(self, validated) -> bool:
-        mine, theirs = self._buffers[self._POSITIONS], self._positions_tensor(validated)
+        mine, theirs = self._current_positions(), self._positions_tensor(validated)
         return mine.shape == theirs.shape and bool(torch.equal(mine.long(), theirs.long().to(mine.device)))
 
     @builds_state

@@ -23,10 +23,13 @@ class SparseDeltaLinear(_FrozenBaseDeltaLinear):
     """``y = x (W0 + Δ)ᵀ + b`` with ``Δ`` holding ``delta[k]`` at flat position ``index[k]``.
 
     Attributes: ``weight`` (W0, frozen; W_eff while merged), ``bias`` (frozen), ``delta``
-    (``nn.Parameter`` [nnz], fp32 master, zeros at start), ``index`` (buffer [nnz], canonical).
+    (``nn.Parameter`` [nnz], fp32 master, zeros at start), ``index`` ([nnz], canonical: read-only,
+    expanded on each access from the 2 bytes an entry the layer stores, ops/compact_index.py;
+    the state dict holds it as before). Change positions with :meth:`set_index`.
     """
 
     _POSITIONS = "index"
+    _POSITIONS_IS_BUFFER = False  # stored compact (_adopt); the state dict holds the canonical form
     _UNIT = "entries"
     _MERGE_NEEDS_CONTIGUOUS_WEIGHT = True  # merged positions are flat offsets into the weight
     _HAS_FUSED_MODE = True
@@ -64,7 +67,14 @@ class SparseDeltaLinear(_FrozenBaseDeltaLinear):
         return SparseIndex.build(index, out_features, in_features, device=device, name=name)
 
     def _adopt(self, sparse_index: SparseIndex) -> None:
-        self.register_buffer("index", sparse_index.flat)
+        # Stored compact (2 bytes an entry instead of 4: 0.30 GiB at SpaRTA r64 on Llama-2-7B,
+        # what takes merged mode from 0.962x to 0.946x LoRA's peak; compact_index.py). The state
+        # dict still holds the canonical index (_save_to_state_dict). Non-persistent buffers: they
+        # follow .to() and DDP's buffer broadcast (bytes: NCCL has no 16-bit integers).
+        low_bytes, block_ends = sparse_index.compact()
+        self._buffers.pop("index", None)
+        self.register_buffer("_index_low_bytes", low_bytes, persistent=False)
+        self.register_buffer("_index_block_ends", block_ends, persistent=False)
         # The derived forms (CSR/CSC pointers, tile pointers) are built when a kernel that reads
         # them first runs (SparseIndex), then kept as non-persistent buffers: they follow .to()
         # but never reach a state dict. The default (reference) path never builds them.
@@ -88,13 +98,29 @@ class SparseDeltaLinear(_FrozenBaseDeltaLinear):
         """The validated index with the derived forms built so far (no validation or rebuild:
         O(1)); a derived form read from it for the first time is built then and kept."""
         cached = {name: self._buffers.get(_metadata_buffer(name)) for name in DERIVED}
+        compact = (self._index_low_bytes, self._index_block_ends)
         return SparseIndex(
-            self.index, self.out_features, self.in_features, on_build=self._keep_metadata, **cached
+            None, self.out_features, self.in_features, compact=compact, on_build=self._keep_metadata, **cached
         )
 
     @property
+    def index(self) -> torch.Tensor:
+        """The canonical flat positions (sorted, int32/int64), expanded on each access: O(nnz), no
+        host sync. A new tensor each time: writing into it changes nothing (use set_index)."""
+        return self.sparse_index().flat
+
+    @property
     def nnz(self) -> int:
-        return self.index.numel()
+        return self._index_low_bytes.numel() // 2
+
+    def _current_positions(self) -> torch.Tensor:
+        return self.index
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # The canonical index, as DESIGN.md's format and every earlier state dict have it: 4 bytes
+        # an entry allocated while the state dict lives (adapter-sized; the weight is never copied).
+        destination[prefix + self._POSITIONS] = self.index
 
     # --- folding (dynamic masks) --------------------------------------------------------------
 

@@ -2,7 +2,9 @@
 
 Canonical form: 1-D sorted unique flat positions ``row * in_features + col``, int32 when
 ``out * in < 2**31`` else int64, on the weight's device. Validation happens once, here, when an
-index is built or loaded; kernels then trust it. Derived forms are built lazily, the first time
+index is built or loaded; kernels then trust it. Layers store it compactly, 2 bytes an entry
+(compact_index.py), and a :class:`SparseIndex` on that form expands the canonical one only when
+an op reads it. Derived forms are built lazily, the first time
 an op that reads them runs, and then cached (on the layer as non-persistent buffers):
 
 - ``row_ptr`` [out + 1]: CSR row pointers into the canonical order (entries are already
@@ -28,6 +30,7 @@ from typing import Callable, Optional
 import torch
 
 from ._guards import as_float, as_int, describe, outside_inference_mode
+from .compact_index import compact_index, expand_index
 
 INT32_LIMIT = 2**31
 # Column granularity of ``tile_ptr``; the tensor-core SDDMM's BLOCK_K is a multiple of it.
@@ -54,10 +57,11 @@ class SparseIndex:
 
     def __init__(
         self,
-        flat: torch.Tensor,
+        flat: Optional[torch.Tensor],
         out_features: int,
         in_features: int,
         *,
+        compact: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
         tile_metadata: Optional[bool] = None,
         on_build: Optional[Callable[[str, torch.Tensor], None]] = None,
         **derived: Optional[torch.Tensor],
@@ -65,19 +69,48 @@ class SparseIndex:
         unknown = set(derived) - set(DERIVED)
         if unknown:
             raise TypeError(f"SparseIndex: unknown derived forms {sorted(unknown)}")
-        self.flat = flat
+        if (flat is None) == (compact is None):
+            raise TypeError("SparseIndex: give the canonical flat index or its compact form, exactly one")
+        self._flat = flat
+        self._compact = compact
         self.out_features = out_features
         self.in_features = in_features
         total = out_features * in_features
         if tile_metadata is None:
-            tile_metadata = total > 0 and flat.numel() / total >= TILE_SDDMM_MIN_DENSITY
+            tile_metadata = total > 0 and self.nnz / total >= TILE_SDDMM_MIN_DENSITY
         self.tile_metadata = bool(tile_metadata)
         self._derived = {name: tensor for name, tensor in derived.items() if tensor is not None}
         self._on_build = on_build
 
     @property
+    def flat(self) -> torch.Tensor:
+        """The canonical flat positions; from a compact index, expanded on first read (O(nnz), no
+        host sync) and kept by this object only, which an op holds for one call."""
+        if self._flat is None:
+            low_bytes, block_ends = self._compact
+            self._flat = expand_index(low_bytes, block_ends, index_dtype_for(self.out_features, self.in_features))
+        return self._flat
+
+    def compact(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(low_bytes, block_ends)``, the 2-bytes-an-entry form layers store (compact_index.py)."""
+        if self._compact is None:
+            return compact_index(self._flat, self.out_features, self.in_features)
+        return self._compact
+
+    def stored(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """What an op takes to carry the index through a call without expanding it:
+        ``(low_bytes, block_ends)`` for a compact index, ``(flat, None)`` otherwise."""
+        return (self._flat, None) if self._compact is None else self._compact
+
+    @property
+    def device(self) -> torch.device:
+        return self.stored()[0].device
+
+    @property
     def nnz(self) -> int:
-        return self.flat.numel()
+        if self._compact is not None:
+            return self._compact[0].numel() // 2
+        return self._flat.numel()
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -163,14 +196,17 @@ class SparseIndex:
         return rows, wide - rows * self.in_features
 
     def to(self, device: torch.device) -> "SparseIndex":
+        flat = None if self._flat is None or self._compact is not None else self._flat.to(device)
+        compact = None if self._compact is None else tuple(tensor.to(device) for tensor in self._compact)
         return SparseIndex(
-            self.flat.to(device), self.out_features, self.in_features, tile_metadata=self.tile_metadata,
+            flat, self.out_features, self.in_features, compact=compact, tile_metadata=self.tile_metadata,
             **{name: tensor.to(device) for name, tensor in self._derived.items()},
         )
 
     def __repr__(self) -> str:
         return (
-            f"SparseIndex(shape={self.shape}, nnz={self.nnz}, dtype={self.flat.dtype}, "
+            f"SparseIndex(shape={self.shape}, nnz={self.nnz}, dtype={index_dtype_for(*self.shape)}, "
+            f"compact={self._compact is not None}, "
             f"derived={sorted(self._derived)})"
         )
 

@@ -10,6 +10,9 @@ the fused mode, ``fused_delta_linear`` (fused_delta_linear.py). Its ``mode`` is 
 Backward: ``dx = dy W + dy Δ`` (``dy W`` alone in merged mode, where W already holds W0 + Δ),
 ``d delta = SDDMM(x, dy)``, ``db = Σ dy``; only ``x`` is saved (W, delta and the index are the
 layer's own tensors). ``dW = dyᵀ x`` is computed only if the weight itself requires grad.
+A layer's index arrives compact (``index`` = its low bytes, ``index_block_ends`` given,
+compact_index.py) and is expanded inside the op, in the forward only where the forward reads it
+(not in merged mode) and again in backward: what stays saved between them is the 2-byte form.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from . import naive
 from ._linear_args import check_x_and_weight, prepare_operands, weight_for_dx
 from .backends import check_backend_name, resolve_backend
 from .fused_delta_linear import fused_delta_linear
-from .index import DERIVED, SparseIndex
+from .compact_index import expand_index
+from .index import DERIVED, SparseIndex, index_dtype_for
 from .sddmm import sddmm
 from .spmm import spmm_add, spmm_t_add
 
@@ -40,12 +44,18 @@ def _or_empty(metadata: Optional[Tensor], index: Tensor) -> Tensor:
     return index[:0] if metadata is None else metadata
 
 
+def _canonical(index: Tensor, block_ends: Optional[Tensor], weight_shape) -> Tensor:
+    """The flat index an op reads: ``index`` itself, or expanded from its compact form."""
+    return index if block_ends is None else expand_index(index, block_ends, index_dtype_for(*weight_shape))
+
+
 @torch.library.custom_op("spft::sparse_delta_linear", mutates_args=())
 def _sparse_delta_linear_op(
     x: Tensor,
     weight: Tensor,
     delta: Tensor,
     index: Tensor,
+    index_block_ends: Optional[Tensor],
     row_ptr: Optional[Tensor],
     col_ptr: Optional[Tensor],
     csc_perm: Optional[Tensor],
@@ -55,6 +65,8 @@ def _sparse_delta_linear_op(
     backend: str,
 ) -> Tensor:
     out_features, in_features = weight.shape
+    if mode != "merged" and index.numel() > 0:
+        index = _canonical(index, index_block_ends, weight.shape)
     if mode == "fused" and index.numel() > 0:
         y2d = fused_delta_linear(x.reshape(-1, in_features), weight, delta, index, _or_empty(row_ptr, index), bias, backend)  # nnz > 0: in > 0
         return y2d.reshape(*x.shape[:-1], out_features)
@@ -66,13 +78,13 @@ def _sparse_delta_linear_op(
 
 
 @_sparse_delta_linear_op.register_fake
-def _(x, weight, delta, index, row_ptr, col_ptr, csc_perm, tile_ptr, bias, mode, backend):
+def _(x, weight, delta, index, index_block_ends, row_ptr, col_ptr, csc_perm, tile_ptr, bias, mode, backend):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, delta, index, row_ptr, col_ptr, csc_perm, tile_ptr, bias, mode, backend = inputs
-    ctx.save_for_backward(x, weight_for_dx(ctx, weight), delta, index, col_ptr, csc_perm, tile_ptr)
+    x, weight, delta, index, index_block_ends, row_ptr, col_ptr, csc_perm, tile_ptr, bias, mode, backend = inputs
+    ctx.save_for_backward(x, weight_for_dx(ctx, weight), delta, index, index_block_ends, col_ptr, csc_perm, tile_ptr)
     ctx.weight_shape = weight.shape
     ctx.merged = mode == "merged"
     ctx.backend = backend
@@ -80,8 +92,11 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy):
-    x, weight, delta, index, col_ptr, csc_perm, tile_ptr = ctx.saved_tensors
+    x, weight, delta, index, index_block_ends, col_ptr, csc_perm, tile_ptr = ctx.saved_tensors
     out_features, in_features = ctx.weight_shape
+    reads_index = ctx.needs_input_grad[2] or (ctx.needs_input_grad[0] and not ctx.merged)
+    if reads_index and index.numel() > 0:
+        index = _canonical(index, index_block_ends, ctx.weight_shape)
     # Explicit token counts: reshape(-1, 0) cannot infer them for a zero-width layer.
     num_tokens = math.prod(x.shape[:-1])
     dy2d = dy.reshape(num_tokens, out_features)
@@ -98,9 +113,9 @@ def _backward(ctx, dy):
         dweight = dy2d.t().mm(x2d)
     if ctx.needs_input_grad[2]:
         ddelta = sddmm(x2d, dy2d, index, tile_ptr, ctx.backend).to(delta.dtype)
-    if ctx.needs_input_grad[8]:
+    if ctx.needs_input_grad[9]:
         dbias = dy2d.sum(dim=0, dtype=naive.accumulate_dtype(dy2d)).to(ctx.bias_dtype)
-    return dx, dweight, ddelta, None, None, None, None, None, dbias, None, None
+    return dx, dweight, ddelta, None, None, None, None, None, None, dbias, None, None
 
 
 _sparse_delta_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -185,15 +200,17 @@ def sparse_delta_linear(
         )
     if not delta.is_floating_point():
         raise ValueError(f"sparse_delta_linear: delta must be floating point, got {delta.dtype}")
+    index_tensor, index_block_ends = sparse_index.stored()
     x, weight, bias = prepare_operands(
-        "sparse_delta_linear", x, weight, bias, (delta, sparse_index.flat), _KERNEL_OPS[mode], backend
+        "sparse_delta_linear", x, weight, bias, (delta, index_tensor), _KERNEL_OPS[mode], backend
     )
     metadata = _metadata_for(sparse_index, mode, backend, weight.device) if sparse_index.nnz else dict.fromkeys(DERIVED)
     return _sparse_delta_linear_op(
         x,
         weight,
         delta,
-        sparse_index.flat,
+        index_tensor,
+        index_block_ends,
         metadata["row_ptr"],
         metadata["col_ptr"],
         metadata["csc_perm"],
