@@ -122,3 +122,29 @@ def test_derived_index_metadata_is_built_only_for_kernels_that_read_it():
     weight, delta = torch.randn(OUT, IN), torch.zeros(index.numel(), requires_grad=True)
     spft.sparse_delta_linear(x, weight, delta, sparse_index, merged=True, backend="triton").sum().backward()
     assert set(sparse_index.cached()) == {"tile_ptr"}
+
+
+@pytest.mark.parametrize("kind", ["entries", "rows", "blocks"])
+def test_a_state_dict_taken_before_the_first_merge_keeps_w0(kind):
+    """Taken while the layer is still unmerged (right after conversion), the state dict shares a
+    weight that holds W0; the forwards after it must not merge W0 + delta into that weight while
+    it is held (weight W0 + delta next to delta would count delta twice on load)."""
+    layer, w0 = _layer(kind)
+    layer.mode = "auto"
+    layer.unmerge()
+    assert not layer.merged
+    optimizer = torch.optim.AdamW([layer.delta], lr=1e-2, fused=True)
+    state = layer.state_dict()
+    x = torch.randn(5, IN)
+    for _ in range(2):
+        _step(layer, optimizer, x)
+    assert torch.equal(state["weight"], w0)
+    fresh, _ = _layer(kind)
+    fresh.load_state_dict(state)  # delta is the live Parameter's (PyTorch's usual sharing)
+    torch.testing.assert_close(fresh(x), layer(x), rtol=1e-5, atol=1e-5)
+    del state
+    gc.collect()
+    layer(x)
+    assert layer._computes_merged()  # merged once the state dict is gone
+    with torch.no_grad():
+        torch.testing.assert_close(layer.merged_weight(), fresh.merged_weight())

@@ -149,8 +149,11 @@ class _FrozenBaseDeltaLinear(nn.Linear):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        if positions is not None:
-            self._set_positions(positions, None)
+        if positions is None:
+            # No positions yet (a skeleton, e.g. on the meta device, to load a state dict into):
+            # zero trainable entries, a valid layer that computes the plain linear.
+            positions = torch.empty(0, dtype=torch.int64, device=self.weight.device)
+        self._set_positions(positions, None)
 
     @classmethod
     @builds_state
@@ -228,7 +231,8 @@ class _FrozenBaseDeltaLinear(nn.Linear):
         if was_merged:
             self.unmerge()
         self._adopt(validated)
-        if isinstance(getattr(self, "delta", None), nn.Parameter):
+        current = getattr(self, "delta", None)
+        if isinstance(current, nn.Parameter) and current.device.type != "meta":  # the same Parameter
             self.delta.data = values
             self.delta.grad = None
         else:
@@ -449,6 +453,11 @@ class _FrozenBaseDeltaLinear(nn.Linear):
             with torch.no_grad():
                 self._write(self.weight, base=self._w0_at_index, delta=None)
             self._synced_delta_key = None
+            destination[prefix + "weight"] = self._w0_loans.lend(self.weight)
+        elif not keep_vars and self._wants_merged():
+            # The weight holds W0 now, but the next forward would merge W0 + Δ into it under a
+            # state dict still held (weight W0 + Δ next to delta Δ: Δ counted twice on load).
+            # Lent, the layer computes the split form until the state dict is freed.
             destination[prefix + "weight"] = self._w0_loans.lend(self.weight)
 
     @builds_state

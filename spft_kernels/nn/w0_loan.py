@@ -11,7 +11,9 @@ never writes ``W0 + Δ`` into the weight, and its forward computes the split for
 Trainer drops its state dict right after writing it) a finalizer ends the loan and the next
 forward re-syncs the positions (O(nnz)). Until then the weight itself (and the linear the layer
 was built from, which shares it) holds W0 at the trained positions: ``merged_weight()``,
-``to_linear()``, ``merge()`` and every forward see W0 + Δ as before.
+``to_linear()``, ``merge()`` and every forward see W0 + Δ as before. A layer not merged yet that
+would merge at its next forward (mode merged, or auto) lends its weight the same way, so that a
+state dict taken right after conversion and held across the first steps keeps W0.
 
 Why this and not the alternatives:
 

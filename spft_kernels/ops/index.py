@@ -255,7 +255,7 @@ def canonical_flat_index(
             f"{name}: index is on {index.device} but the weight is on {torch.device(device)}; "
             f"move it with index.to(weight.device)"
         )
-    if index.device.type == "meta":
+    if index.device.type == "meta" and index.numel():  # an empty index has no values to lack
         raise ValueError(f"{name}: index is on the meta device (it has no values); positions must be real tensors")
     if index.is_inference():  # kept by layers and saved for backward: a normal tensor (ops/_guards.py)
         with outside_inference_mode():
@@ -380,7 +380,7 @@ def canonical_ids(
             f"{name}: {plural} are on {ids.device} but the weight is on {torch.device(device)}; "
             f"move them with {plural}.to(weight.device)"
         )
-    if ids.device.type == "meta":
+    if ids.device.type == "meta" and ids.numel():  # empty: no values to lack
         raise ValueError(f"{name}: {plural} are on the meta device (they have no values); {plural} must be real tensors")
     if ids.is_inference():  # kept by layers and saved for backward: a normal tensor (ops/_guards.py)
         with outside_inference_mode():
