@@ -20,7 +20,8 @@
 # torch.empty poison (fixed in conftest.py), 3 where torch.compile changes the plain model's
 # gradients on these versions (test_training_stack.py compares to a tolerance there). Green since
 # (2026-12, after the package's folder layout): 865 passed, 306 skipped (the GPU tests); on 2026-12-01 with
-# issues 13-19 merged: 1254 passed, 308 skipped (GPU tests; the TRL tests skip: trl is not installed here).
+# issues 13-19 merged: 1254 passed, 308 skipped (GPU tests; the TRL tests skip: trl is not installed here);
+# with the 2-byte stored index (issue 19): 1295 passed, 308 skipped.
 #
 # Environment: SPFT_DEVICE_PYTHON (default /root/.pyenv/versions/3.12.1/bin/python, else
 # python3.12 on PATH), SPFT_DEVICE_VENV (default .venv-device, gitignored by .venv-*/).
