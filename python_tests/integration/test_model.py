@@ -314,6 +314,30 @@ def test_merge_and_unload_of_a_stale_split_layer():
 
 
 @pytest.mark.parametrize("method", ["speft", "spruft"])
+def test_merge_and_unload_refuses_while_a_state_dict_holds_w0_and_changes_nothing(method):
+    """A live state dict shares the weights (holding W0 for it): merging in place would write
+    W0 + delta under it. Refused before any layer is replaced, naming the layers."""
+    original = tiny_model("llama", dtype=torch.float32).state_dict()
+    model, batches = convert("llama", method)
+    train(model, batches, steps=2)
+    names = list(spft_layers(model))
+    expected = [logits(model, b) for b in batches]
+    last = names[-1]  # the others would be merged (and replaced) first if the check came late
+    state = model.get_submodule(last).state_dict()
+    with pytest.raises(RuntimeError, match=r"merge_and_unload: a state dict of 1 layer\(s\) \(" + last):
+        spft.merge_and_unload(model)
+    assert list(spft_layers(model)) == names  # no layer replaced
+    assert torch.equal(state["weight"], original[last + ".weight"])  # still W0
+    for batch, out in zip(batches, expected):
+        torch.testing.assert_close(logits(model, batch), out, rtol=1e-5, atol=1e-6)
+    del state
+    spft.merge_and_unload(model)
+    assert not spft_layers(model)
+    for batch, out in zip(batches, expected):
+        torch.testing.assert_close(logits(model, batch), out, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["speft", "spruft"])
 def test_unload_restores_w0_exactly(method):
     original = tiny_model("llama", dtype=torch.float32)
     reference = {k: v.clone() for k, v in original.state_dict().items()}

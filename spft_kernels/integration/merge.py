@@ -3,6 +3,8 @@ pruned weight) and ``unload`` (W0 exactly, the deltas dropped)."""
 
 from __future__ import annotations
 
+import gc
+
 import torch.nn as nn
 
 from ..masks.targets import weight_sharers
@@ -25,22 +27,22 @@ def merge_and_unload(model: nn.Module, *, return_report: bool = False):
     the sparsity the layer holds now, which need not be ``config.sparsity`` (e.g. a run stopped
     before the schedule reached it): it exports what it has. ``return_report=True`` returns
     ``(model, {name: PSTLinear.sparsity_report()})`` (achieved ``mask_sparsity``,
-    ``weight_sparsity``, ...; empty for the other methods) so that this can be checked."""
+    ``weight_sparsity``, ...; empty for the other methods) so that this can be checked.
+
+    Raises ``RuntimeError``, before any layer changes, while a state dict that shares the weight
+    of a layer merged in place is alive (it holds W0 from that weight, nn/w0_loan.py)."""
     root = unwrap_model(model)
     layers = spft_layers(root)
     if not layers:
         raise ValueError("merge_and_unload: the model has no sparse fine-tuning layers")
     reports = {}
     shared = weight_sharers(root, list(layers))
+    in_place = {name for name, layer in layers.items() if _merges_in_place(name, layer, shared)}
+    _refuse_lent_weights(layers, in_place)  # before any layer changes: never a half-merged model
     for name, layer in layers.items():
         if isinstance(layer, PSTLinear):
             linear, reports[name] = layer.to_linear(return_report=True)  # flags restored below
-        elif (
-            name in shared
-            or layer.weight_shared_with is not None
-            or is_inference(layer.weight)
-            or (layer._MERGE_NEEDS_CONTIGUOUS_WEIGHT and not layer.weight.is_contiguous())
-        ):
+        elif name not in in_place:
             layer.unmerge()  # W0 back in the weight (a layer merged by hand on a shared weight)
             linear = layer.to_linear()  # new tensors: the shared weight keeps W0
         else:
@@ -53,6 +55,31 @@ def merge_and_unload(model: nn.Module, *, return_report: bool = False):
     _finish_unload(root)
     return (model, reports) if return_report else model
 
+
+def _merges_in_place(name: str, layer: nn.Module, shared) -> bool:
+    """Whether ``merge_and_unload`` writes W0 + Δ into the layer's own weight (else: new tensors)."""
+    return not (
+        isinstance(layer, PSTLinear)
+        or name in shared
+        or layer.weight_shared_with is not None
+        or is_inference(layer.weight)
+        or (layer._MERGE_NEEDS_CONTIGUOUS_WEIGHT and not layer.weight.is_contiguous())
+    )
+
+
+def _refuse_lent_weights(layers: dict, in_place: set) -> None:
+    """A live state dict that shares a layer's weight (holding W0 for it, nn/w0_loan.py) would see
+    W0 + Δ after an in-place merge: refused, for every such layer at once, before anything changes."""
+    lent = [name for name in in_place if layers[name]._w0_loans.active]
+    if lent:
+        gc.collect()  # a state dict caught in a reference cycle
+        lent = [name for name in lent if layers[name]._w0_loans.active]
+    if lent:
+        raise RuntimeError(
+            f"merge_and_unload: a state dict of {len(lent)} layer(s) ({', '.join(lent[:3])}"
+            f"{', ...' if len(lent) > 3 else ''}) is still alive and shares their weights, which hold W0 for it; "
+            "merging writes W0 + delta into those weights. Delete it (or copy its tensors) first; nothing was changed"
+        )
 
 
 @builds_state
