@@ -68,13 +68,13 @@ from ..nn.pst_linear import PSTLinear
 from ..nn.row_sparse_linear import RowSparseLinear
 from ..nn.sparse_delta_linear import SparseDeltaLinear
 from ..ops.block_index import block_entries
+from ..ops.compact_index import BLOCK, block_count, compact_index, expand_index
 from .surgery import saved_module_names, SPFT_LAYER_TYPES
 
 FORMAT = "spft_adapter"
 FORMAT_VERSION = 1
 ADAPTER_FILE = "spft_adapter.safetensors"  # the file name used when a directory is given
 SAMPLE_POSITIONS = 256
-_BLOCK = 1 << 16  # flat positions per high-count block of the split index form
 _KINDS = {"entries": SparseDeltaLinear, "rows": RowSparseLinear, "pst": PSTLinear, "blocks": BlockSparseLinear}
 _PST_FACTORS = ("U", "V", "A", "B", "R", "C")
 _VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -238,14 +238,14 @@ def _checksum(metadata: dict, tensors: dict) -> str:
 
 def _encode_index(index: torch.Tensor, out_features: int, in_features: int) -> tuple[str, dict]:
     """The smaller of the flat and split16 forms (module docstring) of a canonical index."""
-    total = out_features * in_features
-    blocks = -(-total // _BLOCK)
+    blocks = block_count(out_features, in_features)
     flat_bytes = index.numel() * index.element_size()
     if 2 * index.numel() + 4 * blocks >= flat_bytes:
         return "flat", {"index": index}
-    wide = index.long()
-    counts = torch.bincount(torch.div(wide, _BLOCK, rounding_mode="floor"), minlength=blocks).to(torch.int32)
-    return "split16", {"index_low16": (wide % _BLOCK).to(torch.uint16), "index_high_counts": counts}
+    # The split the layers store (ops/compact_index.py), with per-block counts instead of ends.
+    low_bytes, ends = compact_index(index, out_features, in_features)
+    counts = torch.diff(ends.long(), prepend=ends.new_zeros(1, dtype=torch.int64)).to(torch.int32)
+    return "split16", {"index_low16": low_bytes.view(torch.uint16), "index_high_counts": counts}
 
 
 def _decode_index(where: str, encoding: str, parts: dict, count: int, total: int) -> torch.Tensor:
@@ -254,13 +254,12 @@ def _decode_index(where: str, encoding: str, parts: dict, count: int, total: int
         _expect(where + ".index", index, (torch.int32, torch.int64), (count,))
         return index
     low, counts = parts["index_low16"], parts["index_high_counts"]
-    blocks = -(-total // _BLOCK)
+    blocks = -(-total // BLOCK)
     _expect(where + ".index_low16", low, (torch.uint16,), (count,))
     _expect(where + ".index_high_counts", counts, (torch.int32,), (blocks,))
     if bool((counts < 0).any()) or int(counts.long().sum()) != count:
         raise ValueError(f"{where}.index_high_counts: the block counts must be non-negative and sum to {count}")
-    high = torch.repeat_interleave(torch.arange(blocks, dtype=torch.int64), counts.long())
-    return high * _BLOCK + low.to(torch.int64)
+    return expand_index(low.view(torch.uint8), torch.cumsum(counts.long(), 0), torch.int64)
 
 
 def _expect(key: str, tensor: torch.Tensor, dtypes: tuple, shape: tuple) -> None:

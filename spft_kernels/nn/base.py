@@ -91,7 +91,9 @@ class _FrozenBaseDeltaLinear(nn.Linear):
     positions kept aside, the merged mode's re-sync, a mode-independent state dict and casts that
     keep the master delta.
 
-    A subclass says where the delta sits: ``_POSITIONS`` (the persistent buffer's name), ``_UNIT``
+    A subclass says where the delta sits: ``_POSITIONS`` (the state dict key of the positions,
+    which the base writes and reads itself: a subclass stores them in any form, in non-persistent
+    buffers, and gives them back canonical through ``_current_positions``), ``_UNIT``
     (what one position is called in messages) and the hooks ``_validate`` (a classmethod; given
     ``layer=`` when positions come into an existing layer), ``_adopt``,
     ``_positions_tensor``, ``_delta_shape``, ``_gather_w0``, ``_write``, ``_functional`` and
@@ -99,10 +101,6 @@ class _FrozenBaseDeltaLinear(nn.Linear):
     """
 
     _POSITIONS = ""
-    # False: the positions are stored in another form and the subclass writes the _POSITIONS key
-    # of the state dict itself (_save_to_state_dict) and reads its canonical form back
-    # (_current_positions).
-    _POSITIONS_IS_BUFFER = True
     _UNIT = ""
     _MERGE_NEEDS_CONTIGUOUS_WEIGHT = True
     _HAS_FUSED_MODE = False
@@ -447,6 +445,10 @@ class _FrozenBaseDeltaLinear(nn.Linear):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        # The canonical positions, whatever form the layer stores them in (SparseDeltaLinear: 2
+        # bytes an entry, expanded here to the int32 index while the state dict lives).
+        positions = self._current_positions()
+        destination[prefix + self._POSITIONS] = positions if keep_vars else positions.detach()
         if self._merged:
             # Save W0, never W_eff: the state dict must not depend on the mode. W0 is written back
             # into the trained positions (O(nnz), exact) and lent, never copied (w0_loan.py).
@@ -493,18 +495,15 @@ class _FrozenBaseDeltaLinear(nn.Linear):
             # Resize so the default loader can copy; values come from the state dict right after.
             self.delta.data = torch.zeros(self._delta_shape(validated), dtype=self.delta.dtype, device=self.delta.device)
             self.delta.grad = None
-            if self._POSITIONS_IS_BUFFER:
-                self._buffers[self._POSITIONS] = torch.empty_like(self._positions_tensor(validated))
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        if not self._POSITIONS_IS_BUFFER:
-            # Positions kept in another form than a buffer of that name (SparseDeltaLinear's
-            # compact index): the key is this method's, neither unexpected nor left unreported.
-            if positions_key in unexpected_keys:
-                unexpected_keys.remove(positions_key)
-            if strict and incoming is None and positions_key not in missing_keys:
-                missing_keys.append(positions_key)
+        # The positions key is this method's (validated above, adopted below), not the default
+        # loader's: neither unexpected nor, when absent, left unreported.
+        if positions_key in unexpected_keys:
+            unexpected_keys.remove(positions_key)
+        if strict and incoming is None and positions_key not in missing_keys:
+            missing_keys.append(positions_key)
         if len(error_msgs) > errors_before:  # a check the default loader made failed: undo
             self.delta.data, self.delta.grad = kept[0], kept[1]
             self._buffers.clear()

@@ -82,7 +82,7 @@ class BlockSparseLinear(_FrozenBaseDeltaLinear):
 
     def _adopt(self, block_index: BlockIndex) -> None:
         object.__setattr__(self, "block_size", block_index.block_size)
-        self.register_buffer("blocks", block_index.blocks)
+        self.register_buffer("blocks", block_index.blocks, persistent=False)  # the base writes the state dict's key
         # Derived once per mask; non-persistent so they follow .to() but never reach a state dict.
         for axis, groups in (("row", block_index.by_row), ("col", block_index.by_col)):
             self.register_buffer(f"_{axis}_order", groups.order, persistent=False)

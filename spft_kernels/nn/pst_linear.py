@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..ops._guards import as_int, builds_state, describe
+from ..ops._guards import builds_state
 from ..ops.backends import check_backend_name
 from ..ops.pst_linear import (
     _check_scalars,
@@ -20,6 +20,7 @@ from ..ops.pst_linear import (
     pst_linear,
     pst_threshold,
 )
+from .base import _check_sizes
 
 Tensor = torch.Tensor
 
@@ -86,12 +87,7 @@ class PSTLinear(nn.Linear):
         for label, rank in (("r1", r1), ("r2", r2)):
             if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 0:
                 raise ValueError(f"{layer_name}: {label} must be an integer >= 0, got {rank!r}")
-        sizes = as_int(in_features), as_int(out_features)
-        if None in sizes or min(sizes) < 0:
-            raise ValueError(
-                f"{layer_name}: in_features and out_features must be non-negative integers, got "
-                f"{describe(in_features)} and {describe(out_features)}"
-            )
+        sizes = _check_sizes(in_features, out_features, layer_name)
         super().__init__(*sizes, bias=bias, device=device, dtype=dtype)
         self.layer_name = layer_name
         self.r1, self.r2 = int(r1), int(r2)

@@ -65,7 +65,7 @@ class RowSparseLinear(_FrozenBaseDeltaLinear):
         return canonical_rows(rows, out_features, device=device, name=name)
 
     def _adopt(self, rows: torch.Tensor) -> None:
-        self.register_buffer("rows", rows)
+        self.register_buffer("rows", rows, persistent=False)  # the base writes the state dict's key
 
     @staticmethod
     def _positions_tensor(rows: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,6 @@ class SparseDeltaLinear(_FrozenBaseDeltaLinear):
     """
 
     _POSITIONS = "index"
-    _POSITIONS_IS_BUFFER = False  # stored compact (_adopt); the state dict holds the canonical form
     _UNIT = "entries"
     _MERGE_NEEDS_CONTIGUOUS_WEIGHT = True  # merged positions are flat offsets into the weight
     _HAS_FUSED_MODE = True
@@ -69,10 +68,9 @@ class SparseDeltaLinear(_FrozenBaseDeltaLinear):
     def _adopt(self, sparse_index: SparseIndex) -> None:
         # Stored compact (2 bytes an entry instead of 4: 0.30 GiB at SpaRTA r64 on Llama-2-7B,
         # what takes merged mode from 0.962x to 0.946x LoRA's peak; compact_index.py). The state
-        # dict still holds the canonical index (_save_to_state_dict). Non-persistent buffers: they
+        # dict still holds the canonical index (_current_positions). Non-persistent buffers: they
         # follow .to() and DDP's buffer broadcast (bytes: NCCL has no 16-bit integers).
         low_bytes, block_ends = sparse_index.compact()
-        self._buffers.pop("index", None)
         self.register_buffer("_index_low_bytes", low_bytes, persistent=False)
         self.register_buffer("_index_block_ends", block_ends, persistent=False)
         # The derived forms (CSR/CSC pointers, tile pointers) are built when a kernel that reads
@@ -114,13 +112,9 @@ class SparseDeltaLinear(_FrozenBaseDeltaLinear):
         return self._index_low_bytes.numel() // 2
 
     def _current_positions(self) -> torch.Tensor:
+        # The state dict's index: canonical, as DESIGN.md's format and every earlier state dict
+        # have it (4 bytes an entry while the state dict lives; the weight is never copied).
         return self.index
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        # The canonical index, as DESIGN.md's format and every earlier state dict have it: 4 bytes
-        # an entry allocated while the state dict lives (adapter-sized; the weight is never copied).
-        destination[prefix + self._POSITIONS] = self.index
 
     # --- folding (dynamic masks) --------------------------------------------------------------
 

@@ -103,10 +103,6 @@ class SparseIndex:
         return (self._flat, None) if self._compact is None else self._compact
 
     @property
-    def device(self) -> torch.device:
-        return self.stored()[0].device
-
-    @property
     def nnz(self) -> int:
         if self._compact is not None:
             return self._compact[0].numel() // 2
@@ -196,8 +192,9 @@ class SparseIndex:
         return rows, wide - rows * self.in_features
 
     def to(self, device: torch.device) -> "SparseIndex":
-        flat = None if self._flat is None or self._compact is not None else self._flat.to(device)
+        # One form moves: the compact one where it exists (an expanded flat is only a cache).
         compact = None if self._compact is None else tuple(tensor.to(device) for tensor in self._compact)
+        flat = None if compact is not None else self._flat.to(device)
         return SparseIndex(
             flat, self.out_features, self.in_features, compact=compact, tile_metadata=self.tile_metadata,
             **{name: tensor.to(device) for name, tensor in self._derived.items()},
