@@ -8,18 +8,19 @@ The folders are the architecture, and imports point one way (``python_tests/test
 - ``ops/``: one file per op (custom op, backends, autograd), the reference math (``naive.py``),
   the index format, backend dispatch, the extension and Triton loaders;
 - ``nn/``: the layers (``SparseDeltaLinear``, ``RowSparseLinear``, ``BlockSparseLinear``, ``PSTLinear``)
-  on one base;
+  on one base (``SpftLayer``), one file per position kind, registered in one place
+  (``register_kind``), and the kinds of frozen base (``FrozenBase``);
 - ``masks/``: choosing what trains (targets, salience scores, top-k, row importance, dynamic masks);
 - ``integration/``: the peft-style model API (config, conversion, merging, adapter files);
 - ``bench/``: ``spft-bench``, the end-to-end bench, reports, memory tracking.
 """
 
-from .integration.adapter_load import load_adapter
-from .integration.adapter_merge import merge_adapters
-from .integration.adapter_save import save_adapter
+from .integration.adapter.from_peft import from_peft
+from .integration.adapter.load import load_adapter
+from .integration.adapter.merge import merge_adapters
+from .integration.adapter.save import save_adapter
 from .integration.config import SpftConfig
 from .integration.conversion import get_spft_model, make_dynamic_mask, set_pst_sparsity
-from .integration.from_peft import from_peft
 from .integration.merge import merge_and_unload, unload
 from .integration.surgery import print_trainable_parameters
 from .masks.dynamic_mask import DynamicMask
@@ -27,8 +28,12 @@ from .masks.row_importance import row_importance, select_rows
 from .masks.salience import salience_scores
 from .masks.select import lora_equivalent_params, random_indices, select_topk
 from .masks.select_blocks import random_blocks, select_blocks
+from .nn.base import SpftLayer
 from .nn.block_sparse_linear import BlockSparseLinear
-from .nn.pst_linear import PSTLinear
+from .nn.delta_layer import DeltaLayer
+from .nn.frozen_base import DenseBase, FrozenBase, register_base_kind
+from .nn.pst_linear import PSTLinear, PSTOptions
+from .nn.registry import register_kind, registered_kinds, unregister_kind
 from .nn.row_sparse_linear import RowSparseLinear
 from .nn.sparse_delta_linear import SparseDeltaLinear
 from .ops._extension import SpftExtensionWarning
@@ -58,6 +63,15 @@ def __getattr__(name):
 
 __all__ = [
     "BlockSparseLinear",
+    "DeltaLayer",
+    "DenseBase",
+    "FrozenBase",
+    "PSTOptions",
+    "SpftLayer",
+    "register_base_kind",
+    "register_kind",
+    "registered_kinds",
+    "unregister_kind",
     "DynamicMask",
     "PSTLinear",
     "RowSparseLinear",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import spft_kernels as spft
-from spft_kernels.integration.adapter_format import ADAPTER_FILE
+from spft_kernels.integration.adapter.files import ADAPTER_FILE
 from spft_kernels.integration.surgery import spft_layers
 
 from test_adapter_io import assert_unchanged, snapshot, trained

@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 
 import spft_kernels as spft
-from spft_kernels.integration import adapter_format as adapter_io
+from spft_kernels.integration.adapter import format as adapter_io
+from spft_kernels.nn import sparse_delta_linear as entries_kind
 from spft_kernels.integration.surgery import spft_layers
 
 from tiny_models import hf_loss, one_thread, tiny_batches, tiny_model  # noqa: F401 (fixture)
@@ -124,12 +125,12 @@ def test_index_encodings_round_trip():
     generator = torch.Generator().manual_seed(0)
     for out_f, in_f, density in ((300, 700, 0.02), (300, 700, 0.0), (3, 5, 0.5), (1000, 1000, 1e-5)):
         index = spft.random_index(out_f, in_f, density, generator)
-        encoding, parts = adapter_io._encode_index(index, out_f, in_f)
-        decoded = adapter_io._decode_index("t", encoding, parts, index.numel(), out_f * in_f)
+        encoding, parts = entries_kind._encode_index(index, out_f, in_f)
+        decoded = entries_kind._decode_index("t", encoding, parts, index.numel(), out_f * in_f)
         assert torch.equal(decoded.long(), index.long()), (out_f, in_f, density, encoding)
         size = sum(t.numel() * t.element_size() for t in parts.values())
         assert size <= index.numel() * 4
-    assert adapter_io._encode_index(spft.random_index(300, 700, 0.02, generator), 300, 700)[0] == "split16"
+    assert entries_kind._encode_index(spft.random_index(300, 700, 0.02, generator), 300, 700)[0] == "split16"
 
 
 def test_rows_and_modules_to_save_are_stored(tmp_path):
@@ -170,9 +171,10 @@ def test_fingerprint_is_taken_on_w0_whatever_the_mode(tmp_path):
     rows = torch.tensor([0, 3, 5])
     w0 = spft.integration.surgery.plain_linear(layer).weight.detach().clone()
     layer.merge()
-    assert torch.equal(adapter_io._w0_rows(layer, rows), w0[rows])
+    row_entries = (rows[:, None] * layer.in_features + torch.arange(layer.in_features)).reshape(-1)
+    assert torch.equal(adapter_io.w0_at(layer, row_entries).view(len(rows), -1), w0[rows])
     flat = torch.tensor([0, 7, 100, layer.index[0].item()])
-    assert torch.equal(adapter_io._w0_entries(layer, flat), w0.view(-1)[flat])
+    assert torch.equal(adapter_io.w0_at(layer, flat), w0.view(-1)[flat])
 
 
 # --- refusals: all or nothing ---------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import spft_kernels as spft
-from spft_kernels.integration import adapter_load
+from spft_kernels.integration.adapter import load as adapter_load
 from spft_kernels.integration.surgery import spft_layers
 
 from tiny_models import hf_loss, one_thread, tiny_batches, tiny_model  # noqa: F401 (fixture)

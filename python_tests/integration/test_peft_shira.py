@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 import spft_kernels as spft
-from spft_kernels.integration.peft_shira import _padding, PEFT_PREFIX
+from spft_kernels.integration.adapter.peft_shira import _padding, PEFT_PREFIX
 from spft_kernels.integration.surgery import spft_layers
 
 from test_adapter_io import assert_unchanged, snapshot, trained

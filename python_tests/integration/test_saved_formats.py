@@ -157,9 +157,9 @@ def test_a_converted_models_state_dict_written_by_an_earlier_version_loads_bitwi
     for name, info in layers.items():  # convert with no positions (PST: its ranks); the state dict fills them
         linear = model.get_submodule(name)
         if info["class"] == "PSTLinear":
-            layer = spft.PSTLinear.from_linear(linear, 0.0, info["r1"], info["r2"], name=name)
+            layer = spft.PSTLinear.from_linear(linear, 0.0, r1=info["r1"], r2=info["r2"], name=name)
         elif info["class"] == "BlockSparseLinear":
-            layer = spft.BlockSparseLinear.from_linear(linear, torch.empty(0, dtype=torch.int64),
+            layer = spft.BlockSparseLinear.from_linear(linear, torch.empty(0, dtype=torch.int64), block_size=
                                                        tuple(info["block_size"]), mode=info["mode"], name=name)
         else:
             layer = getattr(spft, info["class"]).from_linear(linear, torch.empty(0, dtype=torch.int64),

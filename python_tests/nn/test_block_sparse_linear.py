@@ -23,7 +23,7 @@ def make_linear(out_features=SHAPE[0], in_features=SHAPE[1], bias=True, dtype=to
 
 def make_layer(blocks=(1, 3, 6, 11), mode="auto", linear=None, block_size=BLOCK, **kwargs):
     linear = make_linear() if linear is None else linear
-    return spft.BlockSparseLinear.from_linear(linear, torch.tensor(blocks, dtype=torch.long), block_size, mode=mode, **kwargs)
+    return spft.BlockSparseLinear.from_linear(linear, torch.tensor(blocks, dtype=torch.long), block_size=block_size, mode=mode, **kwargs)
 
 
 def randomise_delta(layer, seed=1, scale=0.1):
@@ -206,7 +206,7 @@ def test_merged_training_follows_split_and_resyncs(update):
 
 def test_training_reaches_a_block_sparse_teacher():
     base = make_linear(48, 40, seed=2)
-    layer = spft.BlockSparseLinear.from_linear(copy.deepcopy(base), torch.tensor([0, 5, 7]), (16, 16))
+    layer = spft.BlockSparseLinear.from_linear(copy.deepcopy(base), torch.tensor([0, 5, 7]), block_size=(16, 16))
     teacher = copy.deepcopy(layer)
     with torch.no_grad():
         teacher.delta.normal_(0.0, 0.3)
@@ -218,7 +218,7 @@ def test_training_reaches_a_block_sparse_teacher():
 
 @pytest.mark.parametrize("mode", ["split", "merged"])
 def test_training_step_allocates_no_out_by_in_tensor(mode):
-    layer = spft.BlockSparseLinear.from_linear(make_linear(96, 80), torch.tensor([2, 9, 17]), (16, 16), mode=mode)
+    layer = spft.BlockSparseLinear.from_linear(make_linear(96, 80), torch.tensor([2, 9, 17]), block_size=(16, 16), mode=mode)
     optimizer = torch.optim.AdamW([layer.delta], lr=1e-3)
     x = torch.randn(4, 6, 80, requires_grad=True)
     layer(x)  # a merged layer merges once, on its first forward

@@ -271,7 +271,7 @@ def block_providers(base_linear, count: int, out_features: int, in_features: int
         for backend in [b for b in backends if b in implemented_backends("block_delta_linear")]:
             def make(mode=mode, backend=backend):
                 base = base_linear()
-                layer = BlockSparseLinear.from_linear(base, blocks.to(base.weight.device), block_size, mode, backend)
+                layer = BlockSparseLinear.from_linear(base, blocks.to(base.weight.device), block_size=block_size, mode=mode, backend=backend)
                 with torch.no_grad():  # a trained-looking delta, so the merged mode re-syncs real values
                     layer.delta.normal_(0.0, 1e-3)
                 return layer

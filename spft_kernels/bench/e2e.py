@@ -117,7 +117,7 @@ def method_blocks(model: nn.Module, rank: int, block_size=(64, 64)) -> nn.Module
     blocks = random_blocks(model, block_size, lora_rank=rank, scope="local", generator=torch.Generator().manual_seed(0))
     _freeze(model)
     targets = {name: linear for name, linear in find_target_linears(model).items() if blocks[name].numel()}
-    replace_linears(model, lambda name, linear: BlockSparseLinear.from_linear(linear, blocks[name], block_size, name=name),
+    replace_linears(model, lambda name, linear: BlockSparseLinear.from_linear(linear, blocks[name], block_size=block_size, name=name),
                     targets)
     return model
 

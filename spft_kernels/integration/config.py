@@ -5,7 +5,7 @@ one call that converts a model, a printout of the trainable parameters, the way 
     model = spft.get_spft_model(model, config, batches=calib_batches, loss_fn=loss_fn)
     spft.print_trainable_parameters(model)
     ...train with any loop, transformers.Trainer, DDP...
-    spft.save_adapter(model, "adapter.safetensors")        # adapter_save.py
+    spft.save_adapter(model, "adapter.safetensors")        # adapter/save.py
     model = spft.merge_and_unload(model)                    # plain nn.Linear layers holding W0 + Δ
 
 Methods (``SpftConfig.method``) and how positions are chosen:
@@ -56,7 +56,8 @@ from typing import Any, Mapping, Optional, Union
 from ..masks.row_importance import METRICS as ROW_METRICS
 from ..masks.row_importance import _DATA_METRICS as ROW_DATA_METRICS
 from ..masks.salience import DATA_FREE_METRICS, METRICS as SALIENCE_METRICS
-from ..nn.base import MODES
+from ..nn.delta_layer import MODES
+from ..nn.registry import kind_class
 from ..ops._guards import as_float, as_int, describe
 from ..ops.block_index import check_block_size
 from ..ops.backends import check_backend_name
@@ -84,6 +85,9 @@ class SpftConfig:
             is fixed by the ranks); ``match_lora_rank=r`` sets ``r1 = r2 = max(0, (r - 1) // 2)``.
         sparsity: pst only, and required there: the final target sparsity in [0, 1) (the layers
             start at 0; ``set_pst_sparsity`` moves them).
+        kind: the registered position kind to train (``None``: the method's own, entries for speft
+            and sparta, blocks with ``block_size``, rows for spruft, pst for pst); a kind of your
+            own registered with ``spft.register_kind`` chooses its positions with its hook.
         block_size: speft / sparta only: ``(bh, bw)`` trains whole blocks (``BlockSparseLinear``,
             chosen by ``select_blocks`` / ``random_blocks`` on the summed scores) instead of
             scattered entries; ``None``: entries. The budget is met in whole blocks:
@@ -132,6 +136,7 @@ class SpftConfig:
     pst_r1: Optional[int] = None
     pst_r2: Optional[int] = None
     block_size: Optional[tuple] = None
+    kind: Optional[str] = None
 
     def __post_init__(self) -> None:
         spec = _method_spec(self.method)
@@ -187,6 +192,8 @@ class SpftConfig:
         _check_int("num_calibration_batches", self.num_calibration_batches, minimum=1)
         if self.block_size is not None:
             self._check_blocks()
+        if self.kind is not None:
+            kind_class(self.kind, "SpftConfig")  # a registered kind (nn/registry.py)
 
     def _check_blocks(self) -> None:
         self.block_size = check_block_size(self.block_size, "SpftConfig")  # a JSON list comes back as a tuple
@@ -237,7 +244,10 @@ class SpftConfig:
         return (8 if self.pst_r1 is None else self.pst_r1), (8 if self.pst_r2 is None else self.pst_r2)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["kind"] is None:  # the method's own kind: configs read the same as before the field existed
+            del data["kind"]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

@@ -8,8 +8,7 @@ import gc
 import torch.nn as nn
 
 from ..masks.targets import weight_sharers
-from ..nn.pst_linear import PSTLinear
-from ..ops._guards import builds_state, is_inference
+from ..ops._guards import builds_state
 from .surgery import _finish_unload, plain_linear, set_submodule, spft_layers, unwrap_model
 
 
@@ -18,9 +17,10 @@ def merge_and_unload(model: nn.Module, *, return_report: bool = False):
     """Replace every spft layer with a plain ``nn.Linear`` holding ``W0 + Δ`` and return the model
     (the same object): bitwise the layer's ``merged_weight()`` (fp32 sum, rounded once to the
     weight's dtype), written in place into the layer's own weight tensor (O(nnz); no copy of the
-    weight, except for a SparseDeltaLinear on a non-contiguous weight, a weight another module
-    shares (a tied LM head: the new linear gets its own weight, and the embedding keeps W0) and
-    an inference tensor weight, which get a new one).
+    weight, except where the layer's frozen base refuses merging: a flat-entries layer on a
+    non-contiguous weight, a weight another module shares (a tied LM head: the new linear gets
+    its own weight, and the embedding keeps W0) and an inference tensor weight, which get a new
+    one).
     The original ``requires_grad`` flags come back; ``modules_to_save`` keep their trained values.
 
     A ``PSTLinear`` becomes its pruned linear ``(W0 + βUV) ⊙ M`` (``to_linear``: new tensors) at
@@ -40,11 +40,11 @@ def merge_and_unload(model: nn.Module, *, return_report: bool = False):
     in_place = {name for name, layer in layers.items() if _merges_in_place(name, layer, shared)}
     _refuse_lent_weights(layers, in_place)  # before any layer changes: never a half-merged model
     for name, layer in layers.items():
-        if isinstance(layer, PSTLinear):
-            linear, reports[name] = layer.to_linear(return_report=True)  # flags restored below
-        elif name not in in_place:
+        if name not in in_place:
             layer.unmerge()  # W0 back in the weight (a layer merged by hand on a shared weight)
-            linear = layer.to_linear()  # new tensors: the shared weight keeps W0
+            linear, report = layer.export()  # new tensors: a shared weight keeps W0
+            if report is not None:
+                reports[name] = report  # (PST: what the pruned weight holds)
         else:
             layer.merge()  # W0 + Δ in the weight, rounded once; a stale merge re-syncs first
             linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
@@ -58,22 +58,16 @@ def merge_and_unload(model: nn.Module, *, return_report: bool = False):
 
 def _merges_in_place(name: str, layer: nn.Module, shared) -> bool:
     """Whether ``merge_and_unload`` writes W0 + Δ into the layer's own weight (else: new tensors)."""
-    return not (
-        isinstance(layer, PSTLinear)
-        or name in shared
-        or layer.weight_shared_with is not None
-        or is_inference(layer.weight)
-        or (layer._MERGE_NEEDS_CONTIGUOUS_WEIGHT and not layer.weight.is_contiguous())
-    )
+    return layer.writes_w0 and name not in shared and layer.base_kind.merge_refusal(layer) is None
 
 
 def _refuse_lent_weights(layers: dict, in_place: set) -> None:
     """A live state dict that shares a layer's weight (holding W0 for it, nn/w0_loan.py) would see
     W0 + Δ after an in-place merge: refused, for every such layer at once, before anything changes."""
-    lent = [name for name in in_place if layers[name]._w0_loans.active]
+    lent = [name for name in in_place if layers[name].w0_lent]
     if lent:
         gc.collect()  # a state dict caught in a reference cycle
-        lent = [name for name in lent if layers[name]._w0_loans.active]
+        lent = [name for name in lent if layers[name].w0_lent]
     if lent:
         raise RuntimeError(
             f"merge_and_unload: a state dict of {len(lent)} layer(s) ({', '.join(lent[:3])}"

@@ -9,13 +9,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch.nn as nn
 
 from ..masks.targets import find_target_linears, matches_target
-from ..nn.block_sparse_linear import BlockSparseLinear
-from ..nn.pst_linear import PSTLinear
-from ..nn.row_sparse_linear import RowSparseLinear
-from ..nn.sparse_delta_linear import SparseDeltaLinear
-
-# Every layer type a converted model may hold.
-SPFT_LAYER_TYPES: tuple = (SparseDeltaLinear, RowSparseLinear, PSTLinear, BlockSparseLinear)
+from ..nn.registry import is_spft_layer
 
 # Attributes get_spft_model leaves on the converted model (removed again by unload/merge_and_unload).
 CONFIG_ATTR = "spft_config"
@@ -55,16 +49,15 @@ def replace_linears(
 
 def spft_layers(model: nn.Module) -> dict[str, nn.Module]:
     """``{qualified_name: layer}`` of the model's sparse fine-tuning layers, in module order."""
-    return {name: m for name, m in unwrap_model(model).named_modules() if isinstance(m, SPFT_LAYER_TYPES)}
+    return {name: m for name, m in unwrap_model(model).named_modules() if is_spft_layer(m)}
 
 
 def plain_linear(layer: nn.Module) -> nn.Linear:
     """An ``nn.Linear`` sharing ``layer``'s weight and bias tensors; an spft layer is unmerged first,
     so the weight holds W0 exactly. A plain linear is returned as it is."""
-    if not isinstance(layer, SPFT_LAYER_TYPES):
+    if not is_spft_layer(layer):
         return layer
-    if not isinstance(layer, PSTLinear):  # a PST layer never writes into W0
-        layer.unmerge()
+    layer.unmerge()  # (a kind that never writes into W0 has nothing to undo)
     linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
     linear.weight = layer.weight
     if layer.bias is not None:
@@ -86,7 +79,7 @@ def saved_module_names(model: nn.Module, patterns: Optional[Sequence[str]]) -> l
         names.extend(found)
     outermost = [n for n in dict.fromkeys(names) if not any(n.startswith(o + ".") for o in names if o != n)]
     for name in outermost:
-        if any(isinstance(m, SPFT_LAYER_TYPES) for m in root.get_submodule(name).modules()):
+        if any(is_spft_layer(m) for m in root.get_submodule(name).modules()):
             raise ValueError(f"modules_to_save: {name!r} is (or contains) a sparse fine-tuning layer; it cannot also be trained fully")
     return outermost
 
@@ -109,13 +102,7 @@ def prepare_for_training(model: nn.Module, saved: Sequence[str]) -> None:
         for parameter in root.get_submodule(name).parameters():
             parameter.requires_grad_(True)
     for layer in spft_layers(root).values():
-        if isinstance(layer, PSTLinear):
-            for factor in layer.factors():
-                factor.requires_grad_(True)
-            continue
-        layer.delta.requires_grad_(True)
-        if layer._wants_merged():
-            layer.merge()
+        layer.prepare_for_training()
 
 
 def _finish_unload(root: nn.Module) -> None:

@@ -27,8 +27,8 @@ from typing import Optional
 import torch
 import transformers
 
-from .adapter_load import load_adapter
-from .adapter_save import save_adapter
+from .adapter.load import load_adapter
+from .adapter.save import save_adapter
 
 ADAPTER_FILE = "spft_adapter.safetensors"
 

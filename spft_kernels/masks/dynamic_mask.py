@@ -18,7 +18,7 @@ Example::
         linear = model.get_submodule(name)
         setattr(model.get_submodule(parent), child, spft.SparseDeltaLinear.from_linear(linear, index))
     model.requires_grad_(False)
-    deltas = [m.delta for m in model.modules() if isinstance(m, spft.SparseDeltaLinear)]
+    deltas = [p for p in model.parameters() if p.requires_grad]
     for delta in deltas:
         delta.requires_grad_(True)
     optimizer = torch.optim.AdamW(deltas, lr=1e-4)
@@ -48,7 +48,7 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 import torch.nn as nn
 
-from ..nn.sparse_delta_linear import SparseDeltaLinear
+from ..nn.registry import spft_layer_classes
 from ..ops._guards import as_int, describe
 from .salience import METRICS, DATA_FREE_METRICS, salience_scores
 from .select import _check_budget, select_topk
@@ -109,7 +109,7 @@ class DynamicMask:
                 )
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"DynamicMask: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        self.layers = find_target_linears(model, target_modules, linear_types=(SparseDeltaLinear,))
+        self.layers = find_target_linears(model, target_modules, linear_types=_foldable_kinds())
         shared = weight_sharers(model, list(self.layers))
         shared.update({n: m.weight_shared_with for n, m in self.layers.items() if m.weight_shared_with is not None})
         if shared:
@@ -173,3 +173,8 @@ class DynamicMask:
         self.num_updates += 1
         self.last_changed = changed
         return changed
+
+
+def _foldable_kinds() -> tuple:
+    """The layer kinds a dynamic mask can refresh: those with ``fold_delta`` (scattered entries)."""
+    return tuple(cls for cls in spft_layer_classes() if cls.dynamic_masks)

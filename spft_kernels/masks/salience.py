@@ -97,7 +97,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import sys
-import types
 import warnings
 from typing import Callable, Iterable, Mapping, Optional
 
@@ -105,7 +104,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..nn.sparse_delta_linear import SparseDeltaLinear
+from ..nn.registry import is_spft_layer
 from ..ops._guards import as_int, describe
 from .targets import check_gradients_possible, check_materialised, TargetModules, find_target_linears
 
@@ -225,29 +224,19 @@ def _uniform(weight: Tensor, generator: Optional[torch.Generator]) -> Tensor:
 def _effective_weights(targets: Mapping[str, nn.Module]):
     """Yields ``{name: weight parameter}`` holding each target's effective weight.
 
-    A ``SparseDeltaLinear`` is merged (its weight then holds ``W0 + Δ``, O(nnz)) and runs as a
-    plain dense linear, so autograd (double backward, vmap included) sees an ordinary weight; on
-    exit the forward is restored and a layer that was not merged is unmerged (W0 back exactly).
+    A converted layer runs as a plain dense linear on its effective weight while scored
+    (``SpftLayer.as_plain_linear``: a delta layer merges, O(positions)), so autograd (double
+    backward, vmap included) sees an ordinary weight; on exit each layer is put back as it was.
     """
-    patched = []
     seen: dict[int, str] = {}
-    try:
+    with contextlib.ExitStack() as stack:
         for name, module in targets.items():
             if id(module.weight) in seen:
                 raise ValueError(f"salience_scores: {name} shares its weight with {seen[id(module.weight)]}")
             seen[id(module.weight)] = name
-            if isinstance(module, SparseDeltaLinear):
-                if not module.weight.is_contiguous():
-                    raise ValueError(f"{module.layer_name}: scoring a SparseDeltaLinear needs a contiguous weight")
-                patched.append((module, module.merged))
-                module.merge()
-                module.forward = types.MethodType(nn.Linear.forward, module)
+            if is_spft_layer(module):
+                stack.enter_context(module.as_plain_linear())
         yield {name: module.weight for name, module in targets.items()}
-    finally:
-        for module, was_merged in reversed(patched):
-            del module.forward
-            if not was_merged:
-                module.unmerge()
 
 
 @contextlib.contextmanager

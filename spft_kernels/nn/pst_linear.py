@@ -1,8 +1,12 @@
-"""``PSTLinear``: the PST layer (prune a frozen W0 while training small factors); the math, the
-ops and the backends are in ``ops/pst_linear.py``."""
+"""``PSTLinear``, the ``pst`` kind: prune a frozen W0 while training small factors (PST). Its
+"positions" are a learned structured mask (the top-v of a score), so it has no fixed positions,
+never writes into W0 and does not sum with other adapters; it owns its options (``PSTOptions``),
+its adapter form (the factors and options) and its conversion (data-free, factors from one seeded
+generator). The math, the ops and the backends are in ``ops/pst_linear.py``."""
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from typing import Optional
 
@@ -20,7 +24,9 @@ from ..ops.pst_linear import (
     pst_linear,
     pst_threshold,
 )
-from .base import _check_sizes
+from .base import SpftLayer
+from .registry import register_kind
+from .stored import AdapterPayload, expect_tensor, take_tensors, VALUE_DTYPES
 
 Tensor = torch.Tensor
 
@@ -53,7 +59,27 @@ def _tensor_key(t: Tensor) -> tuple:
     return (version, t.data_ptr(), t.dtype, t.device)
 
 
-class PSTLinear(nn.Linear):
+@dataclasses.dataclass(frozen=True)
+class PSTOptions:
+    """PST's options (the paper's defaults): the sparsity the mask applies, the ranks of the
+    importance term AB (``r1``) and of the update UV (``r2``), the weights of the update (``beta``)
+    and of the score terms (``alpha1``, ``alpha2``), and whether |W_eff| in the score is
+    differentiated (``abs_score_grad``)."""
+
+    sparsity: float = 0.0
+    r1: int = 8
+    r2: int = 8
+    beta: float = 1.0
+    alpha1: float = 1.0
+    alpha2: float = 1.0
+    abs_score_grad: bool = True
+
+
+_OPTION_NAMES = tuple(field.name for field in dataclasses.fields(PSTOptions))
+
+
+@register_kind
+class PSTLinear(SpftLayer):
     """A drop-in ``nn.Linear`` that prunes its frozen weight W0 to ``sparsity`` while training
     only U, V, A, B, R, C (``(n + k)(r1 + r2 + 1)`` values, fp32 masters):
     ``y = x ((W0 + βUV) ⊙ M)ᵀ + b``, M the top-v mask of ``|W0 + βUV| + α1·AB + α2·(R + C)``.
@@ -62,7 +88,18 @@ class PSTLinear(nn.Linear):
     threshold is recomputed only when the sparsity or a factor changed. ``to_linear()`` exports
     the pruned weight as a plain ``nn.Linear``; ``sparsity_report()`` says what it holds.
     The state dict holds W0, bias, the factors and (extra state) sparsity, β, α1, α2.
+    ``PSTLinear.from_linear(linear, sparsity, *, r1=8, r2=8, ..., backend="auto", name=None)``, or
+    with ``PSTOptions`` in place of the sparsity.
     """
+
+    kind = "pst"
+    unit = "factor values"
+    writes_w0 = False  # the mask prunes W0 on the fly; W0 itself is never written
+    additive = False  # each adapter prunes W0 with its own learned mask: two do not sum
+    shira_refusal = (
+        "PST's output is a pruned weight (W0 + βUV) ⊙ M, not W0 plus a set of trained entries, so peft's SHiRA "
+        "format cannot express it"
+    )
 
     def __init__(
         self,
@@ -84,57 +121,45 @@ class PSTLinear(nn.Linear):
         name: Optional[str] = None,
     ) -> None:
         layer_name = name or "PSTLinear"
-        for label, rank in (("r1", r1), ("r2", r2)):
-            if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 0:
-                raise ValueError(f"{layer_name}: {label} must be an integer >= 0, got {rank!r}")
-        sizes = _check_sizes(in_features, out_features, layer_name)
-        super().__init__(*sizes, bias=bias, device=device, dtype=dtype)
-        self.layer_name = layer_name
+        _check_ranks(r1, r2, layer_name)
+        check_backend_name(backend)
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype, backend=backend, name=name)
         self.r1, self.r2 = int(r1), int(r2)
         self.beta, self.alpha1, self.alpha2 = _check_scalars(beta, alpha1, alpha2, layer_name)
         self.abs_score_grad = bool(abs_score_grad)
-        self.backend = check_backend_name(backend)
         self.sparsity = _check_sparsity(sparsity)
         self._threshold_cache: Optional[tuple] = None
         _watch_optimizer_steps()
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
         self.reset_factors(generator)
 
     @classmethod
     def from_linear(
         cls,
         linear: nn.Linear,
-        sparsity: float,
-        r1: int = 8,
-        r2: int = 8,
+        positions=None,
         *,
-        beta: float = 1.0,
-        alpha1: float = 1.0,
-        alpha2: float = 1.0,
-        abs_score_grad: bool = True,
+        mode: str = "auto",
         backend: str = "auto",
-        generator: Optional[torch.Generator] = None,
         name: Optional[str] = None,
+        generator: Optional[torch.Generator] = None,
+        **options,
     ) -> "PSTLinear":
         """Wrap ``linear`` without copying its weight (shared and frozen, as is its bias); the
-        layer starts as ``W0 ⊙ M`` with M the top-v mask of ``|W0|`` at ``sparsity``."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        if linear.weight.device.type == "meta":
-            raise ValueError(f"{name or 'PSTLinear'}: the linear's weight is on the meta device; materialise it first")
+        layer starts as ``W0 ⊙ M`` with M the top-v mask of ``|W0|`` at ``sparsity``.
+        ``positions``: the sparsity (a number) or a ``PSTOptions``; ``options``: ``PSTOptions``
+        fields (``r1``, ``r2``, ``beta``, ...). ``mode``: PST has one way to compute (``auto``)."""
+        layer_name = name or cls.__name__
+        cls._check_linear(linear, layer_name)
+        if mode not in ("auto", "split"):
+            raise ValueError(
+                f"{layer_name}: PST computes its pruned weight on the fly and never writes into W0; mode must be "
+                f"'auto' (or 'split'), got {mode!r}"
+            )
+        fields = _options(positions, options, layer_name)
         # Built on the meta device, so no second weight is allocated or initialised.
-        layer = cls(
-            linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
-            dtype=linear.weight.dtype, sparsity=sparsity, r1=r1, r2=r2, beta=beta, alpha1=alpha1, alpha2=alpha2,
-            abs_score_grad=abs_score_grad, backend=backend, name=name,
-        )
-        layer.weight = linear.weight
-        layer.weight.requires_grad_(False)
-        if linear.bias is not None:
-            layer.bias = linear.bias
-            layer.bias.requires_grad_(False)
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
+                    dtype=linear.weight.dtype, backend=backend, name=name, **fields)
+        layer._share_base(linear)
         layer.reset_factors(generator)
         return layer
 
@@ -277,22 +302,102 @@ class PSTLinear(nn.Linear):
         self.sparsity = sparsity
         self._threshold_cache = None
 
-    def _apply(self, fn, recurse=True):
-        # A cast of the module to bf16/fp16 must not round the fp32 masters: keep their values
-        # and move them to the new device in the master dtype instead.
-        before = {label: (p.data, p.grad) for label, p in self._parameters.items() if label in _FACTORS}
-        super()._apply(fn, recurse)
-        master = self._master_dtype()
-        for label, (values, grad) in before.items():
-            parameter = self._parameters[label]
-            if parameter.dtype != master:
-                parameter.data = values.to(device=parameter.device, dtype=master)
-                parameter.grad = None if grad is None else grad.to(device=parameter.device, dtype=master)
+    def _after_apply(self) -> None:
         self._threshold_cache = None
-        return self
+
+    # --- the position-kind protocol ---------------------------------------------------------
+
+    def trainable_tensors(self) -> dict:
+        return dict(zip(_FACTORS, self.factors()))
+
+    def options(self) -> dict:
+        return dict(r1=self.r1, r2=self.r2, **self.get_extra_state())
+
+    @classmethod
+    def serves(cls, config) -> bool:
+        return config.method == "pst"
+
+    @classmethod
+    def options_from_config(cls, config) -> dict:
+        """At sparsity 0 (the converted model computes what the original did; a training loop
+        raises it with set_pst_sparsity), the factors drawn from one generator seeded with
+        ``config.seed`` in target order."""
+        r1, r2 = config.pst_ranks
+        return dict(sparsity=0.0, r1=r1, r2=r2, generator=torch.Generator().manual_seed(config.seed))
+
+    @classmethod
+    def select_positions(cls, selection) -> dict:
+        selection.takes_no_scoring_options()
+        return {name: None for name in selection.targets}  # data-free: no positions to choose
+
+    def adapter_payload(self) -> AdapterPayload:
+        values = {label: factor.detach() for label, factor in zip(_FACTORS, self.factors())}
+        count = sum(factor.numel() for factor in values.values())
+        return AdapterPayload(values, {}, {"count": count, "index": None, "pst": self.options()})
+
+    @classmethod
+    def read_adapter_payload(cls, where, name, entry, tensors, shape):
+        n, k = shape
+        options = entry.get("pst")
+        required = {"r1", "r2", "sparsity", "beta", "alpha1", "alpha2", "abs_score_grad"}
+        if not isinstance(options, dict) or set(options) != required:
+            raise ValueError(f"{where}: a pst layer's metadata must hold {sorted(required)}, got {options!r}")
+        r1, r2 = options["r1"], options["r2"]
+        if any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in (r1, r2)):
+            raise ValueError(f"{where}: bad ranks r1={r1!r}, r2={r2!r}")
+        try:  # the layer's own checks of the sparsity and the scalars
+            _check_sparsity(options["sparsity"])
+            _check_scalars(options["beta"], options["alpha1"], options["alpha2"], where)
+        except ValueError as error:
+            raise ValueError(f"{where}: bad pst options: {error}") from None
+        if not isinstance(options["abs_score_grad"], bool):
+            raise ValueError(f"{where}: abs_score_grad must be a bool")
+        if entry["count"] != (n + k) * (r1 + r2 + 1) or entry["index"] is not None:
+            raise ValueError(f"{where}: a pst layer of shape {[n, k]} with r1={r1}, r2={r2} has {(n + k) * (r1 + r2 + 1)} values")
+        shapes = dict(U=(n, r2), V=(r2, k), A=(n, r1), B=(r1, k), R=(n, 1), C=(1, k))
+        values = take_tensors(where, name, tensors, _FACTORS)
+        for label, value in values.items():
+            expect_tensor(f"{name}.{label}", value, VALUE_DTYPES, shapes[label])
+        return None, values, dict(options), {f"{name}.{label}" for label in _FACTORS}
+
+    @classmethod
+    def config_for(cls, layers: list) -> dict:
+        """The first layer's ranks, the highest sparsity."""
+        return {"method": "pst", "sparsity": max(layer.sparsity for layer in layers), "pst_r1": layers[0].r1,
+                "pst_r2": layers[0].r2}
+
+    def export(self):
+        return self.to_linear(return_report=True)
+
+    @classmethod
+    def stored_count(cls, stored) -> int:
+        return stored.count
 
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, r1={self.r1}, r2={self.r2}, sparsity={self.sparsity:.4g}, "
             f"beta={self.beta:g}, alpha1={self.alpha1:g}, alpha2={self.alpha2:g}, backend={self.backend}"
         )
+
+
+def _check_ranks(r1, r2, layer_name: str) -> None:
+    for label, rank in (("r1", r1), ("r2", r2)):
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 0:
+            raise ValueError(f"{layer_name}: {label} must be an integer >= 0, got {rank!r}")
+
+
+def _options(positions, options: dict, layer_name: str) -> dict:
+    """``from_linear``'s PST options as keywords of ``PSTLinear``: from a ``PSTOptions``, or a
+    sparsity and option keywords."""
+    unknown = sorted(set(options) - set(_OPTION_NAMES))
+    if unknown:
+        raise TypeError(f"PSTLinear.from_linear got unexpected options {unknown}")
+    if isinstance(positions, PSTOptions):
+        if options:
+            raise TypeError(f"{layer_name}: give PSTOptions or option keywords, not both")
+        return dataclasses.asdict(positions)
+    if positions is not None:
+        if "sparsity" in options:
+            raise TypeError(f"{layer_name}: sparsity given twice")
+        options = dict(options, sparsity=positions)
+    return dataclasses.asdict(PSTOptions(**options))

@@ -1,5 +1,8 @@
-"""``SparseDeltaLinear``: a frozen W0 plus trainable scattered entries (SPEFT, SpaRTA); the modes
-and the state dict are the base's (``base.py``)."""
+"""``SparseDeltaLinear``, the ``entries`` kind: a frozen W0 plus trainable scattered entries
+(SPEFT, SpaRTA). The modes and the state dict are every delta kind's (``delta_layer.py``); this
+file owns what is particular to entries: the index's validation and 2-byte stored form, W0 at
+the entries, the adapter encoding (flat or split16), the SHiRA form (entries as they are), the
+selection hook and the sum of several adapters (union of entries)."""
 
 from __future__ import annotations
 
@@ -9,48 +12,40 @@ import torch
 import torch.nn as nn
 
 from ..ops._guards import builds_state
-from ..ops.index import DERIVED, SparseIndex
+from ..ops.compact_index import BLOCK, block_count, compact_index, expand_index
+from ..ops.index import DERIVED, SparseIndex, index_dtype_for
 from ..ops.scatter_delta import scatter_delta_
 from ..ops.sparse_delta_linear import sparse_delta_linear
-from .base import _FrozenBaseDeltaLinear
+from .base import lookup, trainable_count
+from .delta_layer import DeltaLayer
+from .registry import kind_class, register_kind
+from .stored import AdapterPayload, StoredLayer, expect_tensor, take_tensors, VALUE_DTYPES
 
 
 def _metadata_buffer(name: str) -> str:
     return "_" + name
 
 
-class SparseDeltaLinear(_FrozenBaseDeltaLinear):
+@register_kind
+class SparseDeltaLinear(DeltaLayer):
     """``y = x (W0 + Δ)ᵀ + b`` with ``Δ`` holding ``delta[k]`` at flat position ``index[k]``.
 
     Attributes: ``weight`` (W0, frozen; W_eff while merged), ``bias`` (frozen), ``delta``
     (``nn.Parameter`` [nnz], fp32 master, zeros at start), ``index`` ([nnz], canonical: read-only,
     expanded on each access from the 2 bytes an entry the layer stores, ops/compact_index.py;
     the state dict holds it as before). Change positions with :meth:`set_index`.
+    ``SparseDeltaLinear.from_linear(linear, index, *, mode="auto", backend="auto", name=None,
+    delta_dtype=torch.float32)``.
     """
 
-    _POSITIONS = "index"
-    _UNIT = "entries"
+    kind = "entries"
+    positions_key = "index"
+    unit = "entries"
+    universal = True  # any trained positions can be written as entries
+    shira_kind = "entries"
+    dynamic_masks = True  # fold_delta
     _MERGE_NEEDS_CONTIGUOUS_WEIGHT = True  # merged positions are flat offsets into the weight
     _HAS_FUSED_MODE = True
-
-    def __init__(self, in_features: int, out_features: int, index: Optional[torch.Tensor], *args, **kwargs) -> None:
-        # bias, device, dtype and the keyword-only mode, backend, delta_dtype, name: see the base.
-        super().__init__(in_features, out_features, index, *args, **kwargs)
-
-    @classmethod
-    def from_linear(
-        cls,
-        linear: nn.Linear,
-        index: torch.Tensor,
-        mode: str = "auto",
-        backend: str = "auto",
-        *,
-        delta_dtype: torch.dtype = torch.float32,
-        name: Optional[str] = None,
-    ) -> "SparseDeltaLinear":
-        """Wrap ``linear`` without copying its weight: the layer shares (and freezes) the weight and
-        bias tensors, and starts with ``delta = 0`` so that it computes exactly what ``linear`` did."""
-        return cls._wrap(linear, index, mode, backend, delta_dtype, name)
 
     # --- the index --------------------------------------------------------------------------
 
@@ -112,7 +107,7 @@ class SparseDeltaLinear(_FrozenBaseDeltaLinear):
         return self._index_low_bytes.numel() // 2
 
     def _current_positions(self) -> torch.Tensor:
-        # The state dict's index: canonical, as DESIGN.md's format and every earlier state dict
+        # The state dict's index: canonical, as the index format (docs/architecture.md) and every earlier state dict
         # have it (4 bytes an entry while the state dict lives; the weight is never copied).
         return self.index
 
@@ -177,3 +172,124 @@ class SparseDeltaLinear(_FrozenBaseDeltaLinear):
         total = self.in_features * self.out_features
         density = self.nnz / total if total else 0.0
         return f"nnz={self.nnz}, density={density:.4g}"
+
+    def _kept_entries(self):
+        return self.index.long(), self._w0_at_index
+
+    def folded_w0(self):
+        return self.original_w0()
+
+    # --- the position-kind protocol ---------------------------------------------------------
+
+    @classmethod
+    def serves(cls, config) -> bool:
+        return config.method in ("speft", "sparta") and config.block_size is None
+
+    @classmethod
+    def select_positions(cls, selection) -> dict:
+        return selection.entries()
+
+    @classmethod
+    def flat_positions(cls, positions, shape, options) -> torch.Tensor:
+        return positions
+
+    @classmethod
+    def entries_of(cls, positions, values, shape, options):
+        return positions.long(), values["delta"]
+
+    @classmethod
+    def from_entries(cls, where, count, shape, flat, values):
+        return flat, {"delta": values}
+
+    def adapter_payload(self) -> AdapterPayload:
+        index, values = self.index, self.delta.detach()
+        if self.original_w0() is not None:
+            index, values = self._relative_to_original_base(values)
+        encoding, parts = _encode_index(index, self.out_features, self.in_features)
+        return AdapterPayload({"delta": values}, parts, {"count": int(index.numel()), "index": encoding}, index)
+
+    def _relative_to_original_base(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A folded layer (dynamic masks) as an adapter of its original base: the union of the
+        folded and the current positions, each with ``(W0_now + Δ) - W0_original`` (fp64, rounded
+        once to the delta's dtype). O(union); the weight is only read at those positions."""
+        folded, _ = self.original_w0()
+        index = self.index
+        union = torch.unique(torch.cat([folded, index.long()]))
+        now = self.w0_at(union).to(torch.float64)
+        original = self.w0_at(union, original=True).to(torch.float64)
+        trained = torch.zeros_like(now)
+        hit, where = lookup(union, index.long())
+        trained[where[hit]] = delta.to(torch.float64)
+        return union.to(index.dtype), (now + trained - original).to(delta.dtype)
+
+    @classmethod
+    def read_adapter_payload(cls, where, name, entry, tensors, shape):
+        encoding, count = entry.get("index"), entry["count"]
+        if encoding not in ("flat", "split16"):
+            raise ValueError(f"{where}: unknown index encoding {encoding!r}")
+        labels = ("index",) if encoding == "flat" else ("index_low16", "index_high_counts")
+        parts = take_tensors(where, name, tensors, labels + ("delta",))
+        expect_tensor(f"{name}.delta", parts["delta"], VALUE_DTYPES, (count,))
+        where_path = where.rsplit(": layer ", 1)[0]
+        positions = _decode_index(f"{where_path}: {name}", encoding, parts, count, shape[0] * shape[1])
+        return positions, {"delta": parts["delta"]}, {}, {f"{name}.{label}" for label in parts}
+
+    @classmethod
+    def sum_stored(cls, parts: list):
+        return sum_as_entries(parts)
+
+    @classmethod
+    def config_for(cls, layers: list) -> dict:
+        return {"method": "speft", "num_params": trainable_count(layers)}
+
+
+def sum_as_entries(parts: list) -> StoredLayer:
+    """``Σ w · part`` of ``[(StoredLayer, w)]`` of any kinds on one weight as scattered entries:
+    the union of their entries, overlapping ones summed (fp64, rounded once to the first part's
+    master dtype)."""
+    first = parts[0][0]
+    master = first.values[next(iter(first.values))].dtype
+    flats, values = [], []
+    for stored, weight in parts:
+        flat, value = kind_class(stored.kind).entries_of(stored.positions, stored.values, stored.shape, stored.options)
+        flats.append(flat.long())
+        values.append(value.reshape(-1).to(torch.float64) * weight)
+    union = torch.unique(torch.cat(flats))
+    acc = torch.zeros(union.numel(), dtype=torch.float64, device=union.device)
+    for flat, value in zip(flats, values):
+        acc.index_add_(0, torch.searchsorted(union, flat), value)
+    index = union.to(index_dtype_for(*first.shape))
+    return StoredLayer(SparseDeltaLinear.kind, first.shape, first.weight_dtype, None, index, {"delta": acc.to(master)},
+                       shared_with=first.shared_with)
+
+
+# --- the adapter file's index encodings -------------------------------------------------------
+
+
+def _encode_index(index: torch.Tensor, out_features: int, in_features: int) -> tuple[str, dict]:
+    """The smaller of two forms of a canonical index: ``flat`` (``index``: the positions, int32, or
+    int64 for a weight of 2**31 entries or more) or ``split16`` (``index_low16``, uint16:
+    ``flat % 65536``, + ``index_high_counts``, int32, one count per block of 65536 flat positions):
+    2 bytes an entry plus 4 bytes per 65536 weight entries, against 4 (or 8)."""
+    blocks = block_count(out_features, in_features)
+    flat_bytes = index.numel() * index.element_size()
+    if 2 * index.numel() + 4 * blocks >= flat_bytes:
+        return "flat", {"index": index}
+    # The split the layers store (ops/compact_index.py), with per-block counts instead of ends.
+    low_bytes, ends = compact_index(index, out_features, in_features)
+    counts = torch.diff(ends.long(), prepend=ends.new_zeros(1, dtype=torch.int64)).to(torch.int32)
+    return "split16", {"index_low16": low_bytes.view(torch.uint16), "index_high_counts": counts}
+
+
+def _decode_index(where: str, encoding: str, parts: dict, count: int, total: int) -> torch.Tensor:
+    if encoding == "flat":
+        index = parts["index"]
+        expect_tensor(where + ".index", index, (torch.int32, torch.int64), (count,))
+        return index
+    low, counts = parts["index_low16"], parts["index_high_counts"]
+    blocks = -(-total // BLOCK)
+    expect_tensor(where + ".index_low16", low, (torch.uint16,), (count,))
+    expect_tensor(where + ".index_high_counts", counts, (torch.int32,), (blocks,))
+    if bool((counts < 0).any()) or int(counts.long().sum()) != count:
+        raise ValueError(f"{where}.index_high_counts: the block counts must be non-negative and sum to {count}")
+    return expand_index(low.view(torch.uint8), torch.cumsum(counts.long(), 0), torch.int64)

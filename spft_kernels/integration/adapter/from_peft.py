@@ -7,7 +7,7 @@ same ``W0 + delta`` into the weight, so the outputs are bitwise equal (fp32, fp6
 when the SHiRA values are in the weight's dtype; fp32 values on a bf16/fp16 weight are rounded
 once here, by peft after a first rounding, so the two may differ by one unit in the last place
 of a weight entry). ``split`` and ``fused`` compute ``x W0ᵀ + x Δᵀ``: within the error budget of
-the layers (DESIGN.md), not bitwise. Any rank and any mask function: only the stored positions
+the layers (docs/architecture.md), not bitwise. Any rank and any mask function: only the stored positions
 matter.
 """
 
@@ -16,12 +16,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..masks.targets import weight_sharers
-from ..nn.sparse_delta_linear import SparseDeltaLinear
-from ..ops.index import canonical_flat_index
-from .config import SpftConfig
+from ...masks.targets import weight_sharers
+from ...nn.registry import plain_linear_type, universal_kind
+from ...ops.index import canonical_flat_index
+from ..config import SpftConfig
+from ..surgery import CONFIG_ATTR, prepare_for_training, remember_requires_grad, set_submodule
 from .peft_shira import shira_flat
-from .surgery import CONFIG_ATTR, prepare_for_training, remember_requires_grad, set_submodule
 
 
 def from_peft(peft_model: nn.Module, *, mode: str = "auto", backend: str = "auto") -> nn.Module:
@@ -65,7 +65,7 @@ def from_peft(peft_model: nn.Module, *, mode: str = "auto", backend: str = "auto
     shared = _shared_weights(base, layers, mode)
     config = SpftConfig(
         method="sparta" if getattr(peft_config, "mask_type", None) == "random" else "speft",
-        num_params=max(1, sum(layer.nnz for layer in layers.values())),
+        num_params=max(1, sum(layer.delta.numel() for layer in layers.values())),
         target_modules=list(layers), modules_to_save=saved or None, mode=mode, backend=backend,
     )
     tuner.unload()  # peft's own way back: base layers and the trained modules_to_save copies in place
@@ -119,7 +119,7 @@ def _is_modules_to_save(module: nn.Module) -> bool:
     return isinstance(module, ModulesToSaveWrapper)
 
 
-def _layer(name: str, module: nn.Module, adapter: str, mode: str, backend: str) -> SparseDeltaLinear:
+def _layer(name: str, module: nn.Module, adapter: str, mode: str, backend: str) -> nn.Module:
     """The SparseDeltaLinear equivalent of one peft SHiRA layer, built on its base linear (shared
     weight, nothing written yet)."""
     if getattr(module, "merged", False):
@@ -130,7 +130,7 @@ def _layer(name: str, module: nn.Module, adapter: str, mode: str, backend: str) 
     if getattr(module, "disable_adapters", False):
         raise ValueError(f"from_peft: layer {name!r} has its adapters disabled; enable them (or use the base model)")
     linear = module.get_base_layer()
-    if type(linear) is not nn.Linear:
+    if not plain_linear_type(linear):
         raise ValueError(f"from_peft: layer {name!r} has a {type(linear).__name__} base, not an nn.Linear")
     with torch.no_grad():
         values = module.shira_weight[adapter] * module.scaling[adapter]  # peft's own product, bit for bit
@@ -141,7 +141,7 @@ def _layer(name: str, module: nn.Module, adapter: str, mode: str, backend: str) 
     if order is not None:
         values = values[order]
     master = torch.float64 if linear.weight.dtype == torch.float64 else torch.float32
-    layer = SparseDeltaLinear.from_linear(linear, flat, mode=mode, backend=backend, delta_dtype=master, name=name)
+    layer = universal_kind().from_linear(linear, flat, mode=mode, backend=backend, delta_dtype=master, name=name)
     with torch.no_grad():
         layer.delta.copy_(values.detach())
     return layer

@@ -3,49 +3,31 @@ nothing."""
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from ..masks.targets import weight_reading_parent, weight_sharers
-from ..nn.block_sparse_linear import BlockSparseLinear
-from ..nn.pst_linear import PSTLinear
-from ..ops._guards import is_inference, outside_inference_mode
-from ..nn.row_sparse_linear import RowSparseLinear
-from ..nn.sparse_delta_linear import SparseDeltaLinear
-from ..ops.block_index import BlockIndex
-from ..ops.index import SparseIndex, canonical_rows
-from .adapter_format import _dtype_name, _is_dtensor, fingerprint, _KINDS, PathLike, _PST_FACTORS
-from .adapter_folder import read_any_adapter
-from .adapter_read import _Adapter
-from .config import SpftConfig
-from .surgery import (
+from ...masks.targets import weight_reading_parent, weight_sharers
+from ...nn.frozen_base import contiguity_refusal
+from ...nn.registry import is_spft_layer, kind_class, plain_linear_type
+from ...nn.stored import dtype_name, StoredLayer
+from ...ops._guards import is_inference, outside_inference_mode
+from ..config import SpftConfig
+from ..surgery import (
     _FLAGS_ATTR,
     CONFIG_ATTR,
     plain_linear,
     prepare_for_training,
     remember_requires_grad,
     set_submodule,
-    SPFT_LAYER_TYPES,
     spft_layers,
     unwrap_model,
 )
-
-
-@dataclasses.dataclass
-class _Plan:
-    """One layer, checked against the model and ready to install."""
-
-    kind: str
-    positions: Optional[torch.Tensor]  # canonical, on the weight's device; None for pst
-    values: Union[torch.Tensor, dict]  # sorted like the positions, master dtype, on the weight's device
-    pst: Optional[dict] = None
-    shared_with: Optional[str] = None  # another module holding the same weight: the layer never merges
-    block_size: Optional[tuple] = None  # blocks: (bh, bw)
-
+from .files import PathLike
+from .folder import read_any_adapter
+from .format import _is_dtensor, fingerprint
+from .read import _Adapter
 
 _BASE_DIFFERS = (
     "{where}: the model's base weight differs from the one the adapter was trained on (fingerprint "
@@ -54,7 +36,8 @@ _BASE_DIFFERS = (
 
 
 def _check_against(root: nn.Module, adapter: _Adapter, check_base: bool) -> dict:
-    """``{name: _Plan}``: every layer of the adapter checked against the model (module, shape,
+    """``{name: StoredLayer}`` ready to install (canonical positions and master-dtype values on the
+    weight's device): every layer of the adapter checked against the model (module, shape,
     dtype, positions, fingerprint) and its saved modules' state dict keys and shapes. Reads the
     model only."""
     modules = dict(root.named_modules())
@@ -66,7 +49,7 @@ def _check_against(root: nn.Module, adapter: _Adapter, check_base: bool) -> dict
             raise ValueError(f"{where} is not in the model ({type(root).__name__}); the adapter was made for another architecture")
         if not isinstance(module, nn.Linear):
             raise ValueError(f"{where}: the model's module is a {type(module).__name__}, not a linear layer")
-        if type(module) is not nn.Linear and not isinstance(module, SPFT_LAYER_TYPES):
+        if not plain_linear_type(module) and not is_spft_layer(module):
             raise ValueError(
                 f"{where}: the model's module is a {type(module).__name__}, not a plain nn.Linear; it cannot be "
                 "converted (as in get_spft_model)"
@@ -82,39 +65,33 @@ def _check_against(root: nn.Module, adapter: _Adapter, check_base: bool) -> dict
             raise ValueError(f"{where}: the model is sharded (FSDP2); load the adapter before fully_shard")
         if weight.device.type == "meta":
             raise ValueError(f"{where}: the model's weight is on the meta device; materialise the model first")
-        if check_base and _dtype_name(weight.dtype) != record.weight_dtype:
+        if check_base and dtype_name(weight.dtype) != record.weight_dtype:
             raise ValueError(
                 f"{where}: the adapter was trained on a {record.weight_dtype} base, the model's weight is "
-                f"{_dtype_name(weight.dtype)}; load onto a {record.weight_dtype} model and cast afterwards, or pass "
+                f"{dtype_name(weight.dtype)}; load onto a {record.weight_dtype} model and cast afterwards, or pass "
                 "check_base=False"
             )
         device = weight.device
         master = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        if record.kind == "pst":
-            if check_base and fingerprint(module, "pst", None) != record.fingerprint:
-                raise ValueError(_BASE_DIFFERS.format(where=where))
-            values = {label: t.to(device, master) for label, t in record.values.items()}
-            plans[name] = _Plan("pst", None, values, record.pst)
-            continue
-        positions = record.positions.to(device)
-        if record.kind == "entries":
-            if not weight.is_contiguous() and _layer_mode(module, adapter.config) == "merged":
-                raise ValueError(f"{where}: mode 'merged' needs a contiguous weight")
-            sparse_index, order = SparseIndex.build(positions, *shape, device=device, name=where)
-            positions = sparse_index.flat
-        elif record.kind == "blocks":
-            block_index, order = BlockIndex.build(positions, *shape, record.block_size, device=device, name=where)
-            positions = block_index.blocks
-        else:
-            positions, order = canonical_rows(positions, shape[0], device=device, name=where)
-        values = record.values.to(device)
-        if order is not None:
-            values = values[order]
+        cls = kind_class(record.kind, where)
+        positions = record.positions
+        values = {label: value.to(device) for label, value in record.values.items()}
+        if positions is not None:
+            if cls._MERGE_NEEDS_CONTIGUOUS_WEIGHT and _layer_mode(module, adapter.config) == "merged":
+                refusal = contiguity_refusal(weight, True, where)
+                if refusal is not None:
+                    raise ValueError(f"{where}: mode 'merged' needs a contiguous weight")
+            positions, order = cls.check_positions(positions.to(device), shape, device, where, record.options)
+            if order is not None:
+                values = {label: value[order] for label, value in values.items()}
+        trained = cls.flat_positions(positions, shape, record.options) if positions is not None else None
         # A folder peft wrote has no fingerprint (None): nothing to check the base against.
-        if (check_base and record.fingerprint is not None
-                and fingerprint(module, record.kind, positions, record.block_size) != record.fingerprint):
-            raise ValueError(_BASE_DIFFERS.format(where=where))
-        plans[name] = _Plan(record.kind, positions, values.to(master), block_size=record.block_size)
+        if check_base and record.fingerprint is not None:
+            covered = torch.empty(0, dtype=torch.int64) if trained is None else trained
+            if fingerprint(module, covered) != record.fingerprint:
+                raise ValueError(_BASE_DIFFERS.format(where=where))
+        values = {label: value.to(master) for label, value in values.items()}
+        plans[name] = record.replace(positions=positions, values=values)
     _check_sharing(root, adapter, plans)
     for module_name, state in adapter.saved.items():
         module = modules.get(module_name)
@@ -147,7 +124,7 @@ def _check_sharing(root: nn.Module, adapter: _Adapter, plans: dict) -> None:
                 f"{where} shares its weight with {other!r}, which the adapter's saved module {trained[0]!r} would "
                 "overwrite: the delta's base W0 would change under it"
             )
-        if plans[name].kind != "pst":
+        if kind_class(plans[name].kind).writes_w0:
             if _layer_mode(modules[name], adapter.config) == "merged":
                 raise ValueError(
                     f"{where} shares its weight with {other!r} (e.g. a tied LM head and input embedding); mode "
@@ -157,7 +134,8 @@ def _check_sharing(root: nn.Module, adapter: _Adapter, plans: dict) -> None:
             plans[name].shared_with = other
     for name, plan in plans.items():
         module = modules[name]
-        if plan.kind != "pst" and is_inference(module.weight) and _layer_mode(module, adapter.config) == "merged":
+        writes = kind_class(plan.kind).writes_w0
+        if writes and is_inference(module.weight) and _layer_mode(module, adapter.config) == "merged":
             raise ValueError(
                 f"{adapter.path}: layer {name!r}: the model's weight is an inference tensor (made under "
                 "torch.inference_mode), which cannot be merged into outside inference mode; use mode 'auto' or "
@@ -166,7 +144,9 @@ def _check_sharing(root: nn.Module, adapter: _Adapter, plans: dict) -> None:
 
 
 def _layer_mode(module: nn.Module, config: SpftConfig) -> str:
-    return module.mode if isinstance(module, (SparseDeltaLinear, RowSparseLinear, BlockSparseLinear)) else config.mode
+    """A converted layer keeps its own mode; a plain linear takes the config's."""
+    mode = getattr(module, "mode", None) if is_spft_layer(module) else None
+    return mode if isinstance(mode, str) else config.mode
 
 
 # --- installing --------------------------------------------------------------------------------
@@ -194,7 +174,7 @@ class _Snapshot:
     def __init__(self, root: nn.Module, names: list, saved: list) -> None:
         self.root = root
         self.modules = {name: root.get_submodule(name) for name in dict.fromkeys(names)}
-        self.merged = [m for m in self.modules.values() if isinstance(m, SPFT_LAYER_TYPES) and getattr(m, "merged", False)]
+        self.merged = [m for m in self.modules.values() if is_spft_layer(m) and getattr(m, "merged", False)]
         with torch.no_grad(), outside_inference_mode():
             self.saved = {n: {k: t.detach().clone() for k, t in root.get_submodule(n).state_dict().items()} for n in saved}
         self.flags = [(p, p.requires_grad) for p in root.parameters()]
@@ -206,8 +186,8 @@ class _Snapshot:
             for name, original in self.modules.items():
                 current = root.get_submodule(name)
                 if current is not original:
-                    if isinstance(current, SPFT_LAYER_TYPES) and not isinstance(current, PSTLinear):
-                        current.unmerge()  # W0 back in the shared weight
+                    if is_spft_layer(current):
+                        current.unmerge()  # W0 back in the shared weight (a no-op for a kind that never writes it)
                     set_submodule(root, name, original)
             for layer in self.merged:
                 layer.merge()
@@ -233,19 +213,12 @@ def _install_checked(root: nn.Module, plans: dict, saved: dict, config: SpftConf
             set_submodule(root, name, plain_linear(layer))
     for name, plan in plans.items():
         current = modules[name]
-        backend = current.backend if isinstance(current, SPFT_LAYER_TYPES) else config.backend
-        if plan.kind == "pst":
-            set_submodule(root, name, _pst_layer(plain_linear(current), plan, backend, name))
-            continue
+        backend = current.backend if is_spft_layer(current) else config.backend
         mode = _layer_mode(current, config)
-        build = _KINDS[plan.kind].from_linear
-        if plan.kind == "blocks":
-            build = functools.partial(build, block_size=plan.block_size)
-        layer = build(plain_linear(current), plan.positions, mode=mode, backend=backend, name=name)
-        with torch.no_grad():
-            layer.delta.copy_(plan.values)
-        if plan.shared_with is not None:
-            layer.mark_weight_shared(plan.shared_with)
+        cls = kind_class(plan.kind)
+        if not cls.writes_w0:
+            mode = "auto"  # (a kind that never writes into W0 has one way to compute)
+        layer = cls.build_stored(plain_linear(current), plan, mode=mode, backend=backend, name=name)
         set_submodule(root, name, layer)
     for module_name, state in saved.items():
         root.get_submodule(module_name).load_state_dict(state)
@@ -253,21 +226,9 @@ def _install_checked(root: nn.Module, plans: dict, saved: dict, config: SpftConf
     setattr(root, CONFIG_ATTR, config)
 
 
-def _pst_layer(linear: nn.Linear, plan: _Plan, backend: str, name: str) -> PSTLinear:
-    options = plan.pst
-    layer = PSTLinear.from_linear(
-        linear, options["sparsity"], options["r1"], options["r2"], beta=options["beta"], alpha1=options["alpha1"],
-        alpha2=options["alpha2"], abs_score_grad=options["abs_score_grad"], backend=backend, name=name,
-    )
-    with torch.no_grad():
-        for label, factor in zip(_PST_FACTORS, layer.factors()):
-            factor.copy_(plan.values[label])
-    return layer
-
-
 def load_adapter(model: nn.Module, path: PathLike, *, check_base: bool = True) -> nn.Module:
     """Load an adapter into ``model`` and return it (the same object). ``path``: an adapter file,
-    a folder ``save_adapter`` wrote, or a SHiRA adapter folder peft saved (``adapter_folder.py``).
+    a folder ``save_adapter`` wrote, or a SHiRA adapter folder peft saved (``folder.py``).
 
     A plain model is converted (its linears become spft layers at the stored positions, as
     ``PeftModel.from_pretrained`` does for LoRA); a converted model gets its adapter replaced

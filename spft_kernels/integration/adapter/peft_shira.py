@@ -1,6 +1,6 @@
 """peft's SHiRA adapter folders, both ways: ``save_adapter(model, folder, format="peft")`` writes
 one that stock ``peft.PeftModel.from_pretrained(base, folder)`` loads, and ``load_adapter`` reads
-one that peft saved (``adapter_folder.py`` tells the folders apart).
+one that peft saved (``folder.py`` tells the folders apart).
 
 peft's SHiRA format (read from peft 0.21's ``tuners/shira``; the tests check it against the
 installed peft):
@@ -19,9 +19,9 @@ installed peft):
   the sum the merged mode writes, so fp32 outputs are bitwise equal.
 
 Writing: every spft layer kind whose delta is a set of weight entries gives its flat entries
-(``SHIRA_KINDS``: scattered entries as they are, rows as their ``in`` entries each, blocks as
-their live entries, which load back as scattered entries: SHiRA has no blocks; a new kind adds
-its way there and back). ``r`` is the smallest that holds every layer's entries
+(the kind's ``entries_of``: scattered entries as they are, rows as their ``in`` entries each,
+blocks as their live entries, which load back as scattered entries since SHiRA has no blocks;
+``shira_kind`` says which kind they come back as, ``from_entries`` how). ``r`` is the smallest that holds every layer's entries
 (``ceil(count / (in + out))``, at least 1); a layer's remaining ``K - count`` entries are zeros at
 untrained positions spread evenly over the weight, so peft's output is the model's. The real
 entries come first, then the padding, and the safetensors metadata (which peft ignores) keeps the
@@ -37,112 +37,36 @@ needing ``r`` entries beyond the size of a smaller layer).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from ..nn.block_sparse_linear import BlockSparseLinear
-from ..nn.pst_linear import PSTLinear
-from ..nn.row_sparse_linear import RowSparseLinear
-from ..nn.sparse_delta_linear import SparseDeltaLinear
-from ..ops.block_index import block_entries
-from .adapter_format import (
-    cast_values,
-    _checksum,
-    _dtype_name,
-    _full,
-    fingerprint,
-    PathLike,
-    saved_module_tensors,
-    _VALUE_DTYPES,
-)
-from .adapter_folder import _name_or_path, _replace, _write_json, CONFIG_FILE, PEFT_TENSORS
-from .adapter_read import _Adapter, _LayerRecord, read_safetensors
-from .config import SpftConfig
-from .surgery import saved_module_names
+from ...nn.registry import kind_class, universal_kind
+from ...nn.stored import dtype_name, StoredLayer, VALUE_DTYPES
+from ..config import SpftConfig
+from ..surgery import saved_module_names
+from .files import CONFIG_FILE, name_or_path, PathLike, PEFT_TENSORS, read_safetensors, replace_atomically, write_json
+from .format import cast_values, _checksum, _full, fingerprint, saved_module_tensors
+from .read import _Adapter
 
 PEFT_PREFIX = "base_model.model."  # PeftModel.base_model (the tuner) .model (the base model)
 SPFT_IN_PEFT = "spft_adapter_in_peft_shira"  # metadata["spft_format"] of a folder spft wrote
 _WEIGHT, _INDICES = "shira_weight", "shira_indices"
 
 
-# --- every layer kind as flat entries, and back ---------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ShiraKind:
-    """How one spft layer kind crosses into SHiRA's flat entries and back.
-
-    ``to_flat(layer) -> (flat, values, positions)``: sorted flat positions (int64), the values in
-    that order, and the layer's own positions (for its fingerprint and its count,
-    ``positions.numel()``). ``from_flat(where, count, shape, flat, values) -> (positions, values)``:
-    the layer's positions and values from its first ``count * entries_per_position`` flat entries
-    (``ValueError`` if they do not have the kind's structure)."""
-
-    name: str  # the "kind" of adapter_format.py
-    entries_per_position: Callable[[tuple], int]  # shape -> flat entries per position
-    to_flat: Callable
-    from_flat: Callable
-
-
-def _scattered_to_flat(layer: SparseDeltaLinear):
-    index = layer.index  # expanded from the layer's compact form on each read: once
-    return index.long(), _full(layer.delta).detach(), index
-
-
-def _scattered_from_flat(where: str, count: int, shape: tuple, flat: torch.Tensor, values: torch.Tensor):
-    return flat, values
-
-
-def _rows_to_flat(layer: RowSparseLinear):
-    rows = layer.rows.long()
-    columns = torch.arange(layer.in_features, device=rows.device)
-    flat = (rows[:, None] * layer.in_features + columns).reshape(-1)  # row-major: sorted
-    return flat, _full(layer.delta).detach().reshape(-1), rows
-
-
-def _rows_from_flat(where: str, count: int, shape: tuple, flat: torch.Tensor, values: torch.Tensor):
-    width = shape[1]
-    grid = flat.view(count, width)
-    rows = torch.div(grid[:, 0], width, rounding_mode="floor")
-    if not torch.equal(grid, rows[:, None] * width + torch.arange(width)):
-        raise ValueError(f"{where}: the entries of a rows layer must be whole rows in order")
-    return rows, values.view(count, width)
-
-
-def _blocks_to_flat(layer: BlockSparseLinear):
-    """SHiRA has no blocks: a block layer crosses as its live entries (the dead entries of clipped
-    edge blocks are not weights) and comes back as scattered entries, with the same W0 + Δ."""
-    flat, where = block_entries(layer.blocks, (layer.out_features, layer.in_features), layer.block_size)
-    order = torch.argsort(flat)
-    flat = flat[order]
-    return flat, _full(layer.delta).detach().reshape(-1)[where[order]], flat
-
-
-# The layer kinds SHiRA can express (a new kind adds its entry here).
-SHIRA_KINDS: dict[type, ShiraKind] = {
-    SparseDeltaLinear: ShiraKind("entries", lambda shape: 1, _scattered_to_flat, _scattered_from_flat),
-    RowSparseLinear: ShiraKind("rows", lambda shape: shape[1], _rows_to_flat, _rows_from_flat),
-    BlockSparseLinear: ShiraKind("entries", lambda shape: 1, _blocks_to_flat, _scattered_from_flat),
-}
-
-
-def shira_kind(name: str, layer: nn.Module) -> ShiraKind:
-    """The layer's ``ShiraKind``; ``ValueError`` for a kind SHiRA cannot express."""
-    for cls in type(layer).__mro__:
-        if cls in SHIRA_KINDS:
-            return SHIRA_KINDS[cls]
-    if isinstance(layer, PSTLinear):
+def _layer_entries(name: str, layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's sorted flat entries and values; ``ValueError`` for a kind SHiRA cannot express."""
+    if layer.shira_kind is None:
         raise ValueError(
-            f"save_adapter(format='peft'): layer {name!r} is a PSTLinear; PST's output is a pruned weight "
-            "(W0 + βUV) ⊙ M, not W0 plus a set of trained entries, so peft's SHiRA format cannot express it "
-            "(save it in spft's own format, or export the pruned model with merge_and_unload)"
+            f"save_adapter(format='peft'): layer {name!r} is a {type(layer).__name__}; {layer.shira_refusal} "
+            "(save it in spft's own format, or export the merged model with merge_and_unload)"
         )
-    raise ValueError(f"save_adapter(format='peft'): layer {name!r} ({type(layer).__name__}) has no SHiRA form")
+    trained = {label: _full(value).detach() for label, value in layer.trainable_tensors().items()}
+    flat, values = layer.entries_of(layer.positions(), trained, (layer.out_features, layer.in_features), layer.options())
+    return flat, values.reshape(-1)
 
 
 def shira_rank(shapes: dict) -> int:
@@ -202,15 +126,16 @@ def save_shira_folder(
     if folder.endswith(".safetensors") or os.path.isfile(folder):
         raise ValueError(f"save_adapter(format='peft'): {folder!r} must be a folder (peft adapters are folders)")
     with torch.no_grad():
-        kinds = {name: shira_kind(name, layer) for name, layer in layers.items()}
-        flat = {name: kinds[name].to_flat(layer) for name, layer in layers.items()}
+        flat = {name: _layer_entries(name, layer) for name, layer in layers.items()}
         shapes = {name: (layer.out_features, layer.in_features, flat[name][0].numel()) for name, layer in layers.items()}
         rank = shira_rank(shapes)
         tensors, described = {}, {}
         for name, layer in layers.items():
-            kind = kinds[name].name
-            positions, values, own = flat[name]
+            kind = layer.shira_kind
+            positions, values = flat[name]
             out_features, in_features, count = shapes[name]
+            per_position = kind_class(kind).entries_per_position((out_features, in_features), {})
+            fingerprinted = fingerprint(layer, positions)  # W0 at the entries (rows: whole rows, row-major)
             total = out_features * in_features
             padding = _padding(positions, total, rank * (out_features + in_features) - count)
             positions = torch.cat([positions, padding]).cpu()
@@ -220,8 +145,8 @@ def save_shira_folder(
             tensors[f"{PEFT_PREFIX}{name}.{_INDICES}"] = torch.stack([rows, positions - rows * in_features]).to(torch.int32)
             tensors[f"{PEFT_PREFIX}{name}.{_WEIGHT}"] = values.contiguous()
             described[name] = {
-                "kind": kind, "shape": [out_features, in_features], "count": int(own.numel()),
-                "weight_dtype": _dtype_name(layer.weight.dtype), "fingerprint": fingerprint(layer, kind, own),
+                "kind": kind, "shape": [out_features, in_features], "count": count // per_position,
+                "weight_dtype": dtype_name(layer.weight.dtype), "fingerprint": fingerprinted,
             }
         saved = saved_module_tensors(root, config.modules_to_save, tensors, PEFT_PREFIX)
     metadata = {
@@ -244,13 +169,13 @@ def save_shira_folder(
         "modules_to_save": sorted(saved) or None,
         "inference_mode": True,
         "task_type": None,
-        "base_model_name_or_path": _name_or_path(root),
+        "base_model_name_or_path": name_or_path(root),
         "revision": None,
     }
     if write:
         os.makedirs(folder, exist_ok=True)
-        _replace(os.path.join(folder, PEFT_TENSORS), lambda target: save_file(tensors, target, metadata=metadata))
-        _replace(os.path.join(folder, CONFIG_FILE), lambda target: _write_json(target, peft_config))
+        replace_atomically(os.path.join(folder, PEFT_TENSORS), lambda target: save_file(tensors, target, metadata=metadata))
+        replace_atomically(os.path.join(folder, CONFIG_FILE), lambda target: write_json(target, peft_config))
     return folder
 
 
@@ -294,34 +219,34 @@ def read_shira_folder(folder: str, peft_config: dict, root: nn.Module) -> _Adapt
                                    modules.get(name), entry)
     saved = _saved_modules(path, peft_config.get("modules_to_save"), tensors, root)
     if not ours:
-        count = sum(record.values.numel() for record in layers.values())
+        count = sum(record.count for record in layers.values())
         method = "sparta" if peft_config.get("mask_type") == "random" else "speft"
         config = SpftConfig(method=method, num_params=max(count, 1), target_modules=names or None,
                             modules_to_save=sorted(saved) or None)
     return _Adapter(folder, config, layers, saved)
 
 
-def _read_layer(where: str, values, indices, module, entry: Optional[dict]) -> _LayerRecord:
+def _read_layer(where: str, values, indices, module, entry: Optional[dict]) -> StoredLayer:
     if values is None or indices is None:
         raise ValueError(f"{where}: needs both {_WEIGHT} and {_INDICES}")
     if not isinstance(module, nn.Linear):
         found = "not in the model" if module is None else f"a {type(module).__name__} in the model, not a linear layer"
         raise ValueError(f"{where} is {found}; the adapter was made for another architecture")
     out_features, in_features = module.out_features, module.in_features
-    if values.dim() != 1 or values.dtype not in _VALUE_DTYPES:
-        raise ValueError(f"{where}: {_WEIGHT} must be a 1-D float tensor, got {_dtype_name(values.dtype)} {tuple(values.shape)}")
+    if values.dim() != 1 or values.dtype not in VALUE_DTYPES:
+        raise ValueError(f"{where}: {_WEIGHT} must be a 1-D float tensor, got {dtype_name(values.dtype)} {tuple(values.shape)}")
     if indices.dim() != 2 or indices.shape[0] != 2 or indices.shape[1] != values.numel():
         raise ValueError(f"{where}: {_INDICES} must have shape (2, {values.numel()}), got {tuple(indices.shape)}")
     if indices.is_floating_point() and not bool((indices == indices.round()).all()):  # float32 on Windows
         raise ValueError(f"{where}: {_INDICES} holds non-integer values")
     flat = shira_flat(where, indices, out_features, in_features)
-    weight_dtype = _dtype_name(module.weight.dtype)
+    weight_dtype = dtype_name(module.weight.dtype)
     if entry is None:  # a folder peft wrote: every entry trains, nothing to check the base against
-        return _LayerRecord("entries", (out_features, in_features), weight_dtype, None, flat, values)
+        return StoredLayer(universal_kind().kind, (out_features, in_features), weight_dtype, None, flat, {"delta": values})
     return _described_layer(where, entry, flat, values)
 
 
-def _described_layer(where: str, entry: dict, flat: torch.Tensor, values: torch.Tensor) -> _LayerRecord:
+def _described_layer(where: str, entry: dict, flat: torch.Tensor, values: torch.Tensor) -> StoredLayer:
     """The layer spft saved: its real entries first (``count`` positions of its kind), then zero
     padding; anything else is refused rather than silently dropped."""
     try:
@@ -329,14 +254,18 @@ def _described_layer(where: str, entry: dict, flat: torch.Tensor, values: torch.
         weight_dtype, digest = entry["weight_dtype"], entry["fingerprint"]
     except (KeyError, TypeError):
         raise ValueError(f"{where}: incomplete spft metadata {entry!r}") from None
-    spec = next((spec for spec in SHIRA_KINDS.values() if spec.name == kind), None)
-    if spec is None or isinstance(count, bool) or not isinstance(count, int) or count < 0 or len(shape) != 2:
+    try:
+        cls = kind_class(kind)
+    except ValueError:
+        cls = None
+    if (cls is None or cls.shira_kind != kind or isinstance(count, bool) or not isinstance(count, int) or count < 0
+            or len(shape) != 2):
         raise ValueError(f"{where}: bad spft metadata kind={kind!r}, count={count!r}, shape={shape!r}")
-    real = count * spec.entries_per_position(shape)
+    real = count * cls.entries_per_position(shape, {})
     if real > values.numel() or bool(values[real:].any()):
         raise ValueError(f"{where}: the entries after the first {real} must be zero padding")
-    positions, values = spec.from_flat(where, count, shape, flat[:real], values[:real])
-    return _LayerRecord(kind, shape, weight_dtype, digest, positions, values)
+    positions, values = cls.from_entries(where, count, shape, flat[:real], values[:real])
+    return StoredLayer(kind, shape, weight_dtype, digest, positions, values)
 
 
 def _saved_modules(path: str, patterns, tensors: dict, root: nn.Module) -> dict:

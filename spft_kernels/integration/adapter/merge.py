@@ -11,12 +11,12 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..ops.index import index_dtype_for
-from ..ops.block_index import block_entries
-from .adapter_format import PathLike
-from .adapter_load import _check_against, _install, _Plan
-from .adapter_folder import read_any_adapter
-from .surgery import unwrap_model
+from ...nn.registry import kind_class, universal_kind
+from ...nn.stored import StoredLayer
+from ..surgery import unwrap_model
+from .files import PathLike
+from .folder import read_any_adapter
+from .load import _check_against, _install
 
 
 def merge_adapters(
@@ -57,10 +57,11 @@ def merge_adapters(
     root = unwrap_model(model)
     adapters = [read_any_adapter(p, root) for p in paths]
     for adapter in adapters:
-        if any(record.kind == "pst" for record in adapter.layers.values()):
+        odd = sorted({record.kind for record in adapter.layers.values() if not kind_class(record.kind).additive})
+        if odd:
             raise ValueError(
-                f"merge_adapters: {adapter.path} is a PST adapter; PST adapters are not additive (each prunes W0 "
-                "with its own learned mask), so they cannot be merged: load one with load_adapter"
+                f"merge_adapters: {adapter.path} holds {odd[0]!r} layers, which are not additive (PST: each prunes "
+                "W0 with its own learned mask), so they cannot be merged: load one with load_adapter"
             )
     checked = [_check_against(root, adapter, check_base) for adapter in adapters]
     order = {name: position for position, (name, _) in enumerate(root.named_modules())}
@@ -68,7 +69,7 @@ def merge_adapters(
     merged = {}
     for name in names:
         parts = [(plans[name], float(w)) for plans, w in zip(checked, weights) if name in plans]
-        merged[name] = _merge_layer(root.get_submodule(name), parts)
+        merged[name] = _merge_layer(parts)
     saved = {}
     if saved_modules == "error":
         owners: dict = {}
@@ -83,16 +84,18 @@ def merge_adapters(
                 f"merge_adapters: module {module_name!r} is saved whole by several adapters ({owner_paths}); it "
                 "cannot be merged without interference. Pass saved_modules='skip' and attach each head yourself"
             )
-    total = sum(plan.values.numel() for plan in merged.values())
+    total = sum(plan.count for plan in merged.values())
     config = adapters[0].config
     method = config.method
-    if method == "spruft" and any(plan.kind != "rows" for plan in merged.values()):
-        method = "speft"
-    block_sizes = {plan.block_size for plan in merged.values()}
+    kinds = {plan.kind for plan in merged.values()}
+    if len(kinds) > 1 or kind_class(kinds.pop()).universal:
+        method = "speft" if method == "spruft" else method  # (rows merged as entries are no longer rows)
+    block_sizes = {tuple(plan.options.get("block_size") or ()) or None for plan in merged.values()}
     config = dataclasses.replace(
         config,
         method=method,
         block_size=block_sizes.pop() if len(block_sizes) == 1 else None,
+        kind=config.kind if {plan.kind for plan in merged.values()} == {config.kind} else None,
         metric=config.metric if method == config.method else None,
         scope=config.scope if method == config.method else None,
         density=None,
@@ -105,35 +108,12 @@ def merge_adapters(
     return model
 
 
-def _merge_layer(module: nn.Linear, parts: list) -> _Plan:
-    """The union of the parts' positions with the weighted values summed (fp64, rounded once)."""
-    in_features = module.in_features
-    master = parts[0][0].values.dtype
+def _merge_layer(parts: list) -> StoredLayer:
+    """``Σ w · part`` of one layer's parts: as their kind where it can sum them (rows, blocks of one
+    size, entries), else as scattered entries (mixed kinds or block sizes)."""
     kinds = {plan.kind for plan, _ in parts}
-    block_sizes = {plan.block_size for plan, _ in parts}
-    if len(kinds) == 1 and kinds <= {"rows", "blocks"} and len(block_sizes) == 1:
-        # Whole rows (or blocks of one size) everywhere: the union of rows (blocks), summed.
-        union = torch.unique(torch.cat([plan.positions for plan, _ in parts]))
-        acc = torch.zeros(union.numel(), *parts[0][0].values.shape[1:], dtype=torch.float64, device=union.device)
-        for plan, w in parts:
-            acc.index_add_(0, torch.searchsorted(union, plan.positions), plan.values.to(torch.float64) * w)
-        return _Plan(kinds.pop(), union, acc.to(master), block_size=block_sizes.pop())
-    flats, values = [], []
-    for plan, w in parts:
-        if plan.kind == "blocks":  # mixed with other kinds or block sizes: as its live entries
-            flat, where = block_entries(plan.positions, (module.out_features, in_features), plan.block_size)
-            flats.append(flat)
-            values.append(plan.values.reshape(-1)[where].to(torch.float64) * w)
-        elif plan.kind == "rows":
-            columns = torch.arange(in_features, device=plan.positions.device)
-            flats.append((plan.positions[:, None] * in_features + columns).reshape(-1))
-            values.append(plan.values.reshape(-1).to(torch.float64) * w)
-        else:
-            flats.append(plan.positions.long())
-            values.append(plan.values.to(torch.float64) * w)
-    union = torch.unique(torch.cat(flats))
-    acc = torch.zeros(union.numel(), dtype=torch.float64, device=union.device)
-    for flat, value in zip(flats, values):
-        acc.index_add_(0, torch.searchsorted(union, flat), value)
-    index = union.to(index_dtype_for(module.out_features, in_features))
-    return _Plan("entries", index, acc.to(master))
+    if len(kinds) == 1:
+        summed = kind_class(kinds.pop()).sum_stored(parts)
+        if summed is not None:
+            return summed
+    return universal_kind().sum_stored(parts)

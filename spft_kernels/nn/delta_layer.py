@@ -1,0 +1,568 @@
+"""``DeltaLayer``: the layers whose trainable part is a delta at fixed positions of W0
+(``SparseDeltaLinear``: scattered entries, SPEFT and SpaRTA; ``RowSparseLinear``: whole rows,
+SPruFT; ``BlockSparseLinear``: dense blocks), with their modes, merging and state dict. The
+positions themselves (validation, stored form, W0 at them) are each kind's (``docs/architecture.md``).
+
+Modes, the same for every delta kind:
+
+- ``split``: ``x W0ᵀ + b`` (cuBLAS) plus the delta's own term (the sparse ``x Δᵀ``, or
+  ``x Wfᵀ`` scattered into the selected output rows, or the blocks' batched GEMMs); W0 is never
+  modified.
+- ``merged``: the weight holds ``W_eff = W0 + Δ`` in its own dtype and W0 at the trained
+  positions is kept aside; forward and dx are plain GEMMs, only the delta gradient is sparse. When
+  ``delta`` may have changed since the last forward (its version counter or storage moved, or a
+  gradient was accumulated into it since, after which any optimizer step may follow) the trained
+  positions are rewritten from W0 and the fp32 master (O(positions)). Whether a layer may merge is
+  its frozen base's call (``frozen_base.py``: a dense weight nobody else holds).
+- ``fused`` (SparseDeltaLinear): one GEMM whose weight tiles get the delta entries added on the
+  fly (the cuda backend's kernel; other backends compute the split form); the backward is split's.
+- ``auto``: ``merged`` when the base allows it, else ``split``.
+
+The state dict always holds W0 (never W_eff), the fp32 delta and the canonical positions, so it
+is the same whatever the mode and loads into a layer of any mode or size. A merged layer builds it
+without copying the weight: W0 is written back into the trained positions and lent to the state
+dict until it is freed (``w0_loan.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..ops._guards import builds_state, is_inference
+from .base import SpftLayer, check_sizes
+from .frozen_base import contiguity_refusal, INFERENCE_WEIGHT
+from .w0_loan import W0Loans
+
+MODES = ("auto", "merged", "split", "fused")
+
+_GRADIENTS_SEEN = "_spft_gradients_seen"
+
+
+def _check_delta_dtype(delta_dtype, layer_name: str) -> torch.dtype:
+    if not isinstance(delta_dtype, torch.dtype) or not delta_dtype.is_floating_point:
+        raise ValueError(
+            f"{layer_name}: delta_dtype must be a floating-point torch.dtype (the trainable master, fp32 by "
+            f"default), got {delta_dtype!r}"
+        )
+    return delta_dtype
+
+
+def _count_gradient(delta: torch.Tensor) -> None:
+    """Post-accumulate-grad hook of a layer's delta: counts the gradients accumulated into it, so
+    that a merged layer re-syncs after an optimizer step that did not bump the version counter."""
+    setattr(delta, _GRADIENTS_SEEN, getattr(delta, _GRADIENTS_SEEN, 0) + 1)
+
+
+class DeltaLayer(SpftLayer):
+    """What the delta kinds share: a frozen W0 (shared with the wrapped linear, never copied), a
+    master delta at validated positions (fp32 unless told otherwise), merge/unmerge with W0 at the
+    positions kept aside, the merged mode's re-sync, a mode-independent state dict and casts that
+    keep the master delta.
+
+    A kind says where the delta sits: ``positions_key`` (the state dict key of the positions,
+    which this class writes and reads itself: a kind stores them in any form, in non-persistent
+    buffers, and gives them back canonical through ``_current_positions``), ``unit`` and the hooks
+    ``_validate`` (a classmethod; given ``layer=`` when positions come into an existing layer, and
+    the kind's options as keywords), ``_adopt``, ``_positions_tensor``, ``_delta_shape``,
+    ``_gather_w0``, ``_write``, ``_functional`` and ``_describe``; plus the protocol of
+    ``SpftLayer``.
+    """
+
+    _HAS_FUSED_MODE = False
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        positions: Optional[torch.Tensor] = None,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        mode: str = "auto",
+        backend: str = "auto",
+        delta_dtype: torch.dtype = torch.float32,
+        name: Optional[str] = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype, backend=backend, name=name)
+        if mode not in MODES:
+            raise ValueError(f"{self.layer_name}: unknown mode {mode!r}; choose one of {MODES}")
+        if mode == "fused" and not self._HAS_FUSED_MODE:
+            raise NotImplementedError(
+                f"{type(self).__name__} has no mode='fused' (the fused GEMM is SparseDeltaLinear's); "
+                "use 'merged' (fastest) or 'split'"
+            )
+        self.mode = mode
+        self.delta_dtype = _check_delta_dtype(delta_dtype, self.layer_name)
+        # The qualified name of another module that holds this layer's weight too (a tied LM head's
+        # input embedding), set by get_spft_model / load_adapter via ``mark_weight_shared``: such
+        # a layer never writes into its weight (auto computes the split form; merge() refuses).
+        self.weight_shared_with: Optional[str] = None
+        self._merged = False
+        self._synced_delta_key = None
+        # (the weight Parameter merge() wrote W0 + Δ into,) while merged; see _check_weight_kept.
+        self._merged_into = None
+        self._merge_disabled = False  # mode 'auto' after the weight was swapped out (FSDP2)
+        # Live state-dict views of the weight while it holds W0 for them (w0_loan.py).
+        self._w0_loans = W0Loans()
+        self.register_buffer("_w0_at_index", None, persistent=False)
+        if positions is None:
+            # No positions yet (a skeleton, e.g. on the meta device, to load a state dict into):
+            # zero trainable entries, a valid layer that computes the plain linear.
+            positions = torch.empty(0, dtype=torch.int64, device=self.weight.device)
+        self._set_positions(positions, None)
+
+    @classmethod
+    @builds_state
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        positions,
+        *,
+        mode: str = "auto",
+        backend: str = "auto",
+        name: Optional[str] = None,
+        delta_dtype: torch.dtype = torch.float32,
+        **options,
+    ):
+        """Wrap ``linear`` without copying its weight: the layer shares (and freezes) the weight and
+        bias tensors and trains a delta at ``positions`` (the kind's form: flat entries, rows or
+        block ids; sorted here), starting from zero so that it computes exactly what ``linear``
+        did. ``options``: the kind's own (e.g. ``block_size``). Everything is checked before
+        ``linear`` is touched."""
+        layer_name = name or cls.__name__
+        cls._check_linear(linear, layer_name)
+        _check_delta_dtype(delta_dtype, layer_name)
+        options = cls._check_options(options, layer_name)
+        if mode == "merged":
+            refusal = contiguity_refusal(linear.weight, cls._MERGE_NEEDS_CONTIGUOUS_WEIGHT, layer_name)
+            if refusal is None and is_inference(linear.weight):
+                refusal = INFERENCE_WEIGHT.format(layer=layer_name)
+            if refusal is not None:
+                raise ValueError(refusal)
+        in_features, out_features = check_sizes(linear.in_features, linear.out_features, layer_name)
+        # Validate before touching the linear, so bad positions leave it as it was.
+        validated, _ = cls._validate(positions, out_features, in_features, linear.weight.device, layer_name, **options)
+        # Build on the meta device so that no second weight is ever allocated or initialised.
+        layer = cls(
+            in_features, out_features, None, bias=linear.bias is not None, device="meta",
+            dtype=linear.weight.dtype, mode=mode, backend=backend, delta_dtype=delta_dtype, name=name, **options,
+        )
+        flags = []
+        try:
+            flags = layer._share_base(linear)
+            layer._install(validated, None)
+        except BaseException:
+            for parameter, flag in flags:  # the linear is left as it was
+                parameter.requires_grad_(flag)
+            raise
+        return layer
+
+    @classmethod
+    def _check_options(cls, options: dict, layer_name: str) -> dict:
+        """The kind's ``from_linear`` options, checked (a kind without options takes none)."""
+        if options:
+            raise TypeError(f"{cls.__name__}.from_linear got unexpected options {sorted(options)}")
+        return {}
+
+    # --- the positions ----------------------------------------------------------------------
+
+    @builds_state
+    def _set_positions(self, positions, values: Optional[torch.Tensor]) -> None:
+        validated, order = self._validate(
+            positions, self.out_features, self.in_features, self.weight.device, self.layer_name, layer=self,
+            **self.options()
+        )
+        if values is not None:
+            shape = self._delta_shape(validated)
+            if not isinstance(values, torch.Tensor) or tuple(values.shape) != shape:
+                raise ValueError(
+                    f"{self.layer_name}: values must be a tensor of shape {shape}, got "
+                    f"{tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__}"
+                )
+            if order is not None:
+                values = values[order.to(values.device)]
+        self._install(validated, values)
+
+    def _install(self, validated, values: Optional[torch.Tensor]) -> None:
+        device = self.weight.device
+        if values is None:
+            values = torch.zeros(self._delta_shape(validated), dtype=self._master_dtype(), device=device)
+        else:
+            values = values.detach().to(device=device, dtype=self._master_dtype())
+        was_merged = self._merged
+        if was_merged:
+            self.unmerge()
+        self._adopt(validated)
+        current = getattr(self, "delta", None)
+        if isinstance(current, nn.Parameter) and current.device.type != "meta":  # the same Parameter
+            self.delta.data = values
+            self.delta.grad = None
+        else:
+            self.delta = nn.Parameter(values)
+        if was_merged:
+            self._merge()
+
+    # --- merge / unmerge --------------------------------------------------------------------
+
+    @property
+    def merged(self) -> bool:
+        return self._merged
+
+    def _delta_key(self):
+        # The version counter alone misses updates that bypass it: fused optimizers (torch's
+        # AdamW(fused=True), the transformers Trainer's default) and ``p.data`` updates leave
+        # ``_version`` unchanged. Every such update follows a backward, so a gradient accumulated
+        # into the delta also counts as a change (``_count_gradient``).
+        delta = self.delta
+        if is_inference(delta):
+            # No version counter to watch (its .data was replaced under inference_mode): always
+            # stale, so every forward re-syncs (O(nnz)) instead of raising.
+            return object()
+        self._watch_delta()
+        return (delta._version, delta.data_ptr(), delta.dtype, getattr(delta, _GRADIENTS_SEEN, 0))
+
+    def _watch_delta(self) -> None:
+        """Make sure the current delta Parameter counts its accumulated gradients (a Parameter
+        replaced by ``_apply``, a deepcopy or unpickling comes without the hook)."""
+        delta = self.delta
+        if delta.requires_grad:
+            hooks = getattr(delta, "_post_accumulate_grad_hooks", None) or {}
+            if not any(hook is _count_gradient for hook in hooks.values()):
+                delta.register_post_accumulate_grad_hook(_count_gradient)
+
+    @builds_state
+    def merge(self) -> None:
+        """Make the weight hold ``W0 + Δ`` (W0 at the positions kept aside); later forwards re-sync it
+        when ``delta`` changes. Idempotent. Refused for a weight another module shares
+        (``weight_shared_with``) and for an inference tensor weight: both stay in the split form.
+        Raises ``RuntimeError`` while a state dict of this layer that shares its weight (holding
+        W0) is still alive (``w0_loan.py``)."""
+        self._refuse_while_lent("merge()")
+        self._merge()
+
+    def _refuse_while_lent(self, action: str) -> None:
+        """``action`` writes into the weight: refused while a state dict holds W0 from it."""
+        if self._w0_loans.active:
+            import gc
+
+            gc.collect()  # a state dict caught in a reference cycle (even if collected since)
+        if self._w0_loans.active:
+            raise RuntimeError(
+                f"{self.layer_name}: a state dict of this merged layer is still alive and shares its weight, "
+                f"which holds W0 for it; {action} would change that state dict. Delete it (or copy its "
+                f"tensors) before {action}"
+            )
+
+    @builds_state
+    @torch.no_grad()
+    def _merge(self) -> None:
+        """merge() for the forward: while W0 is lent the weight keeps W0 (the forward computes the
+        split form) and the next forward after the loan re-syncs."""
+        if self._merged:
+            self._resync_if_stale()
+            return
+        refusal = self.base_kind.merge_refusal(self)
+        if refusal is not None:
+            raise ValueError(refusal)
+        self._w0_at_index = self._gather_w0()
+        self._merged = True
+        self._merged_into = (self.weight,)
+        self._synced_delta_key = None
+        self._resync_if_stale()
+
+    @builds_state
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore W0 exactly (the saved W0 values are written back). Idempotent. In mode 'merged'
+        the next forward merges again."""
+        if not self._merged:
+            return
+        self._write(self.weight, base=self._w0_at_index, delta=None)
+        self._w0_at_index = None
+        self._merged = False
+        self._merged_into = None
+        self._synced_delta_key = None
+
+    @builds_state
+    @torch.no_grad()
+    def _resync_if_stale(self) -> None:
+        if self._w0_loans.settled():
+            return  # the weight holds W0 for a live state dict
+        key = self._delta_key()
+        if key != self._synced_delta_key:
+            self._write(self.weight, base=self._w0_at_index, delta=self.delta)
+            self._synced_delta_key = key
+
+    def _computes_merged(self) -> bool:
+        """Whether the weight holds ``W0 + Δ`` for this forward (merged and W0 not lent): the
+        subclasses' ``_functional`` computes the merged form then, else the split form."""
+        return self._merged and not self._w0_loans.settled()
+
+    def _wants_merged(self) -> bool:
+        if self.mode == "merged":
+            return True  # merge() raises when it cannot (a shared or an inference tensor weight)
+        return self.mode == "auto" and not self._merge_disabled and self.base_kind.merge_refusal(self) is None
+
+    def mark_weight_shared(self, other: str) -> None:
+        """Record that module ``other`` holds this layer's weight too (e.g. a tied LM head and the
+        input embedding): the layer is unmerged (W0 back in the shared weight) and from now on
+        never writes into it; mode 'auto' computes the split form."""
+        self.unmerge()
+        self.weight_shared_with = other
+
+    def _weight_swapped(self) -> bool:
+        return self._merged and self.weight is not self._merged_into[0]
+
+    def _check_weight_kept(self) -> None:
+        """Merged mode needs the weight Parameter it wrote W0 + Δ into to stay the module's weight.
+        FSDP2 (and FSDP1) swap a gathered copy in for every forward and gather it again from the
+        shards for backward, so W0 + Δ would be lost between forward and backward (dx would use
+        the shards' weight). Mode 'auto' then falls back to split for good, which is exact when
+        the shards hold W0, i.e. the delta was still zero when the model was sharded (one host
+        sync, once); otherwise, and for mode 'merged', this is an error."""
+        if not self._weight_swapped():
+            return
+        if self.mode == "auto" and not bool(self.delta.detach().any()):
+            self._merged, self._merged_into, self._merge_disabled = False, None, True
+            self._w0_at_index = None
+            self._synced_delta_key = None
+            return
+        raise RuntimeError(
+            f"{self.layer_name}: the weight Parameter of this merged layer was replaced (FSDP swaps gathered "
+            "parameters in for every forward), so W0 + delta cannot persist in it; use mode='split' with "
+            "FSDP, or unmerge() before replacing the weight"
+        )
+
+    @builds_state
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """A new tensor holding ``W0 + Δ`` in the weight's dtype (fp32 sum, rounded once), bitwise
+        equal to the merged mode's weight."""
+        if self._merged:
+            self._resync_if_stale()
+        if self._computes_merged():
+            return self.weight.detach().clone()
+        if self._merged:  # W0 lent to a state dict: the weight holds W0
+            return self._write(self.weight.detach().clone(), base=None, delta=self.delta)
+        weight = self.weight.detach().clone(memory_format=torch.contiguous_format)
+        return self._write(weight, base=None, delta=self.delta)
+
+    @builds_state
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` holding ``W0 + Δ`` (new tensors; this layer is unchanged)."""
+        return super().to_linear()
+
+    # --- forward ----------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._traced_forward(x)
+        self._check_weight_kept()
+        if not self._merged and self._wants_merged():
+            self._merge()
+        if self._merged:
+            self._resync_if_stale()
+        return self._functional(x)
+
+    def _traced_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward as torch.compile sees it. The eager staleness check compares ``delta``'s
+        version counter and data pointer in Python, which Dynamo cannot trace (a graph break at
+        every layer, and a recompile at every optimizer step when it guards on the version), so a
+        merged layer re-syncs unconditionally instead: one O(nnz) (or O(R * in)) write in the
+        graph, a tiny fraction of the layer's GEMM, giving the same weight as the eager re-sync.
+        A layer that is not merged yet computes the split form here: merging installs new state
+        on the module, which a traced graph must not do (``get_spft_model`` merges up front, and
+        any eager forward merges too; Dynamo then recompiles once for the merged layer). A
+        swapped weight (FSDP, see ``_check_weight_kept``) is an error here: the fallback to split
+        changes module state; run one eager forward first, or use mode='split'."""
+        if self._weight_swapped():
+            raise RuntimeError(
+                f"{self.layer_name}: the weight Parameter of this merged layer was replaced (FSDP); use "
+                "mode='split' with FSDP and torch.compile"
+            )
+        if self._computes_merged():  # Dynamo guards on the loan count: one more graph while lent
+            with torch.no_grad():
+                self._write(self.weight, base=self._w0_at_index, delta=self.delta.detach())
+        return self._functional(x)
+
+    # --- state dict, dtype and device -------------------------------------------------------
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # The canonical positions, whatever form the layer stores them in (SparseDeltaLinear: 2
+        # bytes an entry, expanded here to the int32 index while the state dict lives).
+        positions = self._current_positions()
+        destination[prefix + self.positions_key] = positions if keep_vars else positions.detach()
+        if self._merged:
+            # Save W0, never W_eff: the state dict must not depend on the mode. W0 is written back
+            # into the trained positions (O(nnz), exact) and lent, never copied (w0_loan.py).
+            with torch.no_grad():
+                self._write(self.weight, base=self._w0_at_index, delta=None)
+            self._synced_delta_key = None
+            destination[prefix + "weight"] = self._w0_loans.lend(self.weight)
+        elif not keep_vars and self._wants_merged():
+            # The weight holds W0 now, but the next forward would merge W0 + Δ into it under a
+            # state dict still held (weight W0 + Δ next to delta Δ: Δ counted twice on load).
+            # Lent, the layer computes the split form until the state dict is freed.
+            destination[prefix + "weight"] = self._w0_loans.lend(self.weight)
+
+    @builds_state
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        """All or nothing for this layer: positions, delta and the shapes of the other entries are
+        checked before anything changes. New positions need their delta (a missing one is an
+        error, whatever ``strict`` says: there are no values to train from); the same positions
+        without a delta keep the current delta (a missing key for ``strict``)."""
+        positions_key, delta_key = prefix + self.positions_key, prefix + "delta"
+        incoming, incoming_delta = state_dict.get(positions_key), state_dict.get(delta_key)
+        validated = order = None
+        if incoming is not None:
+            if not isinstance(incoming, torch.Tensor):
+                raise ValueError(f"{self.layer_name}: {positions_key} must be a tensor, got {type(incoming).__name__}")
+            # Validate before touching anything, so a bad file leaves the layer as it was.
+            validated, order = self._validate(
+                incoming.to(self.weight.device) if incoming.device.type != "meta" else incoming,
+                self.out_features,
+                self.in_features,
+                self.weight.device,
+                f"{self.layer_name} ({positions_key})",
+                layer=self,
+                **self.options(),
+            )
+        problem = self._load_problem(validated, incoming_delta, positions_key, delta_key, state_dict, prefix)
+        if problem is not None:
+            error_msgs.append(f"{problem} (nothing was loaded into this layer)")
+            return
+        was_merged = self._merged
+        self.unmerge()
+        kept = (self.delta.data, self.delta.grad, dict(self._buffers))
+        errors_before = len(error_msgs)
+        if validated is not None and incoming_delta is not None:
+            # Resize so the default loader can copy; values come from the state dict right after.
+            self.delta.data = torch.zeros(self._delta_shape(validated), dtype=self.delta.dtype, device=self.delta.device)
+            self.delta.grad = None
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        # The positions key is this method's (validated above, adopted below), not the default
+        # loader's: neither unexpected nor, when absent, left unreported.
+        if positions_key in unexpected_keys:
+            unexpected_keys.remove(positions_key)
+        if strict and incoming is None and positions_key not in missing_keys:
+            missing_keys.append(positions_key)
+        if len(error_msgs) > errors_before:  # a check the default loader made failed: undo
+            self.delta.data, self.delta.grad = kept[0], kept[1]
+            self._buffers.clear()
+            self._buffers.update(kept[2])
+        elif validated is not None and incoming_delta is not None:
+            if order is not None:
+                with torch.no_grad():
+                    self.delta.data = self.delta.data[order.to(self.delta.device)]
+            self._adopt(validated)
+        if was_merged:
+            self._merge()
+
+    def _load_problem(self, validated, incoming_delta, positions_key, delta_key, state_dict, prefix) -> Optional[str]:
+        """What makes a state dict unloadable into this layer, found without changing it (None: loadable)."""
+        if validated is not None:
+            count = self._positions_tensor(validated).numel()
+            if incoming_delta is None:
+                if not self._same_positions(validated):
+                    return (
+                        f"{self.layer_name}: {positions_key} gives new positions ({count} {self.unit}) but "
+                        f"{delta_key} is missing; a delta must come with its positions"
+                    )
+            elif not isinstance(incoming_delta, torch.Tensor):
+                return f"{self.layer_name}: {delta_key} must be a tensor, got {type(incoming_delta).__name__}"
+            elif tuple(incoming_delta.shape) != self._delta_shape(validated):
+                shape = tuple(incoming_delta.shape)
+                return f"{self.layer_name}: {delta_key} has shape {shape} but {positions_key} has {count} {self.unit}"
+        if isinstance(incoming_delta, torch.Tensor) and not incoming_delta.is_floating_point():
+            return f"{self.layer_name}: {delta_key} must be floating point, got {incoming_delta.dtype}"
+        for name, own in list(self._parameters.items()) + list(self._buffers.items()):
+            if name in ("delta", self.positions_key) or own is None or name in self._non_persistent_buffers_set:
+                continue
+            value = state_dict.get(prefix + name)
+            if isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(own.shape):
+                return (
+                    f"{self.layer_name}: size mismatch for {prefix + name}: {tuple(value.shape)} in the state dict, "
+                    f"{tuple(own.shape)} in the layer"
+                )
+        return None
+
+    def _current_positions(self) -> torch.Tensor:
+        """The layer's positions in canonical form (subclasses that store another form override)."""
+        return self._buffers[self.positions_key]
+
+    def _same_positions(self, validated) -> bool:
+        mine, theirs = self._current_positions(), self._positions_tensor(validated)
+        return mine.shape == theirs.shape and bool(torch.equal(mine.long(), theirs.long().to(mine.device)))
+
+    def _after_apply(self) -> None:
+        if self._merged:
+            # The cast rounded W_eff as a whole; rewrite the positions from the (cast) W0 values
+            # and the master so that the merged weight is again W0 + Δ rounded once. A cast may
+            # also have made a new weight Parameter (torch.__future__ overwrite semantics).
+            self._synced_delta_key = None
+            self._merged_into = (self.weight,)
+
+    @builds_state
+    def _apply(self, fn, recurse=True):
+        return super()._apply(fn, recurse)
+
+    # --- the position-kind protocol (what every delta kind shares) ---------------------------
+
+    def prepare_for_training(self) -> None:
+        super().prepare_for_training()
+        if self._wants_merged():
+            self.merge()
+
+    @property
+    def w0_lent(self) -> bool:
+        return self._w0_loans.active
+
+    @contextlib.contextmanager
+    def as_plain_linear(self):
+        """Merged (the weight holds ``W0 + Δ``, O(positions)) and running ``nn.Linear.forward``, so
+        autograd (double backward, vmap included) sees an ordinary weight; on exit the forward is
+        restored and a layer that was not merged is unmerged (W0 back exactly)."""
+        was_merged = self._merged
+        self.merge()
+        self.forward = types.MethodType(nn.Linear.forward, self)
+        try:
+            yield self
+        finally:
+            del self.forward
+            if not was_merged:
+                self.unmerge()
+
+    def trainable_tensors(self) -> dict:
+        return {"delta": self.delta}
+
+    def positions(self) -> torch.Tensor:
+        return self._current_positions()
+
+    @classmethod
+    def check_positions(cls, positions, shape: tuple, device, where: str, options: dict):
+        validated, order = cls._validate(positions, shape[0], shape[1], device, where, **options)
+        return cls._positions_tensor(validated), order
+
+    def kept_w0(self):
+        if not self._merged or self._w0_at_index is None:
+            return None
+        return self._kept_entries()
+
+    def _kept_entries(self):
+        """``(sorted flat int64, values)`` of ``_w0_at_index`` (the W0 a merged layer keeps aside)."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return (
+            f"{nn.Linear.extra_repr(self)}, {self._describe()}, mode={self.mode}, backend={self.backend}, "
+            f"merged={self._merged}"
+        )

@@ -1,0 +1,135 @@
+"""What W0 is, and what a layer may do with it: the second axis beside the position kinds
+(``docs/architecture.md``, "Two axes").
+
+A layer keeps its frozen base as ``layer.weight`` (so that it stays a drop-in ``nn.Linear``) and
+asks its base kind, a ``FrozenBase`` subclass, everything that depends on what that weight is:
+
+- ``merge_refusal(layer)``: why merged mode (writing ``W0 + Δ`` into the weight) is impossible
+  for this layer now, or None. Merged mode is a property of the base: a dense float weight the
+  layer may write into allows it; a quantized weight cannot hold ``W0 + Δ``;
+- ``weight_for_ops(layer)``: the dense W0 the layer's ops read, or None when the base computes
+  its own term (``base_forward``) and the ops add the delta term only;
+- ``read(layer, flat)``: W0 at flat positions (adapter fingerprints); ``dense(layer)``: the whole
+  W0 as a new dense tensor (export);
+- ``describe(layer)``: what an adapter records about the base beyond shape and dtype.
+
+Base kinds register with ``@register_base_kind``; ``base_kind_for(linear)`` picks the last
+registered kind that ``matches`` it, so a specific kind (a quantized weight) wins over the dense
+default.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..ops._guards import is_inference
+
+SHARED_WEIGHT = (
+    "{layer}: the weight is shared with {other!r} (e.g. a tied LM head and input embedding); merging would "
+    "write W0 + delta into {other!r} too, so this layer never merges: use mode 'auto' or 'split' (exact, W0 "
+    "never modified)"
+)
+INFERENCE_WEIGHT = (
+    "{layer}: the weight is an inference tensor (made under torch.inference_mode), which torch forbids writing "
+    "in place outside inference mode, so it cannot be merged; use mode 'auto' or 'split', or rebuild the linear "
+    "outside inference_mode (or clone its weight there)"
+)
+_NOT_CONTIGUOUS = "{layer}: mode='merged' needs a contiguous weight; use mode='split'"
+
+
+class FrozenBase:
+    """A kind of frozen base weight (module docstring). Stateless: every method takes the layer."""
+
+    name = ""
+
+    @classmethod
+    def matches(cls, linear: nn.Module) -> bool:
+        raise NotImplementedError
+
+    @classmethod
+    def merge_refusal(cls, layer) -> Optional[str]:
+        raise NotImplementedError
+
+    @classmethod
+    def weight_for_ops(cls, layer) -> Optional[torch.Tensor]:
+        raise NotImplementedError
+
+    @classmethod
+    def read(cls, layer, flat: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """W0 at flat positions; ``weight``: the layer's weight as a plain tensor (gathered shards)."""
+        raise NotImplementedError
+
+    @classmethod
+    def dense(cls, layer) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def describe(cls, layer) -> dict:
+        return {}
+
+
+_BASE_KINDS: list = []
+
+
+def register_base_kind(cls: type) -> type:
+    """Class decorator: make a ``FrozenBase`` subclass available to ``base_kind_for``."""
+    if not isinstance(cls, type) or not issubclass(cls, FrozenBase) or not cls.name:
+        raise TypeError(f"register_base_kind: expected a named FrozenBase subclass, got {cls!r}")
+    if cls not in _BASE_KINDS:
+        _BASE_KINDS.append(cls)
+    return cls
+
+
+def base_kind_for(linear: nn.Module) -> type:
+    """The base kind of ``linear``'s weight: the last registered kind that matches it."""
+    for cls in reversed(_BASE_KINDS):
+        if cls.matches(linear):
+            return cls
+    raise ValueError(f"no frozen-base kind handles a {type(linear).__name__} weight")
+
+
+def contiguity_refusal(weight: torch.Tensor, needs_contiguous: bool, layer_name: str) -> Optional[str]:
+    """Merged positions that are flat offsets need a contiguous weight."""
+    return _NOT_CONTIGUOUS.format(layer=layer_name) if needs_contiguous and not weight.is_contiguous() else None
+
+
+@register_base_kind
+class DenseBase(FrozenBase):
+    """A dense float weight the layer shares with the linear it was built on. Merged mode may
+    write ``W0 + Δ`` into it unless another module holds it too (``layer.weight_shared_with``),
+    it is an inference tensor (torch forbids the write), or the kind's merged positions are flat
+    offsets and the weight is not contiguous."""
+
+    name = "dense"
+
+    @classmethod
+    def matches(cls, linear: nn.Module) -> bool:
+        weight = getattr(linear, "weight", None)
+        return isinstance(weight, torch.Tensor) and weight.is_floating_point()
+
+    @classmethod
+    def merge_refusal(cls, layer) -> Optional[str]:
+        shared = getattr(layer, "weight_shared_with", None)
+        if shared is not None:
+            return SHARED_WEIGHT.format(layer=layer.layer_name, other=shared)
+        if is_inference(layer.weight):
+            return INFERENCE_WEIGHT.format(layer=layer.layer_name)
+        return contiguity_refusal(layer.weight, layer._MERGE_NEEDS_CONTIGUOUS_WEIGHT, layer.layer_name)
+
+    @classmethod
+    def weight_for_ops(cls, layer) -> torch.Tensor:
+        return layer.weight
+
+    @classmethod
+    def read(cls, layer, flat: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        weight = (layer.weight if weight is None else weight).detach()
+        flat = flat.to(weight.device, torch.int64)
+        rows = torch.div(flat, layer.in_features, rounding_mode="floor")
+        return weight[rows, flat - rows * layer.in_features]
+
+    @classmethod
+    def dense(cls, layer) -> torch.Tensor:
+        return layer.weight.detach().clone(memory_format=torch.contiguous_format)
