@@ -576,7 +576,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one small case (under a minute on a CPU)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--shape", type=int, nargs=2, metavar=("OUT", "IN"), help="a single layer shape")
-    parser.add_argument("--tokens", type=int, help="tokens per step (with --shape)")
+    parser.add_argument("--tokens", type=int, nargs="+", help="tokens per step, one case each (with --shape)")
     parser.add_argument("--density", type=float, nargs="+", help="delta densities, one case each (with --shape)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="dtype (with --shape)")
     parser.add_argument("--providers", nargs="+", metavar="NAME", help="only these providers (with --shape)")
@@ -628,12 +628,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             dict(
                 out_features=args.shape[0],
                 in_features=args.shape[1],
-                tokens=args.tokens or 512,
+                tokens=tokens,
                 density=density,
                 dtype=args.dtype or ("bfloat16" if device.type == "cuda" else "float32"),
                 ops=list(args.ops or OPS + KERNEL_OPS),
                 providers=args.providers,
             )
+            for tokens in (args.tokens or [512])
             for density in (args.density or [0.01])
         ]
     else:
