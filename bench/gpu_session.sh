@@ -107,7 +107,7 @@ GPU_TEST_FILES=($(test_files test_extension test_gpu_kernels test_spmm test_sddm
 GPU_TEST_FILTER="cuda or gpu_kernels or extension"   # the cuda-backend cases, and every test of those two files
 # memcheck: one test per CUDA kernel (ids that exist without a GPU too, so env checks them here).
 MEMCHECK_TESTS=(
-  "$GPU_KERNELS::test_scatter_delta_matches_reference_bitwise[shape1-0.13-index_dtype1-delta_dtype0-weight_dtype3]"
+  "$GPU_KERNELS::test_scatter_delta_matches_reference_bitwise[shape1-0.13-index_dtype1-delta_dtype0-weight_dtype3]"  # scatter
   "$GPU_KERNELS::test_row_gather_strided_and_non_contiguous_sources"                  # row_gather_kernel
   "$(test_files test_row_delta_linear)::test_cuda_row_scatter_add_strided_operands"   # row_scatter_add_kernel
   "$GPU_KERNELS::test_cuda_kernels_take_int64_positions"   # spmm_add (CSR, CSC), sddmm gather-dot + tile, fused tc
@@ -117,15 +117,17 @@ RACECHECK_TESTS=("$GPU_KERNELS::test_cuda_sddmm_variants_on_aligned_shapes[shape
   "$GPU_KERNELS::test_fused_forward_uses_the_merged_weight[dtype1]")
 KERNEL_SUITE_FILES=($(test_files test_spmm test_sddmm test_row_gather test_fused_delta_linear test_sparse_delta_linear \
   test_row_delta_linear test_pst_linear test_triton_compile))
-# Stage sizes. gpu-tests: the selection takes 294 tests on a GPU; serial under
-# CUDA_LAUNCH_BLOCKING they did not fit 60 s (issue 28), so 8 workers with 2 OpenMP threads each
-# (16 cores). kernel-suite and rest: SPFT_SESSION_WORKERS workers, one OpenMP thread each (12
-# workers x torch's default of a thread per core oversubscribed the 16 cores). Sizing rule: the
-# kernel-suite files took 1,040 s of CPU here, serially, with the Triton kernels in the
-# interpreter (2 shared cores, OMP_NUM_THREADS=1, 2026-12-02); compiled, a Triton test is far
-# cheaper than interpreted, but each new specialization costs ~1 s of compile on first use, so
-# the GPU machine's cost is taken as this CPU time, spread over the workers: 1,040 / 12 ≈ 87 s,
-# within the 90 s limit. Re-measure when the selection grows (bench/README.md says how).
+# Stage sizes: the CPU time of a selection, measured on a CPU machine, spread over the workers.
+# kernel-suite: 582 tests ran (143 skipped for want of a GPU) in 74 s of CPU, serially, with
+# OMP_NUM_THREADS=1 and the Triton kernels in the interpreter (2 shared cores, 2026-12-02; wall
+# 343 s under load). On the GPU machine the skipped cuda cases run too (count them twice: 150 s)
+# and every Triton specialization is compiled once; test_triton_compile compiles all of them for
+# two architectures in 100 s here, so ~250 s of CPU in all, over 12 workers ~21 s, plus ~10 s of
+# imports per worker: inside 90 s with room for a slower first compile. gpu-tests: 294 small
+# CUDA cases; serially under CUDA_LAUNCH_BLOCKING they did not fit 60 s (issue 28), so 8 workers
+# of 2 OpenMP threads (16 cores), ~37 tests each. Every multi-worker stage caps OMP_NUM_THREADS
+# (12 workers x torch's default of a thread per core oversubscribed the 16 cores).
+# Re-measure: time OMP_NUM_THREADS=1 python -m pytest -q <the stage's files>.
 GPU_TEST_WORKERS=8
 GPU_TEST_THREADS=2
 
