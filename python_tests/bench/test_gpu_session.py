@@ -71,6 +71,7 @@ def test_unknown_stage_is_refused(tmp_path):
     assert result.returncode == 2 and "unknown stage sanitize" in result.stderr
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine runs the real session, not a stubbed one")
 def test_forced_run_keeps_the_finished_bench_cases_when_its_time_runs_out(tmp_path):
     """GPU stages forced on the CPU, all but the bench stubbed; once the bench has written its
     first case the clock jumps to 530 s: the bench is stopped at its limit with that case kept in
