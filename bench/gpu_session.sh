@@ -36,9 +36,10 @@
 # Environment: OUT (default /tmp/spft-gpu-session), SPFT_SESSION_BUDGET (540),
 # SPFT_PYTHON (python3), SPFT_SESSION_WORKERS (12 pytest-xdist workers), MAX_JOBS (16),
 # TORCH_CUDA_ARCH_LIST (8.0;9.0a). For testing this script on a CPU machine:
-# SPFT_SESSION_FORCE_GPU=1 runs the GPU stages without a GPU; SPFT_SESSION_STUBS="build ..."
-# replaces the named stages by a line of output; SPFT_SESSION_CLOCK=FILE reads the session's
-# clock (seconds since the start) from FILE, so a test moves time on itself, whatever the load;
+# SPFT_SESSION_FORCE_GPU=1 runs the GPU stages without a GPU; SPFT_SESSION_STUBS="build:N ..."
+# replaces the named stages by a line of output (taking N seconds of a fake clock);
+# SPFT_SESSION_CLOCK=FILE reads the session's clock (seconds since the start) from FILE, so a
+# test moves time on itself, whatever the machine's load;
 # SPFT_SESSION_BENCH_SHAPE ("4096 4096"), SPFT_SESSION_BENCH_TOKENS ("512 4096") and
 # SPFT_SESSION_BENCH_REPEATS (20) size the bench.
 set -uo pipefail
@@ -231,7 +232,13 @@ skip_stage() { RESULT[$1]="skipped: $2"; write_summary > /dev/null; }
 
 # ---- the stages ------------------------------------------------------------------------------
 
-stage_stub() { echo "stubbed (SPFT_SESSION_STUBS)"; echo "stubbed" > "$SCRATCH/detail"; }
+stage_stub() {  # seconds: a stubbed stage, which with a fake clock takes that many seconds of it
+  echo "stubbed (SPFT_SESSION_STUBS)"
+  if [ -n "${SPFT_SESSION_CLOCK:-}" ] && [ "$1" -gt 0 ]; then
+    echo $(( $(now) + $1 )) > "$SPFT_SESSION_CLOCK.next" && mv "$SPFT_SESSION_CLOCK.next" "$SPFT_SESSION_CLOCK"
+  fi
+  echo "stubbed" > "$SCRATCH/detail"
+}
 
 stage_env() {
   echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(git status --porcelain 2>/dev/null | wc -l) changed files"
@@ -360,7 +367,15 @@ for stage in "${asked[@]}"; do
   [[ " ${STAGES[*]} " == *" $stage "* ]] || { echo "unknown stage $stage; stages: ${STAGES[*]}" >&2; exit 2; }
 done
 wanted() { [ ${#asked[@]} -eq 0 ] || [[ " ${asked[*]} " == *" $1 "* ]]; }
-stubbed() { [[ " ${SPFT_SESSION_STUBS:-} " == *" $1 "* ]]; }
+stub_seconds() {  # stage: N for "stage:N" in SPFT_SESSION_STUBS, 0 for "stage"; fails when not stubbed
+  local entry
+  for entry in ${SPFT_SESSION_STUBS:-}; do
+    [ "${entry%%:*}" = "$1" ] || continue
+    if [[ $entry == *:* ]]; then echo "${entry#*:}"; else echo 0; fi
+    return 0
+  done
+  return 1
+}
 
 command -v nvidia-smi > /dev/null && nvidia-smi -L > /dev/null 2>&1 \
   && "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2> /dev/null && HAVE_GPU=1
@@ -368,10 +383,10 @@ command -v nvidia-smi > /dev/null && nvidia-smi -L > /dev/null 2>&1 \
 
 for stage in "${STAGES[@]}"; do
   if ! wanted "$stage"; then skip_stage "$stage" "not asked"; continue; fi
-  command=stage_${stage//-/_}
-  stubbed "$stage" && command=stage_stub
+  command=("stage_${stage//-/_}")
+  seconds=$(stub_seconds "$stage") && command=(stage_stub "$seconds")
   if [ "$stage" = env ]; then
-    run_stage env "$command"
+    run_stage env "${command[@]}"
     HEADER+=("$(grep -m1 '^gpu ' "$OUT/env-build.log" || echo 'gpu: none')")
     HEADER+=("$(grep -E '^(python|torch|torch-cuda|triton|transformers|peft|numpy|xdist) ' "$OUT/env-build.log" | awk '{printf "%s %s, ", $1, $2}')")
     write_summary > /dev/null
@@ -379,10 +394,10 @@ for stage in "${STAGES[@]}"; do
   fi
   if [ $HAVE_GPU -eq 0 ]; then skip_stage "$stage" "no GPU"; continue; fi
   if [ $BUILD_OK -eq 0 ] && [[ $NEEDS_EXTENSION == *" $stage "* ]]; then skip_stage "$stage" "the build failed"; continue; fi
-  if [[ $stage == *check ]] && [ -z "$SANITIZER" ] && ! stubbed "$stage"; then
+  if [[ $stage == *check ]] && [ -z "$SANITIZER" ] && [ "${command[0]}" != stage_stub ]; then
     skip_stage "$stage" "compute-sanitizer not found"; continue
   fi
-  run_stage "$stage" "$command"
+  run_stage "$stage" "${command[@]}"
   status=$?
   if [ "$stage" = build ] && [ $status -ne 0 ]; then
     BUILD_OK=0

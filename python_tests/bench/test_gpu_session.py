@@ -111,3 +111,26 @@ def test_forced_run_keeps_the_finished_bench_cases_when_its_time_runs_out(tmp_pa
     for stage in ("memcheck", "kernel-suite", "racecheck", "rest"):
         assert "skipped: 5 s left, needs 20" in lines[stage], lines[stage]
     assert "budget 540 s, used 530 s, 10 s left" in summary
+
+
+def test_stage_limits_shrink_to_what_is_left_and_stages_without_time_are_skipped(tmp_path):
+    """The budget logic on a fake clock, with a 200 s budget and stubbed stages that take 130, 40
+    and 10 s of it (each under its limit): after 170 s memcheck gets the 25 s that are left (200 -
+    170 - the 5 s reserve) instead of its 60; after 180 s, 15 s are left, under the 20 s a stage
+    needs: kernel-suite and rest are skipped."""
+    out, clock = tmp_path / "out", tmp_path / "clock"
+    set_clock(clock, 0)
+    env = session_env(out, clock, SPFT_SESSION_FORCE_GPU="1", SPFT_SESSION_BUDGET="200",
+                      SPFT_SESSION_STUBS="build:130 gpu-tests:40 memcheck:10 kernel-suite rest")
+    result = subprocess.run(["bash", str(SCRIPT), "build", "gpu-tests", "memcheck", "kernel-suite", "rest"], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "== build: limit 140 s (200 s of the budget left)" in result.stdout
+    assert "== gpu-tests: limit 60 s (70 s of the budget left)" in result.stdout
+    assert "== memcheck: limit 25 s (30 s of the budget left)" in result.stdout
+    lines = summary_lines((out / "summary.txt").read_text())
+    assert lines["env"].endswith("skipped: not asked") and lines["bench"].endswith("skipped: not asked")
+    assert [lines[stage].split()[2] for stage in ("build", "gpu-tests", "memcheck")] == ["130", "40", "10"]
+    assert all(lines[stage].endswith("ok: stubbed") for stage in ("build", "gpu-tests", "memcheck"))
+    for stage in ("kernel-suite", "rest"):
+        assert lines[stage].endswith("skipped: 15 s left, needs 20"), lines[stage]
