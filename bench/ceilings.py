@@ -17,12 +17,12 @@ import subprocess
 
 import torch
 
-from spft_kernels.bench.benchmark import time_ms
+from spft_kernels.bench.benchmark import time_interleaved
 
 
 def median_ms(fn, device: torch.device, repeats: int, warmup: int) -> float:
     """CUDA events on a GPU, the host clock on a CPU (spft-bench's timer)."""
-    return time_ms(lambda: None, fn, device, repeats, warmup)
+    return time_interleaved({"call": (lambda: None, fn)}, device, repeats, warmup)["call"]
 
 
 def measure(device: torch.device) -> dict:

@@ -352,12 +352,16 @@ at::Tensor fused_delta_linear(const at::Tensor& x, const at::Tensor& weight, con
                     " output features, got ", out_features);
   check_tensor_cores(x, op);
   const c10::cuda::CUDAGuard guard(x.device());
-  // fp32 delta (fp64 for fp64 weights): then W0 + delta rounds exactly as the merged mode's re-sync.
-  const at::Tensor values = delta_in(delta, x.scalar_type() == at::kDouble);
+  // fp32 delta, fp64 when the weight or the master is fp64: W0 + delta then rounds exactly as the
+  // merged mode's re-sync (scatter_delta.cu sums in fp64 when either operand is fp64; an fp64
+  // master rounded to fp32 first gave another weight).
+  const bool delta_fp64 = x.scalar_type() == at::kDouble || delta.scalar_type() == at::kDouble;
+  const at::Tensor values = delta_in(delta, delta_fp64);
   at::Tensor y = new_output({x.size(0), out_features}, x.options().memory_format(at::MemoryFormat::Contiguous));
   check_launch(spft::fused_delta_linear(x.data_ptr(), x.stride(0), weight.data_ptr(),
                                         bias.has_value() ? bias->data_ptr() : nullptr, float_dtype(x, op, "x"),
-                                        values.data_ptr(), index.data_ptr(), is_int64(index), row_ptr.data_ptr(),
+                                        values.data_ptr(), delta_fp64, index.data_ptr(), is_int64(index),
+                                        row_ptr.data_ptr(),
                                         is_int64(row_ptr), x.size(0), out_features, in_features, y.data_ptr(),
                                         stream_of(x)),
                op);

@@ -20,7 +20,7 @@ namespace {
 constexpr int64_t kNoEntry = INT64_MAX;
 
 // The cursor over one output row's entries (columns ascending).
-template <typename Acc, typename IndexT, typename PtrT>
+template <typename IndexT, typename PtrT>
 struct RowCursor {
   int64_t entry;
   int64_t end;
@@ -38,8 +38,9 @@ struct RowCursor {
   }
 
   // Adds the entries with column < k_end into `row_tile` (element c at row_tile[(c - k_begin) *
-  // col_step]): fp32 sum rounded once, as the merged mode's re-sync writes W0 + delta.
-  template <typename T>
+  // col_step]): the sum in the delta's precision (Acc: fp32, or fp64 for an fp64 delta or weight)
+  // rounded once, exactly as scatter_delta.cu's re-sync of the merged mode writes W0 + delta.
+  template <typename T, typename Acc>
   __device__ void add_until(T* row_tile, int col_step, int64_t k_begin, int64_t k_end, const Acc* delta,
                             const IndexT* index) {
     using Store = std::conditional_t<std::is_same_v<T, double>, double, float>;
@@ -52,6 +53,18 @@ struct RowCursor {
     }
   }
 };
+
+// The delta arrives in fp64 when the weight or the trainable master is fp64 (scatter_delta.cu
+// sums in fp64 then), else in fp32; the branch is uniform across the block.
+template <typename T, typename IndexT, typename PtrT>
+__device__ void add_delta_until(RowCursor<IndexT, PtrT>& cursor, T* row_tile, int col_step, int64_t k_begin,
+                                int64_t k_end, const void* delta, bool delta_fp64, const IndexT* index) {
+  if (delta_fp64) {
+    cursor.add_until(row_tile, col_step, k_begin, k_end, static_cast<const double*>(delta), index);
+  } else {
+    cursor.add_until(row_tile, col_step, k_begin, k_end, static_cast<const float*>(delta), index);
+  }
+}
 
 // --- fp16 / bf16 on tensor cores ----------------------------------------------------------
 
@@ -75,8 +88,8 @@ struct GemmStorage {
 template <typename T, typename IndexT, typename PtrT, bool kAligned>
 __global__ void __launch_bounds__(kThreads)
     fused_delta_linear_tc_kernel(const T* __restrict__ x, int64_t x_row_stride, const T* __restrict__ weight,
-                                 const T* __restrict__ bias, const float* __restrict__ delta,
-                                 const IndexT* __restrict__ index, const PtrT* __restrict__ row_ptr,
+                                 const T* __restrict__ bias, const void* __restrict__ delta,
+                                 bool delta_fp64, const IndexT* __restrict__ index, const PtrT* __restrict__ row_ptr,
                                  int64_t num_tokens, int64_t out_features, int64_t in_features, T* __restrict__ y) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // the binding refuses devices before sm_80
@@ -89,7 +102,7 @@ __global__ void __launch_bounds__(kThreads)
   const int warp_m = (warp / 4) * 64;
   const int warp_n = (warp % 4) * 32;
 
-  RowCursor<float, IndexT, PtrT> cursor;
+  RowCursor<IndexT, PtrT> cursor;
   if (threadIdx.x < kBlockN) cursor.init(row_ptr, index, first_out + threadIdx.x, out_features, in_features);
 
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];
@@ -114,7 +127,8 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();  // stage landed everywhere; nobody still reads the other stage
     if (step + 1 < num_steps) load_stage(stage ^ 1, k0 + kBlockK);
     if (threadIdx.x < kBlockN) {
-      cursor.add_until(&storage.stages.w[stage][threadIdx.x][0], 1, k0, k0 + kBlockK, delta, index);
+      add_delta_until(cursor, &storage.stages.w[stage][threadIdx.x][0], 1, k0, k0 + kBlockK, delta, delta_fp64,
+                      index);
     }
     __syncthreads();  // the W0 + Δ tile is complete
 #pragma unroll
@@ -173,8 +187,8 @@ constexpr int kSimtThreads = 256;  // 16 x 16 threads, 4 x 4 outputs each
 template <typename T, typename IndexT, typename PtrT>
 __global__ void __launch_bounds__(kSimtThreads)
     fused_delta_linear_simt_kernel(const T* __restrict__ x, int64_t x_row_stride, const T* __restrict__ weight,
-                                   const T* __restrict__ bias, const T* __restrict__ delta,
-                                   const IndexT* __restrict__ index, const PtrT* __restrict__ row_ptr,
+                                   const T* __restrict__ bias, const void* __restrict__ delta,
+                                   bool delta_fp64, const IndexT* __restrict__ index, const PtrT* __restrict__ row_ptr,
                                    int64_t num_tokens, int64_t out_features, int64_t in_features,
                                    T* __restrict__ y) {
   // fp32 stays IEEE fp32 (no TF32), as F.linear computes it by default.
@@ -184,7 +198,7 @@ __global__ void __launch_bounds__(kSimtThreads)
   const int64_t first_out = static_cast<int64_t>(blockIdx.y) * kSimtBlock;
   const int ty = threadIdx.x / 16;
   const int tx = threadIdx.x % 16;
-  RowCursor<T, IndexT, PtrT> cursor;
+  RowCursor<IndexT, PtrT> cursor;
   if (threadIdx.x < kSimtBlock) cursor.init(row_ptr, index, first_out + threadIdx.x, out_features, in_features);
   T acc[4][4];
 #pragma unroll
@@ -203,7 +217,7 @@ __global__ void __launch_bounds__(kSimtThreads)
     }
     __syncthreads();
     if (threadIdx.x < kSimtBlock) {
-      cursor.add_until(&w_tile[0][threadIdx.x], kSimtBlock + 1, k0, k0 + kSimtK, delta, index);
+      add_delta_until(cursor, &w_tile[0][threadIdx.x], kSimtBlock + 1, k0, k0 + kSimtK, delta, delta_fp64, index);
     }
     __syncthreads();
 #pragma unroll
@@ -235,7 +249,8 @@ __global__ void __launch_bounds__(kSimtThreads)
 }  // namespace
 
 cudaError_t fused_delta_linear(const void* x, int64_t x_row_stride, const void* weight, const void* bias, DType dtype,
-                               const void* delta, const void* index, bool index_is_int64, const void* row_ptr,
+                               const void* delta, bool delta_fp64, const void* index, bool index_is_int64,
+                               const void* row_ptr,
                                bool row_ptr_is_int64, int64_t num_tokens, int64_t out_features,
                                int64_t in_features, void* y, cudaStream_t stream) {
   if (num_tokens == 0 || out_features == 0) return cudaSuccess;
@@ -255,13 +270,13 @@ cudaError_t fused_delta_linear(const void* x, int64_t x_row_stride, const void* 
       auto kernel = aligned ? fused_delta_linear_tc_kernel<T, IndexT, PtrT, true>
                             : fused_delta_linear_tc_kernel<T, IndexT, PtrT, false>;
       kernel<<<grid, kThreads, 0, stream>>>(static_cast<const T*>(x), x_row_stride, static_cast<const T*>(weight),
-                                            static_cast<const T*>(bias), static_cast<const float*>(delta),
+                                            static_cast<const T*>(bias), delta, delta_fp64,
                                             static_cast<const IndexT*>(index), static_cast<const PtrT*>(row_ptr),
                                             num_tokens, out_features, in_features, static_cast<T*>(y));
     } else {
       fused_delta_linear_simt_kernel<T, IndexT, PtrT><<<grid, kSimtThreads, 0, stream>>>(
           static_cast<const T*>(x), x_row_stride, static_cast<const T*>(weight), static_cast<const T*>(bias),
-          static_cast<const T*>(delta), static_cast<const IndexT*>(index), static_cast<const PtrT*>(row_ptr),
+          delta, delta_fp64, static_cast<const IndexT*>(index), static_cast<const PtrT*>(row_ptr),
           num_tokens, out_features, in_features, static_cast<T*>(y));
     }
   };

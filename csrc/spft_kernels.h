@@ -67,11 +67,12 @@ cudaError_t sddmm_tiles(const void* x, int64_t x_row_stride, const void* dy, int
 // tensor cores, fp32/fp64 on CUDA cores; fp32 accumulate (fp64 for fp64). x [M, K] (row
 // stride, unit feature stride), weight [N, K] contiguous, bias [N] or null, y [M, N] contiguous.
 // Entries are found through row_ptr (CSR): per output row, a cursor walks its sorted entries
-// along the K loop, so no further metadata is needed. delta is fp32 (fp64 for fp64 weights; the
-// binding converts), so the weight is bitwise the merged one for an fp32 (or weight-dtype) master.
+// along the K loop, so no further metadata is needed. delta is fp32, or fp64 (delta_fp64) when the
+// weight or the master delta is fp64 (the binding converts): W0 + delta is summed in the precision
+// scatter_delta sums it in, so the weight is bitwise the merged one for every master dtype.
 // fp16/bf16 need compute capability 8.0 or newer.
 cudaError_t fused_delta_linear(const void* x, int64_t x_row_stride, const void* weight, const void* bias, DType dtype,
-                               const void* delta, const void* index, bool index_is_int64,
+                               const void* delta, bool delta_fp64, const void* index, bool index_is_int64,
                                const void* row_ptr, bool row_ptr_is_int64, int64_t num_tokens,
                                int64_t out_features, int64_t in_features, void* y, cudaStream_t stream);
 

@@ -55,11 +55,30 @@ def seeded():
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def cuda_extension_required() -> bool:
+    """SPFT_REQUIRE_CUDA_EXT=1 (CI's build job, the GPU session): a missing extension is a failure."""
+    return os.environ.get("SPFT_REQUIRE_CUDA_EXT", "0") not in ("", "0")
+
+
+def extension_or_skip():
+    """Skips (fails under SPFT_REQUIRE_CUDA_EXT=1) when the CUDA extension did not load, so a
+    broken build cannot pass as a run of skips."""
+    if "cuda" not in spft.available_backends():
+        if cuda_extension_required():
+            pytest.fail("the CUDA extension is not built, and SPFT_REQUIRE_CUDA_EXT=1 requires it")
+        pytest.skip("the CUDA extension is not built")
+
+
 def cuda_extension_or_skip():
     if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    if "cuda" not in spft.available_backends():
-        pytest.skip("the CUDA extension is not built")
+        pytest.skip("needs a CUDA device")  # a skip even when the extension is required: CI has no GPU
+    extension_or_skip()
+
+
+def cuda_backend_expected(device: torch.device) -> bool:
+    """Whether tests on ``device`` include the cuda backend: when it loaded, and on a GPU under
+    SPFT_REQUIRE_CUDA_EXT=1 even when it did not (those cases then fail instead of vanishing)."""
+    return device.type == "cuda" and ("cuda" in spft.available_backends() or cuda_extension_required())
 
 
 def default_device() -> torch.device:
@@ -72,12 +91,7 @@ def usable_backends(device: torch.device, ops: tuple = ()) -> list[str]:
     backends = ["reference"]
     if "triton" in spft.available_backends() and (device.type == "cuda" or interpreter_enabled()):
         backends.append("triton")
-    if (
-        ops
-        and device.type == "cuda"
-        and "cuda" in spft.available_backends()
-        and all("cuda" in implemented_backends(op) for op in ops)
-    ):
+    if ops and cuda_backend_expected(device) and all("cuda" in implemented_backends(op) for op in ops):
         backends.append("cuda")
     return backends
 

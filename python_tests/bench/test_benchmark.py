@@ -51,6 +51,33 @@ def test_spft_bench_runs_only_the_chosen_providers_ops_and_densities(tmp_path, c
     assert " ops " in capsys.readouterr().out
 
 
+def test_append_jsonl_keeps_each_case_as_it_finishes_with_host_time(tmp_path, monkeypatch):
+    """--append-jsonl writes a case's records when that case is done: a run killed in its second
+    case keeps the first (the GPU session's bench stage); --report reads the JSON lines."""
+    path = tmp_path / "bench.jsonl"
+    args = ARGS[:ARGS.index("--density")] + ["--density", "0.01", "0.3", "--repeats", "1", "--warmup", "0",
+                                             "--providers", "dense-full", "--ops", "linear_fwd_bwd", "sddmm"]
+    real_run_kernel_case, calls = benchmark.run_kernel_case, []
+
+    def killed_in_the_second_case(case, *rest):
+        calls.append(case["density"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what a SIGTERM/SIGKILL cuts short
+        return real_run_kernel_case(case, *rest)
+
+    monkeypatch.setattr(benchmark, "run_kernel_case", killed_in_the_second_case)
+    try:
+        benchmark.main(args + ["--append-jsonl", str(path)])
+    except KeyboardInterrupt:
+        pass
+    records = benchmark.load_records(str(path))
+    # the first case whole, the second case's layer records (written before its kernel ops ran)
+    assert [(r["op"], r["density"]) for r in records] == [
+        ("linear_fwd_bwd", 0.01), ("sddmm", 0.01), ("linear_fwd_bwd", 0.3)]
+    assert all(r["host_ms"] > 0 and r["median_ms"] > 0 for r in records)
+    assert benchmark.main(["--report", str(path)]) == 0 and (tmp_path / "summary.md").exists()
+
+
 def test_report_regenerates_from_json_and_compare_matches_cases(tmp_path, capsys):
     benchmark.main(ARGS + ["--output", str(tmp_path)])
     (tmp_path / "summary.md").unlink()

@@ -1,4 +1,3 @@
-import os
 import subprocess
 import sys
 
@@ -6,6 +5,7 @@ import pytest
 import torch
 
 import spft_kernels as spft
+from conftest import cuda_backend_expected, cuda_extension_required, extension_or_skip
 
 
 def test_import_does_not_initialise_cuda():
@@ -21,7 +21,7 @@ def test_reference_backend_is_always_available():
     assert ("triton" in spft.available_backends()) == (spft.ops._triton.triton is not None)
 
 
-@pytest.mark.skipif(os.environ.get("SPFT_REQUIRE_CUDA_EXT", "0") in ("", "0"), reason="SPFT_REQUIRE_CUDA_EXT is not set")
+@pytest.mark.skipif(not cuda_extension_required(), reason="SPFT_REQUIRE_CUDA_EXT is not set")
 def test_cuda_extension_was_built():
     """CI sets SPFT_REQUIRE_CUDA_EXT=1: the nvcc build must have produced a loadable extension."""
     from spft_kernels.ops._extension import cuda_extension_error, load_cuda_extension
@@ -30,6 +30,20 @@ def test_cuda_extension_was_built():
     assert "cuda" in spft.available_backends()
     for op in ("cuda_scatter_delta_", "cuda_row_gather"):
         assert hasattr(torch.ops.spft, op)
+
+
+def test_a_missing_extension_fails_the_tests_under_spft_require_cuda_ext(monkeypatch):
+    """With SPFT_REQUIRE_CUDA_EXT=1 a broken build cannot look green: the tests that would skip
+    for the missing extension fail, and the cuda cases of the backend lists stay (and fail)."""
+    monkeypatch.setattr(spft, "available_backends", lambda: ["reference", "triton"])
+    monkeypatch.setenv("SPFT_REQUIRE_CUDA_EXT", "1")
+    with pytest.raises(pytest.fail.Exception, match="SPFT_REQUIRE_CUDA_EXT=1 requires it"):
+        extension_or_skip()
+    assert cuda_backend_expected(torch.device("cuda")) and not cuda_backend_expected(torch.device("cpu"))
+    monkeypatch.setenv("SPFT_REQUIRE_CUDA_EXT", "0")
+    with pytest.raises(pytest.skip.Exception, match="the CUDA extension is not built"):
+        extension_or_skip()
+    assert not cuda_backend_expected(torch.device("cuda"))
 
 
 def test_cuda_backend_refuses_cpu_tensors_or_reports_it_missing():
@@ -148,9 +162,8 @@ def test_every_kernel_is_compiled_for_sm80_and_sm90():
     on the driver's JIT (CI builds the extension without a GPU; this checks what it built)."""
     from spft_kernels.ops._extension import load_cuda_extension
 
+    extension_or_skip()
     module = load_cuda_extension()
-    if module is None:
-        pytest.skip("the CUDA extension is not built")
     cubins = _embedded_cubins(module.__file__)
     kernels = (
         "scatter_delta_kernel", "row_gather_kernel", "row_scatter_add_kernel", "spmm_add_kernel",

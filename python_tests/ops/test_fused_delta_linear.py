@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import spft_kernels as spft
-from conftest import default_device, kernel_dtypes
+from conftest import (
+    cuda_backend_expected, cuda_extension_or_skip, cuda_extension_required, default_device, extension_or_skip, kernel_dtypes,
+)
 from helpers import ATOL, dense_weight, max_error
 from spft_kernels.ops import backends
 from spft_kernels.ops.fused_delta_linear import fused_delta_linear
@@ -24,7 +26,7 @@ SHAPES = [
 
 def fused_backends(device):
     names = ["reference"]
-    if device.type == "cuda" and "cuda" in spft.available_backends():
+    if cuda_backend_expected(device):
         names.append("cuda")
     return names
 
@@ -109,8 +111,8 @@ def test_fake_implementations_give_shapes_and_dtypes():
     delta = torch.empty(6, device="meta")
     y = fused_delta_linear(x, weight, delta, index, row_ptr, None, "auto")
     assert y.shape == (7, 5) and y.dtype == torch.bfloat16 and y.device.type == "meta"
-    if "cuda" not in spft.available_backends():
-        return
+    if "cuda" not in spft.available_backends() and not cuda_extension_required():
+        return  # the extension's fake implementations are checked where it is built
     ops = torch.ops.spft
     assert ops.cuda_fused_delta_linear(x, weight, delta, index, row_ptr, None).shape == (7, 5)
     dy = torch.empty(7, 5, device="meta", dtype=torch.bfloat16)
@@ -123,11 +125,6 @@ def test_fake_implementations_give_shapes_and_dtypes():
 
 
 # --- the binding's checks (CPU tensors reach them; CUDA tensors on a GPU too) -------------------
-
-
-def needs_extension():
-    if "cuda" not in spft.available_backends():
-        pytest.skip("the CUDA extension is not built")
 
 
 def _operands(device="cpu", dtype=torch.float32, tokens=6, out_features=5, in_features=8):
@@ -167,7 +164,7 @@ def _fused_args(o):
 
 @pytest.mark.parametrize("edit, message", BAD_FUSED)
 def test_fused_binding_names_the_problem(edit, message):
-    needs_extension()
+    extension_or_skip()
     device = DEVICE if DEVICE.type == "cuda" else "cpu"
     o = _operands(device)
     o = dict(o, index=o["si"].flat, row_ptr=o["si"].row_ptr)
@@ -176,7 +173,7 @@ def test_fused_binding_names_the_problem(edit, message):
 
 
 def test_cuda_ops_refuse_cpu_tensors_and_mixed_devices_with_value_errors():
-    needs_extension()
+    extension_or_skip()
     o = _operands("cpu")
     si = o["si"]
     ops = torch.ops.spft
@@ -195,7 +192,7 @@ def test_cuda_ops_refuse_cpu_tensors_and_mixed_devices_with_value_errors():
 
 
 def test_sddmm_and_spmm_bindings_name_the_problem():
-    needs_extension()
+    extension_or_skip()
     o = _operands("cpu")
     si = o["si"]
     ops = torch.ops.spft
@@ -222,3 +219,59 @@ def test_sddmm_and_spmm_bindings_name_the_problem():
         ops.cuda_spmm_add(dy, x[:, :0], o["delta"], si.flat, si.row_ptr)
     with pytest.raises(ValueError, match="dy rows must be contiguous"):
         ops.cuda_spmm_t_add(x, dy.t().contiguous().t(), o["delta"], si.flat, si.col_ptr, si.csc_perm)
+
+
+# --- an fp64 master: the fused GEMM sees bitwise the merged weight ---------------------------
+
+
+def fp64_master_problem(dtype, out_features=24, in_features=40, seed=3):
+    """(index, W0 in ``dtype``, fp64 master) whose sum W0 + Δ rounds to another value when Δ is
+    rounded to fp32 first. fp32 weights: random deltas (the bits past fp32's 24 move the sum's
+    rounding for about a quarter of the entries). fp16/bf16: every entry sums to just past a tie
+    of two ``dtype`` values (W0 = 1, Δ = tie - 1 + 0.75 fp32 ulps of the tie): the fp64 sum breaks
+    the tie upward; Δ rounded to fp32 loses that excess (under half an ulp of Δ ≈ -0.94), the sum
+    lands on the tie and rounds to the even value below."""
+    generator = torch.Generator().manual_seed(seed)
+    index = spft.random_index(out_features, in_features, 0.5, generator=generator)
+    weight = torch.randn(out_features, in_features, generator=generator, dtype=torch.float64)
+    delta = torch.randn(index.numel(), generator=generator, dtype=torch.float64)
+    if dtype != torch.float32:
+        fraction_bits = {torch.bfloat16: 7, torch.float16: 10}[dtype]
+        step = 2.0**-4 * 2.0**-fraction_bits  # the dtype's spacing in [1/16, 1/8)
+        even = 2.0**-4 + 2 * step * torch.randint(0, 2 ** (fraction_bits - 1), (index.numel(),),
+                                                  generator=generator, dtype=torch.float64)
+        weight.view(-1)[index.long()] = 1.0
+        delta = (even + step / 2) - 1.0 + 0.75 * 2.0**-4 * 2.0**-23
+    return index, weight.to(dtype), delta
+
+
+def _merged(weight, index, delta, backend):
+    merged = weight.clone()
+    spft.scatter_delta_(merged, index, delta=delta, backend=backend)
+    return merged
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_an_fp64_master_rounded_to_fp32_first_merges_into_another_weight(dtype):
+    """The inputs of the GPU test below tell the two sums apart: the merge (scatter_delta, fp64
+    sum for an fp64 master) differs from the merge of the master rounded to fp32, which is what
+    the fused op's binding used to hand its kernel."""
+    index, weight, delta = fp64_master_problem(dtype)
+    exact = _merged(weight, index, delta, "reference")
+    rounded_first = _merged(weight, index, delta.float(), "reference")
+    differing = (exact != rounded_first).sum().item()
+    assert differing >= (index.numel() if dtype != torch.float32 else index.numel() // 10), differing
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_fused_forward_sees_the_merged_weight_of_an_fp64_master_bitwise(dtype):
+    cuda_extension_or_skip()
+    index, weight, delta = fp64_master_problem(dtype)
+    si, _ = spft.SparseIndex.build(index.cuda(), *weight.shape)
+    weight, delta = weight.cuda(), delta.cuda()
+    # x = I: each output is one product 1 * w plus zeros, exact in any accumulator, so y = Wᵀ.
+    x = torch.eye(weight.shape[1], dtype=dtype, device="cuda")
+    y = fused_delta_linear(x, weight, delta, si.flat, si.row_ptr, None, "cuda")
+    merged = _merged(weight, si.flat, delta, "cuda")  # the merged mode's re-sync
+    assert torch.equal(y.t(), merged), (y.t() != merged).sum().item()

@@ -46,7 +46,8 @@ COMPILE_ALL = PRELUDE + textwrap.dedent(
                     compile(_spmm_kernel, dict(
                         base_ptr=f"*{dtype}", src_ptr=f"*{dtype}", out_ptr=f"*{dtype}", pointers_ptr="*i32",
                         perm_ptr="*i32", flat_ptr=f"*{index}", delta_ptr="*fp32", num_tokens="i32",
-                        in_features="i32", stride_base="i32", stride_src="i32", stride_out="i32"),
+                        in_features="i32", stride_base_t="i32", stride_base_f="i32", stride_src="i32",
+                        stride_out="i32"),
                         dict(TRANSPOSED=transposed, ACC_FP64=False, BLOCK_T=64, BLOCK_E=32), capability)
             for rows in ("i32", "i64"):
                 compile(_row_gather_kernel, dict(

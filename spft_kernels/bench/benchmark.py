@@ -315,35 +315,51 @@ def _steps(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, op: str):
     return clear_grads, forward_backward
 
 
-def _time_once_ms(fn: Callable, device: torch.device) -> float:
+def _time_once_ms(fn: Callable, device: torch.device) -> tuple[float, float]:
+    """(device ms, host ms) of one call. On a GPU the host time is what the call takes to return
+    (launching its ops, Python included) before the device has finished: when it nears the
+    device time, the step is bound by launches, not by the kernels. On a CPU both are the call."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        begin = time.perf_counter()
         fn()
+        host_ms = (time.perf_counter() - begin) * 1e3
         end.record()
         end.synchronize()
-        return start.elapsed_time(end)
+        return start.elapsed_time(end), host_ms
     begin = time.perf_counter()
     fn()
-    return (time.perf_counter() - begin) * 1e3
+    elapsed = (time.perf_counter() - begin) * 1e3
+    return elapsed, elapsed
+
+
+def time_interleaved_with_host(
+    calls: dict[str, tuple[Callable, Callable]], device: torch.device, repeats: int, warmup: int
+) -> dict[str, tuple[float, float]]:
+    """(median device ms, median host ms) of each ``(setup, fn)``, the calls taking turns repeat
+    by repeat, so that load that comes and goes (a shared CPU, a GPU's clocks) weighs on every
+    provider alike and the ratios of one run hold."""
+    for _ in range(warmup):
+        for setup, fn in calls.values():
+            setup()
+            fn()
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, (setup, fn) in calls.items():
+            setup()
+            samples[name].append(_time_once_ms(fn, device))
+    return {
+        name: (statistics.median(d for d, _ in values), statistics.median(h for _, h in values))
+        for name, values in samples.items()
+    }
 
 
 def time_interleaved(
     calls: dict[str, tuple[Callable, Callable]], device: torch.device, repeats: int, warmup: int
 ) -> dict[str, float]:
-    """Median ms of each ``(setup, fn)``, the calls taking turns repeat by repeat, so that load
-    that comes and goes (a shared CPU, a GPU's clocks) weighs on every provider alike and the
-    ratios of one run hold."""
-    for _ in range(warmup):
-        for setup, fn in calls.values():
-            setup()
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, (setup, fn) in calls.items():
-            setup()
-            samples[name].append(_time_once_ms(fn, device))
-    return {name: statistics.median(values) for name, values in samples.items()}
+    """Median device ms of each ``(setup, fn)`` (see :func:`time_interleaved_with_host`)."""
+    return {name: ms for name, (ms, _) in time_interleaved_with_host(calls, device, repeats, warmup).items()}
 
 
 def peak_memory_bytes(setup: Callable, fn: Callable, module: nn.Module, x: torch.Tensor) -> int:
@@ -419,10 +435,13 @@ def run_case(case: dict, device: torch.device, repeats: int, warmup: int, env: d
     # Timing: every provider alive at once, taking turns (peak memory above was one at a time).
     modules = {name: make() for name, make in makers.items()}
     for op in [op for op in case["ops"] if op in OPS]:
-        medians = time_interleaved({n: _steps(m, x, grad_out, op) for n, m in modules.items()}, device, repeats, warmup)
+        medians = time_interleaved_with_host(
+            {n: _steps(m, x, grad_out, op) for n, m in modules.items()}, device, repeats, warmup
+        )
         for record in records:
             if record["op"] == op:
-                median = record["median_ms"] = medians[record["provider"]]
+                median, record["host_ms"] = medians[record["provider"]]
+                record["median_ms"] = median
                 record["tflops"] = _flops(op, record["provider"], case) / (median * 1e-3) / 1e12 if median > 0 else None
     bench_report.add_ratios(records)
     return records
@@ -500,13 +519,29 @@ def run_kernel_case(case: dict, device: torch.device, repeats: int, warmup: int,
                 "trainable_params": nnz, "peak_mem_bytes": peak, "ops_per_call": count_ops(call), "repeats": repeats, **env,
             }
         )
-    medians = time_interleaved(calls, device, repeats, warmup)
+    medians = time_interleaved_with_host(calls, device, repeats, warmup)
     for record in records:
-        median = record["median_ms"] = medians[record["provider"]]
+        median, record["host_ms"] = medians[record["provider"]]
+        record["median_ms"] = median
         gemm_flops = 2.0 * case["tokens"] * case["in_features"] * case["out_features"]
         record["tflops"] = gemm_flops / (median * 1e-3) / 1e12 if median > 0 and record["provider"].startswith("dense") else None
     bench_report.add_ratios(records)
     return records
+
+
+def append_jsonl(records: list[dict], path: str) -> None:
+    """One JSON line per record, flushed at once (the GPU session keeps what a timeout cut short)."""
+    with open(path, "a") as handle:
+        handle.writelines(json.dumps(record) + "\n" for record in records)
+
+
+def load_records(path: str) -> list[dict]:
+    """Records of a results.json (a JSON list) or of an ``--append-jsonl`` file (JSON lines)."""
+    with open(path) as handle:
+        text = handle.read()
+    if text.lstrip().startswith("["):
+        return json.loads(text)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def default_cases(quick: bool, device: torch.device) -> list[dict]:
@@ -541,7 +576,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one small case (under a minute on a CPU)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--shape", type=int, nargs=2, metavar=("OUT", "IN"), help="a single layer shape")
-    parser.add_argument("--tokens", type=int, help="tokens per step (with --shape)")
+    parser.add_argument("--tokens", type=int, nargs="+", help="tokens per step, one case each (with --shape)")
     parser.add_argument("--density", type=float, nargs="+", help="delta densities, one case each (with --shape)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="dtype (with --shape)")
     parser.add_argument("--providers", nargs="+", metavar="NAME", help="only these providers (with --shape)")
@@ -550,6 +585,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls before timing")
     parser.add_argument("--output", help="directory for results.json, summary.md and plots "
                         "(default for a full run: bench/results/<device>-<date>)")
+    parser.add_argument("--append-jsonl", metavar="FILE", help="append each case's records to FILE as JSON lines "
+                        "as soon as the case is done (a run killed midway keeps the finished cases)")
     parser.add_argument("--e2e", action="store_true", help="also train a Llama-style model a few steps per "
                         "method (full, peft LoRA, spft) at matched trainable parameters")
     parser.add_argument("--e2e-only", action="store_true", help="only the end-to-end training comparison")
@@ -580,8 +617,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return memory_estimate.main(args, environment(torch.device("cpu")))
 
     if args.report:
-        with open(args.report) as handle:
-            records = json.load(handle)
+        records = load_records(args.report)
         bench_report.write_report(records, os.path.dirname(os.path.abspath(args.report)))
         print(bench_report.format_table(records))
         return 0
@@ -592,12 +628,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             dict(
                 out_features=args.shape[0],
                 in_features=args.shape[1],
-                tokens=args.tokens or 512,
+                tokens=tokens,
                 density=density,
                 dtype=args.dtype or ("bfloat16" if device.type == "cuda" else "float32"),
                 ops=list(args.ops or OPS + KERNEL_OPS),
                 providers=args.providers,
             )
+            for tokens in (args.tokens or [512])
             for density in (args.density or [0.01])
         ]
     else:
@@ -617,8 +654,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 f"case {number}/{len(cases)}: {case['out_features']}x{case['in_features']} T={case['tokens']} "
                 f"d={case['density']}"
             )
-        records += run_case(case, device, repeats, warmup, env, progress)
-        records += run_kernel_case(case, device, repeats, warmup, env, progress)
+        for run in (run_case, run_kernel_case):
+            case_records = run(case, device, repeats, warmup, env, progress)
+            records += case_records
+            if args.append_jsonl:
+                append_jsonl(case_records, args.append_jsonl)
     if progress is not None:
         progress.close()
     if records:
@@ -630,8 +670,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(format_e2e(e2e))
         records += e2e
     if args.compare:
-        with open(args.compare) as handle:
-            print(bench_report.format_comparison(records, json.load(handle)))
+        print(bench_report.format_comparison(records, load_records(args.compare)))
     output = args.output
     if output is None and not args.quick and not args.shape:
         slug = "".join(c if c.isalnum() else "-" for c in env["device"].lower()).strip("-")

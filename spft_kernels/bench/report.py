@@ -41,14 +41,16 @@ def format_table(records: list[dict]) -> str:
     lora = _lora_baseline(records)
     header = (
         f"{'op':<15}{'shape':>12}{'tokens':>7}{'density':>8}{'provider':>27}{'trainable':>10}{'ms':>10}"
-        f"{'ops':>6}{'x frozen':>9}{'x full':>8}{'x ' + lora:>14}{'peak MiB':>10}"
+        f"{'host ms':>9}{'ops':>6}{'x frozen':>9}{'x full':>8}{'x ' + lora:>14}{'peak MiB':>10}"
     )
     lines = [header, "-" * len(header)]
     for r in records:
         frozen, full, vs_lora = (r.get(f"ratio_vs_{b}") for b in ("dense-frozen", "dense-full", lora))
+        host = f"{r['host_ms']:.3f}" if "host_ms" in r else "-"  # launch-bound when it nears ms on a GPU
         lines.append(
             f"{r['op']:<15}{_shape(r):>12}{r['tokens']:>7}{r['density']:>8.3g}"
-            f"{r['provider']:>27}{r['trainable_params']:>10}{r['median_ms']:>10.3f}{r.get('ops_per_call', '-'):>6}"
+            f"{r['provider']:>27}{r['trainable_params']:>10}{r['median_ms']:>10.3f}"
+            f"{host:>9}{r.get('ops_per_call', '-'):>6}"
             f"{(f'{frozen:.2f}' if frozen else '-'):>9}{(f'{full:.2f}' if full else '-'):>8}"
             f"{(f'{vs_lora:.2f}' if vs_lora else '-'):>14}"
             f"{r['peak_mem_bytes'] / 2**20:>10.1f}"

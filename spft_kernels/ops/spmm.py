@@ -85,7 +85,7 @@ if triton is not None:
     @triton.jit
     def _spmm_kernel(
         base_ptr, src_ptr, out_ptr, pointers_ptr, perm_ptr, flat_ptr, delta_ptr,
-        num_tokens, in_features, stride_base, stride_src, stride_out,
+        num_tokens, in_features, stride_base_t, stride_base_f, stride_src, stride_out,
         TRANSPOSED: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
     ):
         # One program: output feature `o` (a row of Δ, or a column when TRANSPOSED) for BLOCK_T
@@ -115,7 +115,8 @@ if triton is not None:
                 other=0.0,
             ).to(acc_dtype)
             acc += tl.sum(src * values[None, :], axis=1)
-        base = tl.load(base_ptr + tokens * stride_base + o, mask=token_mask, other=0.0).to(acc_dtype)
+        # base in any layout (a transposed dy or y is [features, T] in memory): both strides.
+        base = tl.load(base_ptr + tokens * stride_base_t + o * stride_base_f, mask=token_mask, other=0.0).to(acc_dtype)
         tl.store(out_ptr + tokens * stride_out + o, (base + acc).to(out_ptr.dtype.element_ty), mask=token_mask)
 
     def _spmm_triton(base, src, delta, index, pointers, perm, in_features, transposed):
@@ -128,7 +129,7 @@ if triton is not None:
         grid = (num_outputs, triton.cdiv(num_tokens, block_t))
         _spmm_kernel[grid](
             base, src, out, pointers, perm if perm is not None else pointers, index, delta,
-            num_tokens, in_features, base.stride(0), src.stride(0), out.stride(0),
+            num_tokens, in_features, base.stride(0), base.stride(1), src.stride(0), out.stride(0),
             TRANSPOSED=transposed, ACC_FP64=naive.accumulate_dtype(base, src, delta) == torch.float64,
             BLOCK_T=block_t, BLOCK_E=32,
         )
