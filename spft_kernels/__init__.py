@@ -25,7 +25,7 @@ from .integration.surgery import print_trainable_parameters
 from .masks.dynamic_mask import DynamicMask
 from .masks.row_importance import row_importance, select_rows
 from .masks.salience import salience_scores
-from .masks.select import lora_equivalent_params, random_indices, select_topk
+from .masks.select import EmptySelectionWarning, lora_equivalent_params, random_indices, select_topk
 from .masks.select_blocks import random_blocks, select_blocks
 from .nn.block_sparse_linear import BlockSparseLinear
 from .nn.pst_linear import PSTLinear
@@ -59,6 +59,7 @@ def __getattr__(name):
 __all__ = [
     "BlockSparseLinear",
     "DynamicMask",
+    "EmptySelectionWarning",
     "PSTLinear",
     "RowSparseLinear",
     "SparseDeltaLinear",

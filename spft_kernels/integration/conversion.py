@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Mapping, Optional
 import torch
 import torch.nn as nn
 
+from ..masks.progress import counting
 from ..masks.row_importance import row_importance, select_rows
 from ..masks.salience import salience_scores
 from ..masks.select import lora_equivalent_params, random_indices, select_topk
@@ -184,8 +185,9 @@ def get_spft_model(
         targets, make = _delta_maker(root, targets, config, batches, loss_fn, scoring_kwargs)
     remember_requires_grad(root)  # before from_linear, which freezes the shared weights
     with outside_inference_mode():  # the layers' state must outlive an inference_mode block
-        try:
-            layers = replace_linears(root, make, targets)
+        try:  # a bar only when building the layers takes over 2 s (masks/progress.py)
+            with counting(len(targets), desc="get_spft_model: building layers", unit="layer") as counter:
+                layers = replace_linears(root, counter.wrap(make), targets)
         except Exception:
             _finish_unload(root)  # the flags back; no module was replaced
             raise
