@@ -8,6 +8,9 @@ filter, so a user's own code still sees every warning).
   tensors by python_tests/bench/test_memory_estimate.py).
 - transformers: peft's ``get_peft_model`` calls ``is_gradient_checkpointing``, deprecated in
   transformers 5 (a FutureWarning per LoRA baseline).
+- torch, through peft's SHiRA baseline (``shira-peft``), which builds a sparse COO tensor each
+  forward: "Sparse invariant checks are implicitly disabled" (once a process); the baseline is
+  timed as peft ships it.
 - bitsandbytes (imported by peft): logs at import that its optional CPU 4-bit kernel package
   ``kernels`` is missing; spft-bench never runs 4-bit kernels.
 """
@@ -21,6 +24,7 @@ import warnings
 KNOWN_WARNINGS = (
     (UserWarning, r"Accessing the data pointer of FakeTensor is deprecated"),
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+    (UserWarning, r"Sparse invariant checks are implicitly disabled"),
 )
 QUIET_LOGGERS = ("bitsandbytes",)
 

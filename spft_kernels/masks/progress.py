@@ -48,7 +48,7 @@ def progress_bar(iterable: Iterable, *, desc: str, unit: str, total: Optional[in
                 dynamic_ncols=True)
 
 
-class _Counter:
+class ProgressCounter:
     """Advances a bar (or nothing): ``tick()`` once per step, ``wrap(fn)`` once per call of ``fn``."""
 
     def __init__(self, bar=None):
@@ -75,12 +75,12 @@ def counting(total: int, *, desc: str, unit: str, progress: Optional[bool] = Non
     """A bar of ``total`` steps, advanced by the yielded counter's ``tick()`` or ``wrap(fn)``
     (e.g. the layer maker of a conversion)."""
     if not wanted(progress) or total <= 0:
-        yield _Counter()
+        yield ProgressCounter()
         return
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, desc=desc, unit=unit, delay=_delay(progress), file=sys.stderr, dynamic_ncols=True)
     try:
-        yield _Counter(bar)
+        yield ProgressCounter(bar)
     finally:
         bar.close()

@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from ..ops._guards import as_float, as_int, describe
 from ..ops.index import index_dtype_for, random_index
-from .progress import _Counter, counting
+from .progress import ProgressCounter, counting
 from .targets import TargetModules, find_target_linears
 
 Tensor = torch.Tensor
@@ -217,10 +217,10 @@ def _check_scores(scores, who: str = "select_topk") -> None:
         raise ValueError(f"{who}: all scores must share one dtype, got {sorted(map(str, dtypes))}")
 
 
-def _top(scores: Mapping[str, Tensor], k: int, counter: Optional[_Counter] = None) -> dict[str, Tensor]:
+def _top(scores: Mapping[str, Tensor], k: int, counter: Optional[ProgressCounter] = None) -> dict[str, Tensor]:
     """The ``k`` largest entries over ``scores`` (ties: earlier module, then lower position);
     ``counter`` ticks once per module and pass (``_top_passes``)."""
-    counter = counter or _Counter()
+    counter = counter or ProgressCounter()
     dtypes = {name: index_dtype_for(*score.shape) for name, score in scores.items()}
     if k == 0:
         counter.tick(_top_passes(next(iter(scores.values())).dtype) * len(scores))
@@ -257,10 +257,10 @@ def _sortable_keys(flat: Tensor) -> Tensor:
     return keys
 
 
-def _kth_largest(flats: list[Tensor], k: int, counter: Optional[_Counter] = None) -> Tensor:
+def _kth_largest(flats: list[Tensor], k: int, counter: Optional[ProgressCounter] = None) -> Tensor:
     """The k-th largest value over 1-D tensors (one dtype), as a 0-d tensor, by radix select;
     ``counter`` ticks once per tensor and digit."""
-    counter = counter or _Counter()
+    counter = counter or ProgressCounter()
     dtype = flats[0].dtype
     bits_dtype, width = _BITS[dtype]
     prefix = None  # the digits found so far, as the arithmetic right shift of the key
