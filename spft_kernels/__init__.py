@@ -26,7 +26,7 @@ from .integration.surgery import print_trainable_parameters
 from .masks.dynamic_mask import DynamicMask
 from .masks.row_importance import row_importance, select_rows
 from .masks.salience import salience_scores
-from .masks.select import lora_equivalent_params, random_indices, select_topk
+from .masks.select import EmptySelectionWarning, lora_equivalent_params, random_indices, select_topk
 from .masks.select_blocks import random_blocks, select_blocks
 from .nn.base import SpftLayer
 from .nn.block_sparse_linear import BlockSparseLinear
@@ -73,6 +73,7 @@ __all__ = [
     "registered_kinds",
     "unregister_kind",
     "DynamicMask",
+    "EmptySelectionWarning",
     "PSTLinear",
     "RowSparseLinear",
     "SparseDeltaLinear",

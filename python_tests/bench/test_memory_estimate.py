@@ -54,3 +54,34 @@ def test_memory_command_writes_the_table_and_json(tmp_path, capsys):
     assert index_bytes <= records["sparta"]["state_dict_alloc_bytes"] < index_bytes + 160 * 64 * 4 // 2
     for method in ("sparta", "spruft"):
         assert records[method]["weight_shaped_temporaries"] == []
+
+
+def test_memory_command_is_readable_for_a_small_model_and_writes_nothing_unasked(tmp_path, monkeypatch, capsys):
+    """Small models get figures, not 0.00; the checkout (here the working directory) stays
+    untouched without --output; the warnings torch, transformers and peft raise about the fake
+    tensors and peft's own calls do not reach the output."""
+    import re
+    import warnings
+
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(TINY))
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert benchmark.main(["--memory", "--model-config", str(path), "--methods", "lora,sparta",
+                               "--rank", "4", "--seq", "16", "--dtype", "float32"]) == 0
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.json"], "wrote files without --output"
+    assert "--output DIR" in printed
+    peaks = re.findall(r"\| \*\*([0-9.]+)\*\* \|", printed)
+    assert len(peaks) == 2 and all(float(p) > 0 and len(p.lstrip("0.")) >= 3 for p in peaks), peaks
+    assert "| lora | 4,736 |" in printed  # 7 linears: 4 x 4 (64 + 64) + 3 x 4 (64 + 160), not "0.0M"
+    noise = [str(w.message)[:80] for w in caught
+             if "FakeTensor" in str(w.message) or "is_gradient_checkpointing" in str(w.message)]
+    assert noise == []
+
+
+@pytest.mark.parametrize("nbytes, shown", [(0, "0"), (123_456, "0.000115"), (2**29, "0.500"),
+                                           (int(17.714 * 2**30), "17.71"), (int(50.2 * 2**30), "50.20")])
+def test_gib_keeps_three_significant_digits(nbytes, shown):
+    assert memory_estimate.gib(nbytes) == shown

@@ -108,6 +108,6 @@ def test_dynamic_mask_validation():
         spft.DynamicMask(model, torch.optim.Adam(deltas(model)[1:]), batches, hf_loss, density=0.1, interval=5)
     with pytest.raises(ValueError, match="torch.optim.Optimizer"):
         spft.DynamicMask(model, deltas(model), batches, hf_loss, density=0.1, interval=5)
-    with pytest.raises(ValueError, match="no linear layer matches"):
+    with pytest.raises(ValueError, match="has no SparseDeltaLinear layer .*convert it first"):
         plain = tiny_model("llama", dtype=torch.float32)
         spft.DynamicMask(plain, torch.optim.Adam(plain.parameters()), batches, hf_loss, density=0.1, interval=5)

@@ -34,12 +34,14 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
+from ..masks.progress import progress_bar
 from ..masks.select import lora_equivalent_params
 from ..masks.targets import find_target_linears
 from ..nn.pst_linear import PSTLinear
 from ..nn.row_sparse_linear import RowSparseLinear
 from ..nn.sparse_delta_linear import SparseDeltaLinear
 from ..ops.index import SparseIndex, index_dtype_for
+from .known_noise import known_noise
 from .memory import TensorMemoryTracker
 
 GIB = 2**30
@@ -371,6 +373,21 @@ def entry_bytes(row: dict, base_weights: int) -> Optional[float]:
     return extra / row["trainable_params"]
 
 
+def gib(nbytes: int) -> str:
+    """GiB with at least 3 significant digits (a small model's 0.000118, not 0.00), and 2 decimals
+    from 1 GiB up (the README's 17.71)."""
+    value = nbytes / GIB
+    if value == 0:
+        return "0"
+    decimals = max(2, 2 - math.floor(math.log10(abs(value))))
+    return f"{value:.{decimals}f}"
+
+
+def count(params: int) -> str:
+    """A parameter count: 159.9M from a million up, else exact (34,816)."""
+    return f"{params / 1e6:.1f}M" if params >= 1_000_000 else f"{params:,}"
+
+
 def format_table(rows: list[dict], selection: Optional[dict], header: str) -> str:
     lora = next((r for r in rows if r["method"] == "lora"), None)
     base = next((r["weights_bytes"] - r["trainable_bytes"] for r in rows if r["method"] != "full"), None)
@@ -386,15 +403,15 @@ def format_table(rows: list[dict], selection: Optional[dict], header: str) -> st
         per = entry_bytes(r, base) if base is not None else None
         name = r["method"] + (f" ({r['mode']})" if r.get("mode") else "")
         lines.append(
-            f"| {name} | {r['trainable_params'] / 1e6:.1f}M | {r['weights_bytes'] / GIB:.2f} | "
-            f"{r['grads_at_peak_bytes'] / GIB:.2f} | {r['optimizer_bytes'] / GIB:.2f} | "
-            f"{r['activations_at_peak_bytes'] / GIB:.2f} | **{r['peak_bytes'] / GIB:.2f}** | {ratio} | "
-            f"{'' if per is None else f'{per:.1f}'} | {r['state_dict_alloc_bytes'] / 2**20:.1f} MiB | "
+            f"| {name} | {count(r['trainable_params'])} | {gib(r['weights_bytes'])} | "
+            f"{gib(r['grads_at_peak_bytes'])} | {gib(r['optimizer_bytes'])} | "
+            f"{gib(r['activations_at_peak_bytes'])} | **{gib(r['peak_bytes'])}** | {ratio} | "
+            f"{'' if per is None else f'{per:.1f}'} | {r['state_dict_alloc_bytes'] / 2**20:.3g} MiB | "
             f"{'none' if not r['weight_shaped_temporaries'] else r['weight_shaped_temporaries']} |"
         )
     if selection is not None:
-        lines += ["", f"SPEFT selection (gradient salience, one batch): peak {selection['peak_scores_on_device_bytes'] / GIB:.2f} "
-                  f"GiB with fp32 scores on the device, {selection['peak_scores_on_cpu_bytes'] / GIB:.2f} GiB with "
+        lines += ["", f"SPEFT selection (gradient salience, one batch): peak {gib(selection['peak_scores_on_device_bytes'])} "
+                  f"GiB with fp32 scores on the device, {gib(selection['peak_scores_on_cpu_bytes'])} GiB with "
                   "score_device='cpu'."]
     lines += ["", "GiB = 2^30 bytes. Grads and activations are what is alive at the peak. B/param: value + gradient + "
               "optimizer state + the method's buffers per trainable parameter. Not counted: " + "; ".join(NOT_COUNTED) + "."]
@@ -404,11 +421,13 @@ def format_table(rows: list[dict], selection: Optional[dict], header: str) -> st
 def run(args, env: dict) -> tuple[list[dict], Optional[dict]]:
     config = load_model_config(args.model_config)
     rows = []
-    for method in args.methods:
-        if method not in METHODS:
-            raise ValueError(f"spft-bench --memory: unknown method {method!r}; choose from {sorted(METHODS)}")
+    unknown = [method for method in args.methods if method not in METHODS]
+    if unknown:
+        raise ValueError(f"spft-bench --memory: unknown method {unknown[0]!r}; choose from {sorted(METHODS)}")
+    for method in progress_bar(args.methods, desc="spft-bench --memory", unit="method", total=len(args.methods)):
         try:
-            row = measure_method(method, config, args)
+            with known_noise():
+                row = measure_method(method, config, args)
         except MethodUnavailable as reason:
             row = {"op": "train_step_memory", "method": method, "skipped": str(reason)}
         row.update(model_config=os.path.basename(args.model_config), rank=args.rank, batch=args.batch, seq=args.seq,
@@ -417,8 +436,9 @@ def run(args, env: dict) -> tuple[list[dict], Optional[dict]]:
                    device="cpu FakeTensorMode estimate (no GPU)", not_counted=list(NOT_COUNTED))
         rows.append(row)
         print(f"  {method}: " + (f"skipped ({row['skipped']})" if "skipped" in row else
-                                 f"peak {row['peak_bytes'] / GIB:.2f} GiB"), flush=True)
-    selection = measure_selection(config, args) if "speft" in args.methods else None
+                                 f"peak {gib(row['peak_bytes'])} GiB"), flush=True)
+    with known_noise():
+        selection = measure_selection(config, args) if "speft" in args.methods else None
     if selection is not None:
         selection.update({k: rows[0][k] for k in ("model_config", "batch", "seq", "dtype", "torch", "commit", "date",
                                                   "device", "not_counted")})
@@ -452,8 +472,9 @@ def main(args, env: dict) -> int:
               f"rank {args.rank}, sparse layers in {args.mode} mode (torch {env['torch']}, commit {env['commit']})")
     table = format_table(rows, selection, header)
     print(table)
+    if not args.output:  # nothing is written into the working directory unless asked
+        print("(not saved: --output DIR writes memory.json and summary.md there)")
+        return 0
     command = "spft-bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    stem = os.path.splitext(os.path.basename(args.model_config))[0]
-    output = args.output or os.path.join("bench", "results", f"memory-{stem}-{env['date']}")
-    print("wrote " + ", ".join(write(rows, selection, table, output, command)))
+    print("wrote " + ", ".join(write(rows, selection, table, args.output, command)))
     return 0

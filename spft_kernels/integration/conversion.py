@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Mapping, Optional
 import torch
 import torch.nn as nn
 
+from ..masks.progress import counting
 from ..masks.selection import Selection
 from ..masks.targets import check_materialised, find_target_linears, weight_reading_parent, weight_sharers
 from ..nn.registry import kind_for_config, plain_linear_type
@@ -83,8 +84,9 @@ def get_spft_model(
     targets, make = _layer_maker(kind, Selection(root, targets, config, batches, loss_fn, scoring_kwargs))
     remember_requires_grad(root)  # before from_linear, which freezes the shared weights
     with outside_inference_mode():  # the layers' state must outlive an inference_mode block
-        try:
-            layers = replace_linears(root, make, targets)
+        try:  # a bar only when building the layers takes over 2 s (masks/progress.py)
+            with counting(len(targets), desc="get_spft_model: building layers", unit="layer") as counter:
+                layers = replace_linears(root, counter.wrap(make), targets)
         except Exception:
             _finish_unload(root)  # the flags back; no module was replaced
             raise

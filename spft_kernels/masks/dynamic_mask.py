@@ -109,7 +109,10 @@ class DynamicMask:
                 )
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"DynamicMask: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        self.layers = find_target_linears(model, target_modules, linear_types=_foldable_kinds())
+        try:
+            self.layers = find_target_linears(model, target_modules, linear_types=_foldable_kinds())
+        except ValueError as error:
+            raise ValueError(f"DynamicMask: {error}") from None
         shared = weight_sharers(model, list(self.layers))
         shared.update({n: m.weight_shared_with for n, m in self.layers.items() if m.weight_shared_with is not None})
         if shared:

@@ -40,6 +40,8 @@ import torch.nn.functional as F
 
 from ..ops import naive
 from ..ops._guards import as_float, as_int, describe
+from .progress import progress_bar
+from .select import warn_if_empty
 from .targets import check_gradients_possible, check_materialised, TargetModules, find_target_linears
 
 Tensor = torch.Tensor
@@ -67,6 +69,7 @@ def row_importance(
     num_perturbations: int = 5,
     epsilon: float = 1e-3,
     seed: int = 0,
+    progress: Optional[bool] = None,
 ) -> dict[str, Tensor]:
     """``{module_name: score[out_features]}`` for every targeted linear layer (see the module
     docstring for the metrics).
@@ -87,6 +90,9 @@ def row_importance(
 
     ``zo_taylor``: ``num_perturbations`` (n) directions per batch, perturbation scale
     ``epsilon``; ``seed`` makes z (and ``random``'s scores) reproducible.
+
+    ``progress``: a tqdm bar over the batches (and zo_taylor's rebuild of the estimates); default
+    (``None``): when stderr is a terminal or in a notebook, after 2 s, unless ``SPFT_PROGRESS=0``.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"row_importance: model must be an nn.Module, got {type(model).__name__}")
@@ -141,12 +147,12 @@ def row_importance(
                     device=weight.device, dtype=_acc(weight)
                 )
         elif metric == "taylor":
-            scores = _taylor(model, weights, batches, loss_fn)
+            scores = _taylor(model, weights, batches, loss_fn, progress)
         elif metric == "qm_taylor":
-            scores = _qm_taylor(model, weights, batches, loss_fn, label_fn, classes_per_pass)
+            scores = _qm_taylor(model, weights, batches, loss_fn, label_fn, classes_per_pass, progress)
         else:
             scores = _zo_taylor(
-                model, targets, owner, weights, batches, loss_fn, num_perturbations, float(epsilon), seed
+                model, targets, owner, weights, batches, loss_fn, num_perturbations, float(epsilon), seed, progress
             )
     return {name: scores[owner[name]] for name in targets}
 
@@ -232,6 +238,8 @@ def select_rows(
     for name, score in scores.items():
         order = torch.argsort(score, descending=True, stable=True)[: counts[name]]
         selected[name] = order.sort().values
+    warn_if_empty("select_rows", selected, "rows", sum(score.numel() for score in scores.values()),
+                  num_rows=num_rows if not isinstance(num_rows, Mapping) else "{...}", ratio=ratio, lora_rank=lora_rank)
     return selected
 
 
@@ -351,12 +359,18 @@ def _accumulating(weights: Mapping[int, Tensor], sink: Callable[[Tensor], None])
 # --- taylor ------------------------------------------------------------------------------------
 
 
-def _taylor(model, weights, batches, loss_fn) -> dict[int, Tensor]:
+def _batches(batches, metric: str, progress: Optional[bool]):
+    """``batches`` with a progress bar (when wanted)."""
+    total = len(batches) if hasattr(batches, "__len__") else None
+    return progress_bar(batches, total=total, desc=f"row_importance ({metric})", unit="batch", progress=progress)
+
+
+def _taylor(model, weights, batches, loss_fn, progress) -> dict[int, Tensor]:
     sums = {key: torch.zeros(w.shape, dtype=_acc(w), device=w.device) for key, w in weights.items()}
     count = 0
     with _scoring_mode(model, weights.values()), _accumulating(weights, lambda p: sums[id(p)].add_(p.grad)):
         with torch.enable_grad():
-            for batch in batches:
+            for batch in _batches(batches, "taylor", progress):
                 _scalar_loss(loss_fn(model, batch), "taylor", needs_grad=True).backward()
                 count += 1
     if count == 0:
@@ -380,7 +394,7 @@ def _labels(labels, size: Optional[int] = None) -> Tensor:
     return labels
 
 
-def _qm_taylor(model, weights, batches, loss_fn, label_fn, classes_per_pass) -> dict[int, Tensor]:
+def _qm_taylor(model, weights, batches, loss_fn, label_fn, classes_per_pass, progress) -> dict[int, Tensor]:
     if classes_per_pass is None:
         groups: list[Optional[set]] = [None]
     else:
@@ -393,7 +407,7 @@ def _qm_taylor(model, weights, batches, loss_fn, label_fn, classes_per_pass) -> 
         groups = [set(seen[i : i + classes_per_pass]) for i in range(0, len(seen), classes_per_pass)]
     per_class: dict[int, dict[int, Tensor]] = {}
     for group in groups:
-        per_class.update(_class_taylor_pass(model, weights, batches, loss_fn, label_fn, group))
+        per_class.update(_class_taylor_pass(model, weights, batches, loss_fn, label_fn, group, progress))
     if not per_class:
         raise ValueError("row_importance: batches is empty (no labelled example)")
     classes = sorted(per_class)
@@ -405,7 +419,7 @@ def _qm_taylor(model, weights, batches, loss_fn, label_fn, classes_per_pass) -> 
     return scores
 
 
-def _class_taylor_pass(model, weights, batches, loss_fn, label_fn, group) -> dict[int, dict[int, Tensor]]:
+def _class_taylor_pass(model, weights, batches, loss_fn, label_fn, group, progress) -> dict[int, dict[int, Tensor]]:
     """Per-class Taylor scores of the classes in ``group`` (all classes if None), one pass."""
     sums: dict[int, dict[int, Tensor]] = {}
     counts: dict[int, int] = {}
@@ -419,7 +433,7 @@ def _class_taylor_pass(model, weights, batches, loss_fn, label_fn, group) -> dic
             per_weight[id(param)] = param.grad.to(_acc(param), copy=True)
 
     with _scoring_mode(model, weights.values()), _accumulating(weights, sink), torch.enable_grad():
-        for batch in batches:
+        for batch in _batches(batches, "qm_taylor", progress):
             labels = _labels(label_fn(batch))
             present = [t for t in torch.unique(labels).tolist() if group is None or t in group]
             if not present:
@@ -490,7 +504,7 @@ class _Directions:
         )
 
 
-def _zo_taylor(model, targets, owner, weights, batches, loss_fn, num_perturbations, epsilon, seed):
+def _zo_taylor(model, targets, owner, weights, batches, loss_fn, num_perturbations, epsilon, seed, progress):
     directions = _Directions(weights, seed)
     state = {"estimate": 0, "scale": 0.0}
 
@@ -512,7 +526,7 @@ def _zo_taylor(model, targets, owner, weights, batches, loss_fn, num_perturbatio
         handles = [module.register_forward_hook(perturb, with_kwargs=True) for module in owner_of]
         try:
             estimate = 0
-            for batch in batches:
+            for batch in _batches(batches, "zo_taylor", progress):
                 for _ in range(num_perturbations):
                     state["estimate"] = estimate
                     state["scale"] = epsilon
@@ -535,7 +549,9 @@ def _zo_taylor(model, targets, owner, weights, batches, loss_fn, num_perturbatio
 
     scores = {}
     count = len(coefficients)
-    for key, weight in weights.items():
+    rebuild = progress_bar(weights.items(), total=len(weights), desc="row_importance (zo_taylor): scores",
+                           unit="layer", progress=progress)
+    for key, weight in rebuild:
         acc = _acc(weight)
         row_scores = torch.empty(weight.shape[0], dtype=acc, device=weight.device)
         for block, (start, stop) in enumerate(directions.blocks[key]):

@@ -96,7 +96,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import sys
 import warnings
 from typing import Callable, Iterable, Mapping, Optional
 
@@ -106,6 +105,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..nn.registry import is_spft_layer
 from ..ops._guards import as_int, describe
+from .progress import progress_bar
 from .targets import check_gradients_possible, check_materialised, TargetModules, find_target_linears
 
 Tensor = torch.Tensor
@@ -150,7 +150,8 @@ def salience_scores(
         target_modules, exclude_attention: which linears, as in ``find_target_linears`` (default:
             every ``nn.Linear`` inside the transformer blocks).
         num_batches: use at most this many batches (``None``: all).
-        progress: a tqdm bar over calibration steps; default: only when stderr is a terminal.
+        progress: a tqdm bar over calibration steps; default (``None``): when stderr is a terminal or
+            in a notebook, after 2 s, unless ``SPFT_PROGRESS=0`` (``masks/progress.py``).
         generator: the random generator of ``metric="random"`` (scores are drawn on its device).
         fisher_mode: ``"vmap"`` (torch.func per-example gradients), ``"loop"`` (one backward per
             example, lean) or ``"auto"`` (vmap, falling back to the loop when it cannot trace).
@@ -182,8 +183,6 @@ def salience_scores(
     if not isinstance(score_dtype, torch.dtype) or not score_dtype.is_floating_point:
         raise ValueError(f"salience_scores: score_dtype must be a floating-point torch.dtype, got {score_dtype!r}")
     placement = _ScorePlacement(None if score_device is None else torch.device(score_device), score_dtype)
-    if progress is None:
-        progress = sys.stderr.isatty()
     targets = find_target_linears(model, target_modules, exclude_attention=exclude_attention)
     check_materialised("salience_scores", targets)
 
@@ -322,14 +321,12 @@ class _Calibration:
         self.progress, self.metric = progress, metric
 
     def iterate(self, desc: str):
-        from tqdm.auto import tqdm
-
         total = self.num_batches
         if hasattr(self.batches, "__len__"):
             total = len(self.batches) if total is None else min(total, len(self.batches))
         batches = self.batches if self.num_batches is None else itertools.islice(self.batches, self.num_batches)
         count = 0
-        for batch in tqdm(batches, total=total, desc=desc, unit="batch", disable=not self.progress):
+        for batch in progress_bar(batches, total=total, desc=desc, unit="batch", progress=self.progress):
             count += 1
             yield batch
         if count == 0:

@@ -25,6 +25,7 @@ the entries above the threshold and, in order, as many tied entries as are still
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Mapping, Optional
 
 import torch
@@ -32,6 +33,7 @@ import torch.nn as nn
 
 from ..ops._guards import as_float, as_int, describe
 from ..ops.index import index_dtype_for, random_index
+from .progress import ProgressCounter, counting
 from .targets import TargetModules, find_target_linears
 
 Tensor = torch.Tensor
@@ -47,6 +49,29 @@ _BITS = {
 }
 _DIGIT = 16
 _BINS = 1 << _DIGIT
+
+
+def _top_passes(dtype: torch.dtype) -> int:
+    """Passes of ``_top`` through the modules: one per radix digit, one to gather."""
+    return _BITS[dtype][1] // _DIGIT + 1
+
+
+class EmptySelectionWarning(UserWarning):
+    """A selection chose nothing at all: the budget rounds to zero for these modules."""
+
+
+def warn_if_empty(who: str, chosen: Mapping[str, Tensor], what: str, available: int, **budget) -> None:
+    """Warns when ``chosen`` (``{name: positions}``) holds no position at all, naming the budget:
+    a model converted with it would have nothing to train, which is never what was meant."""
+    if any(positions.numel() for positions in chosen.values()):
+        return
+    given = ", ".join(f"{key}={value!r}" for key, value in budget.items() if value is not None)
+    warnings.warn(
+        f"{who}: {given} selects no {what} of the {available} {what} in {len(chosen)} module(s), so nothing "
+        "would train; raise the budget" + (" or use smaller blocks" if what == "blocks" else ""),
+        EmptySelectionWarning,
+        stacklevel=3,
+    )
 
 
 # --- counts ---------------------------------------------------------------------------------
@@ -146,6 +171,7 @@ def select_topk(
     *,
     num_params: Optional[int] = None,
     scope: str = "global",
+    progress: Optional[bool] = None,
 ) -> dict[str, Tensor]:
     """Keep the highest scores: ``{module_name: index}`` with canonical indices (1-D sorted unique
     flat positions ``row * in + col``, dtype ``index_dtype_for(out, in)``, on the score's device),
@@ -155,13 +181,21 @@ def select_topk(
     gives every module the same density. Exactly one of ``density`` (in (0, 1]) and
     ``num_params`` (e.g. ``lora_equivalent_params(scores, 8)``); counts and tie-breaking are
     described in the module docstring. All scores must share one floating dtype; NaN is rejected.
+    ``progress``: a bar over the passes through the modules (default: as ``salience_scores``).
+    A budget that selects nothing warns (``EmptySelectionWarning``).
     """
     _check_scores(scores)
     sizes = {name: score.numel() for name, score in scores.items()}
     counts = _counts("select_topk", sizes, density, num_params, scope)
-    if scope == "global":
-        return _top(scores, counts[None])
-    return {name: _top({name: scores[name]}, counts[name])[name] for name in scores}
+    passes = _top_passes(next(iter(scores.values())).dtype)
+    with counting(passes * len(scores), desc="select_topk", unit="module", progress=progress) as counter:
+        if scope == "global":
+            chosen = _top(scores, counts[None], counter)
+        else:
+            chosen = {name: _top({name: scores[name]}, counts[name], counter)[name] for name in scores}
+    warn_if_empty("select_topk", chosen, "entries", sum(sizes.values()), density=density, num_params=num_params,
+                  scope=scope)
+    return chosen
 
 
 def _check_scores(scores, who: str = "select_topk") -> None:
@@ -183,15 +217,19 @@ def _check_scores(scores, who: str = "select_topk") -> None:
         raise ValueError(f"{who}: all scores must share one dtype, got {sorted(map(str, dtypes))}")
 
 
-def _top(scores: Mapping[str, Tensor], k: int) -> dict[str, Tensor]:
-    """The ``k`` largest entries over ``scores`` (ties: earlier module, then lower position)."""
+def _top(scores: Mapping[str, Tensor], k: int, counter: Optional[ProgressCounter] = None) -> dict[str, Tensor]:
+    """The ``k`` largest entries over ``scores`` (ties: earlier module, then lower position);
+    ``counter`` ticks once per module and pass (``_top_passes``)."""
+    counter = counter or ProgressCounter()
     dtypes = {name: index_dtype_for(*score.shape) for name, score in scores.items()}
     if k == 0:
+        counter.tick(_top_passes(next(iter(scores.values())).dtype) * len(scores))
         return {name: torch.empty(0, dtype=dtypes[name], device=s.device) for name, s in scores.items()}
-    threshold = _kth_largest([s.reshape(-1) for s in scores.values()], k)
+    threshold = _kth_largest([s.reshape(-1) for s in scores.values()], k, counter)
     above = {}
     for name, score in scores.items():
         above[name] = torch.nonzero(score.reshape(-1) > threshold.to(score.device)).squeeze(1)
+        counter.tick()
     need = k - sum(a.numel() for a in above.values())
     chosen = {}
     for name, score in scores.items():
@@ -219,8 +257,10 @@ def _sortable_keys(flat: Tensor) -> Tensor:
     return keys
 
 
-def _kth_largest(flats: list[Tensor], k: int) -> Tensor:
-    """The k-th largest value over 1-D tensors (one dtype), as a 0-d tensor, by radix select."""
+def _kth_largest(flats: list[Tensor], k: int, counter: Optional[ProgressCounter] = None) -> Tensor:
+    """The k-th largest value over 1-D tensors (one dtype), as a 0-d tensor, by radix select;
+    ``counter`` ticks once per tensor and digit."""
+    counter = counter or ProgressCounter()
     dtype = flats[0].dtype
     bits_dtype, width = _BITS[dtype]
     prefix = None  # the digits found so far, as the arithmetic right shift of the key
@@ -238,6 +278,7 @@ def _kth_largest(flats: list[Tensor], k: int) -> Tensor:
                 digits &= _BINS - 1
             histogram += torch.bincount(digits, minlength=_BINS).cpu()
             del keys, digits
+            counter.tick()
         from_top = histogram.flip(0).cumsum(0)
         j = int(torch.searchsorted(from_top, remaining))  # first j with from_top[j] >= remaining
         digit = _BINS - 1 - j
@@ -271,6 +312,13 @@ def random_indices(
     shapes = _shapes(model_or_modules, target_modules)
     sizes = {name: out_f * in_f for name, (out_f, in_f, _) in shapes.items()}
     counts = _counts("random_indices", sizes, density, num_params, scope)
+    chosen = _random_indices(shapes, sizes, counts, scope, generator)
+    warn_if_empty("random_indices", chosen, "entries", sum(sizes.values()), density=density, num_params=num_params,
+                  scope=scope)
+    return chosen
+
+
+def _random_indices(shapes, sizes, counts, scope, generator) -> dict[str, Tensor]:
     if scope == "local":
         return {
             name: _random_exact(out_f, in_f, counts[name], generator, device)

@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.block_index import block_grid, check_block_size
-from .select import SCOPES, _check_scores, _counts, _shapes, _top
+from .progress import progress_bar
+from .select import SCOPES, _check_scores, _counts, _shapes, _top, warn_if_empty
 from .targets import TargetModules
 
 Tensor = torch.Tensor
@@ -102,15 +103,19 @@ def select_blocks(
     *,
     num_blocks: Optional[Union[int, Mapping[str, int]]] = None,
     lora_rank: Optional[int] = None,
+    progress: Optional[bool] = None,
 ) -> dict[str, Tensor]:
     """Keep the blocks with the highest summed scores: ``{module_name: sorted block ids}``.
 
     ``scores``: ``{name: score [out, in]}`` (e.g. ``salience_scores``); the budget and its counts
     are in the module docstring; ``scope="global"`` ranks the blocks of all modules together,
-    ``"local"`` ranks each module's own."""
+    ``"local"`` ranks each module's own. ``progress``: a bar over the modules (default: as
+    ``salience_scores``). A budget that selects no block warns (``EmptySelectionWarning``)."""
     block_size = check_block_size(block_size, "select_blocks")
     _check_scores(scores, "select_blocks")
-    summed = {name: block_scores(score, block_size) for name, score in scores.items()}
+    summed = {name: block_scores(score, block_size)
+              for name, score in progress_bar(scores.items(), total=len(scores), desc="select_blocks: block sums",
+                                              unit="module", progress=progress)}
     grids = {name: s.numel() for name, s in summed.items()}
     shapes = {name: tuple(score.shape) for name, score in scores.items()}
     counts = _block_counts("select_blocks", grids, block_size, density, num_params, num_blocks, lora_rank, shapes, scope)
@@ -118,7 +123,10 @@ def select_blocks(
         chosen = _top(summed, counts[None])
     else:
         chosen = {name: _top({name: summed[name]}, counts[name])[name] for name in summed}
-    return {name: ids.long() for name, ids in chosen.items()}
+    chosen = {name: ids.long() for name, ids in chosen.items()}
+    warn_if_empty("select_blocks", chosen, "blocks", sum(grids.values()), block_size=block_size, density=density,
+                  num_params=num_params, num_blocks=num_blocks, lora_rank=lora_rank, scope=scope)
+    return chosen
 
 
 def random_blocks(
@@ -153,4 +161,7 @@ def random_blocks(
             start += size
     else:
         chosen = {name: torch.randperm(grids[name], generator=generator)[: counts[name]].sort().values for name in grids}
-    return {name: ids.to(shapes[name][2]) for name, ids in chosen.items()}
+    chosen = {name: ids.to(shapes[name][2]) for name, ids in chosen.items()}
+    warn_if_empty("random_blocks", chosen, "blocks", sum(grids.values()), block_size=block_size, density=density,
+                  num_params=num_params, num_blocks=num_blocks, lora_rank=lora_rank, scope=scope)
+    return chosen

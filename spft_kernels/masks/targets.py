@@ -64,6 +64,8 @@ def find_target_linears(
         and matches_target(name, target_modules)
         and not (exclude_attention and _is_attention(name))
     }
+    if not found and linear_types != (nn.Linear,):
+        _require_layers_of(model, linear_types)
     if not found:
         raise ValueError(
             f"no linear layer matches target_modules={target_modules!r}"
@@ -71,6 +73,19 @@ def find_target_linears(
             + f" in {type(model).__name__}"
         )
     return found
+
+
+def _require_layers_of(model: nn.Module, linear_types: tuple) -> None:
+    """A model with no layer of ``linear_types`` at all (e.g. no SparseDeltaLinear: not converted
+    yet) gets that said, not "nothing matches target_modules" about its plain linears."""
+    if any(isinstance(module, linear_types) for module in model.modules()):
+        return
+    wanted = " or ".join(t.__name__ for t in linear_types)
+    plain = sum(type(module) is nn.Linear for module in model.modules())
+    raise ValueError(
+        f"{type(model).__name__} has no {wanted} layer (it has {plain} plain nn.Linear); convert it first, e.g. "
+        "spft.get_spft_model(model, spft.SpftConfig(...)) or SparseDeltaLinear.from_linear for each target"
+    )
 
 
 # --- targets that are unsafe to convert -----------------------------------------------------------
