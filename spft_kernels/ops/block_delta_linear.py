@@ -241,6 +241,8 @@ def _entry_indices(block_index: BlockIndex) -> tuple[Tensor, Tensor, Optional[Te
 def gather_blocks(weight: Tensor, block_index: BlockIndex) -> Tensor:
     """``weight`` at every block entry, [nb, bh, bw] in the weight's dtype (any layout; a clipped
     block's dead entries repeat the edge values). O(nnz)."""
+    if block_index.num_blocks == 0:  # as in write_blocks_: nothing of the block's bh + bw indices
+        return weight.new_empty((0, *block_index.block_size))
     row_indices, col_indices, _, _ = _entry_indices(block_index)
     return weight[row_indices.unsqueeze(2), col_indices.unsqueeze(1)]
 

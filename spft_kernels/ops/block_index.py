@@ -202,6 +202,9 @@ def block_entries(blocks: torch.Tensor, shape: tuple, block_size: tuple) -> tupl
     of clipped edge blocks that lie in the weight), in delta order, and their positions in
     ``delta.flatten()``. Per-entry indices, O(nb * bh * bw): for adapters (fingerprints, merging) and
     oracles, never in a training step."""
+    if blocks.numel() == 0:  # no ranges of bh and bw: an empty layer's block size is backed by no values
+        empty = torch.empty(0, dtype=torch.int64, device=blocks.device)
+        return empty, empty
     out_features, in_features = shape
     bh, bw = block_size
     columns = block_grid(out_features, in_features, block_size)[1]
