@@ -10,6 +10,8 @@ from typing import Callable, Optional, Union
 
 import torch.nn as nn
 
+from ..json_input import loads_json
+
 PathLike = Union[str, bytes, os.PathLike]
 
 ADAPTER_FILE = "spft_adapter.safetensors"  # the tensors file's name when a directory is given
@@ -86,7 +88,7 @@ def read_config(path: str) -> dict:
     """An ``adapter_config.json`` as a dict; ``ValueError`` if it is not a JSON object."""
     try:
         with open(path) as handle:
-            data = json.load(handle)
+            data = loads_json(handle.read())
     except (OSError, ValueError) as error:
         raise ValueError(f"{path}: not a readable adapter config: {error}") from None
     if not isinstance(data, dict):

@@ -47,6 +47,7 @@ import torch.nn as nn
 from ...nn.registry import kind_class, universal_kind
 from ...nn.stored import dtype_name, StoredLayer, VALUE_DTYPES
 from ..config import SpftConfig
+from ..json_input import loads_json
 from ..surgery import saved_module_names
 from .files import CONFIG_FILE, name_or_path, PathLike, PEFT_TENSORS, read_safetensors, replace_atomically, write_json
 from .format import cast_values, _checksum, _full, fingerprint, saved_module_tensors
@@ -204,7 +205,7 @@ def read_shira_folder(folder: str, peft_config: dict, root: nn.Module) -> _Adapt
     names = sorted({key.rpartition(".")[0] for key in tensors if key.rpartition(".")[2] in (_WEIGHT, _INDICES)})
     if ours:
         try:
-            described = json.loads(metadata["spft_layers"])
+            described = loads_json(metadata["spft_layers"])
             config = SpftConfig.from_json(metadata["spft_config"])
         except (KeyError, ValueError, TypeError) as error:
             raise ValueError(f"{path}: bad spft metadata: {error}") from None
