@@ -137,3 +137,33 @@ def test_a_spft_folder_with_a_read_only_config_is_refused_before_the_tensors_are
     finally:
         os.chmod(tmp_path / "folder" / "adapter_config.json", stat.S_IRUSR | stat.S_IWUSR)
     assert tensors.read_bytes() == old
+
+
+def test_temporary_files_are_unpredictable_and_never_follow_a_planted_symlink(tmp_path):
+    # The old temporary name, <target>.tmp-<pid>, planted as a symlink to a file of the user's:
+    # every file of every layout is written beside it without touching the victim.
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    model, pid = _model(), os.getpid()
+    spft_file, folder, peft_folder = tmp_path / "a.safetensors", tmp_path / "folder", tmp_path / "peft"
+    folder.mkdir()
+    peft_folder.mkdir()
+    targets = [spft_file, folder / "spft_adapter.safetensors", folder / "adapter_config.json",
+               peft_folder / "adapter_model.safetensors", peft_folder / "adapter_config.json"]
+    for target in targets:
+        os.symlink(victim, f"{target}.tmp-{pid}")
+    spft.save_adapter(model, spft_file)
+    spft.save_adapter(model, folder)
+    spft.save_adapter(model, peft_folder, format="peft")
+    assert victim.read_text() == "keep me"
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for target in targets:
+        assert stat.S_ISREG(os.lstat(target).st_mode), target  # a file of its own, not the symlink renamed
+        if target.suffix == ".json":  # as a plain open() makes it (safetensors makes its files 0o600 itself)
+            assert stat.S_IMODE(os.stat(target).st_mode) == 0o666 & ~mask
+        os.remove(f"{target}.tmp-{pid}")
+    assert _files(tmp_path) == ["a.safetensors", "folder", "peft", "victim"]  # no temporary file left
+    assert _files(folder) == ["adapter_config.json", "spft_adapter.safetensors"]
+    assert _files(peft_folder) == ["adapter_config.json", "adapter_model.safetensors"]
+    torch.testing.assert_close(spft.load_adapter(_model(value=0.0), folder).layers[0].delta, model.layers[0].delta)
