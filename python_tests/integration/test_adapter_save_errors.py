@@ -1,5 +1,5 @@
-"""``save_adapter`` checks everything before it writes: values that do not fit the file's dtype
-are a ValueError naming the layer and the value (never a silent inf), I/O failures are OSError
+"""``save_adapter`` checks everything before it writes: NaN or ±inf values and values that do not
+fit the file's dtype are a ValueError naming the layer and the value (never a silent inf), I/O failures are OSError
 subclasses (users catch OSError), bytes paths work, and an existing read-only file is refused.
 Whatever fails, no file is created or changed."""
 
@@ -46,13 +46,29 @@ def test_a_value_that_overflows_the_file_dtype_is_named(kind, value, dtype, tmp_
     assert _files(tmp_path) == []
 
 
-def test_values_that_fit_and_non_finite_values_are_saved_as_they_are(tmp_path):
+def test_values_that_fit_are_saved_as_they_are(tmp_path):
     model = _model(value=65504.0)
-    with torch.no_grad():
-        model.layers[0].delta[1] = float("nan")  # not an overflow of the cast: kept, as trained
     path = spft.save_adapter(model, tmp_path / "a.safetensors", dtype=torch.float16)
     saved = safetensors.torch.load_file(path)["layers.0.delta"]
-    assert saved[0].item() == 65504.0 and saved[1].isnan()
+    assert saved.tolist() == [65504.0] * 3
+
+
+@pytest.mark.parametrize("kind", ["entries", "rows", "pst"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("form", [dict(), dict(dtype=torch.bfloat16), dict(format="peft")])
+def test_non_finite_values_are_refused_before_anything_is_written(kind, bad, form, tmp_path):
+    if kind == "pst" and form.get("format") == "peft":
+        pytest.skip("a SHiRA folder cannot hold PST at all (refused for that)")
+    model = _model(kind)
+    label = "U" if kind == "pst" else "delta"
+    with torch.no_grad():
+        getattr(model.layers[0], label).view(-1)[1] = bad  # the first bad value; another one after it
+        getattr(model.layers[0], label).view(-1)[-1] = float("nan")
+    named = "values" if form.get("format") == "peft" else label  # (SHiRA's flat entries: the same order here)
+    message = re.escape(f"layer 'layers.0': {named}[1] = {bad} is not finite")
+    with pytest.raises(ValueError, match=message + ".*nothing was written"):
+        spft.save_adapter(model, tmp_path / "out", **form)
+    assert _files(tmp_path) == []
 
 
 def test_a_missing_directory_is_a_file_not_found_error(tmp_path):
