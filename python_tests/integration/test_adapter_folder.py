@@ -79,3 +79,9 @@ def test_an_adapter_config_that_disagrees_is_refused(tmp_path, model):
     config_path.write_text("[1, 2")
     with pytest.raises(ValueError, match="not a readable adapter config"):
         spft.load_adapter(target, tmp_path)
+    # Deep nesting: beyond the decoder's recursion (100,000), and decodable but deeper than any config.
+    for depth in (100_000, 500):
+        for nested in ('{"peft_type": "SHIRA", "x": %s}', '{"format": "spft_adapter", "config": %s}'):
+            config_path.write_text(nested % ("[" * depth + "]" * depth))
+            with pytest.raises(ValueError, match="not a readable adapter config: JSON nested deeper than 64 levels"):
+                spft.load_adapter(target, tmp_path)

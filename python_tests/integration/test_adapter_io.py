@@ -328,7 +328,12 @@ def test_inconsistent_files_are_refused_before_anything_changes(saved, tmp_path)
     def bad_config(metadata):
         metadata["config"] = metadata["config"].replace('"method": "speft"', '"method": "pst"')
 
+    def deep(key, depth=100_000):  # nested beyond the JSON decoder's recursion
+        return lambda metadata: metadata.update({key: "[" * depth + "]" * depth})
+
     cases = [
+        *[(dict(edit_metadata=deep(key)), "bad adapter metadata: .*nested deeper than 64")
+          for key in ("layers", "saved_modules", "config")],
         (dict(edit_tensors=duplicate), "duplicate"),
         (dict(edit_tensors=out_of_range), "out of range"),
         (dict(edit_metadata=rename_layer, edit_tensors=rename_tensors), "not in the model"),

@@ -1,5 +1,5 @@
-"""``save_adapter`` checks everything before it writes: values that do not fit the file's dtype
-are a ValueError naming the layer and the value (never a silent inf), I/O failures are OSError
+"""``save_adapter`` checks everything before it writes: NaN or ±inf values and values that do not
+fit the file's dtype are a ValueError naming the layer and the value (never a silent inf), I/O failures are OSError
 subclasses (users catch OSError), bytes paths work, and an existing read-only file is refused.
 Whatever fails, no file is created or changed."""
 
@@ -46,13 +46,29 @@ def test_a_value_that_overflows_the_file_dtype_is_named(kind, value, dtype, tmp_
     assert _files(tmp_path) == []
 
 
-def test_values_that_fit_and_non_finite_values_are_saved_as_they_are(tmp_path):
+def test_values_that_fit_are_saved_as_they_are(tmp_path):
     model = _model(value=65504.0)
-    with torch.no_grad():
-        model.layers[0].delta[1] = float("nan")  # not an overflow of the cast: kept, as trained
     path = spft.save_adapter(model, tmp_path / "a.safetensors", dtype=torch.float16)
     saved = safetensors.torch.load_file(path)["layers.0.delta"]
-    assert saved[0].item() == 65504.0 and saved[1].isnan()
+    assert saved.tolist() == [65504.0] * 3
+
+
+@pytest.mark.parametrize("kind", ["entries", "rows", "pst"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("form", [dict(), dict(dtype=torch.bfloat16), dict(format="peft")])
+def test_non_finite_values_are_refused_before_anything_is_written(kind, bad, form, tmp_path):
+    if kind == "pst" and form.get("format") == "peft":
+        pytest.skip("a SHiRA folder cannot hold PST at all (refused for that)")
+    model = _model(kind)
+    label = "U" if kind == "pst" else "delta"
+    with torch.no_grad():
+        getattr(model.layers[0], label).view(-1)[1] = bad  # the first bad value; another one after it
+        getattr(model.layers[0], label).view(-1)[-1] = float("nan")
+    named = "values" if form.get("format") == "peft" else label  # (SHiRA's flat entries: the same order here)
+    message = re.escape(f"layer 'layers.0': {named}[1] = {bad} is not finite")
+    with pytest.raises(ValueError, match=message + ".*nothing was written"):
+        spft.save_adapter(model, tmp_path / "out", **form)
+    assert _files(tmp_path) == []
 
 
 def test_a_missing_directory_is_a_file_not_found_error(tmp_path):
@@ -137,3 +153,33 @@ def test_a_spft_folder_with_a_read_only_config_is_refused_before_the_tensors_are
     finally:
         os.chmod(tmp_path / "folder" / "adapter_config.json", stat.S_IRUSR | stat.S_IWUSR)
     assert tensors.read_bytes() == old
+
+
+def test_temporary_files_are_unpredictable_and_never_follow_a_planted_symlink(tmp_path):
+    # The old temporary name, <target>.tmp-<pid>, planted as a symlink to a file of the user's:
+    # every file of every layout is written beside it without touching the victim.
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    model, pid = _model(), os.getpid()
+    spft_file, folder, peft_folder = tmp_path / "a.safetensors", tmp_path / "folder", tmp_path / "peft"
+    folder.mkdir()
+    peft_folder.mkdir()
+    targets = [spft_file, folder / "spft_adapter.safetensors", folder / "adapter_config.json",
+               peft_folder / "adapter_model.safetensors", peft_folder / "adapter_config.json"]
+    for target in targets:
+        os.symlink(victim, f"{target}.tmp-{pid}")
+    spft.save_adapter(model, spft_file)
+    spft.save_adapter(model, folder)
+    spft.save_adapter(model, peft_folder, format="peft")
+    assert victim.read_text() == "keep me"
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for target in targets:
+        assert stat.S_ISREG(os.lstat(target).st_mode), target  # a file of its own, not the symlink renamed
+        if target.suffix == ".json":  # as a plain open() makes it (safetensors makes its files 0o600 itself)
+            assert stat.S_IMODE(os.stat(target).st_mode) == 0o666 & ~mask
+        os.remove(f"{target}.tmp-{pid}")
+    assert _files(tmp_path) == ["a.safetensors", "folder", "peft", "victim"]  # no temporary file left
+    assert _files(folder) == ["adapter_config.json", "spft_adapter.safetensors"]
+    assert _files(peft_folder) == ["adapter_config.json", "adapter_model.safetensors"]
+    torch.testing.assert_close(spft.load_adapter(_model(value=0.0), folder).layers[0].delta, model.layers[0].delta)

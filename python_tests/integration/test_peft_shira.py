@@ -177,6 +177,25 @@ def test_foreign_peft_folders_are_checked(tmp_path):
         assert_unchanged(model, before)
 
 
+def test_a_shira_folder_for_another_model_size_is_refused_as_peft_refuses_it(tmp_path):
+    # hidden 32 → 48: every index is in range of the larger layers, only the count r*(in+out) differs.
+    shira_model(r=2, heads=()).save_pretrained(tmp_path / "small")
+    larger = tiny_model("llama", dtype=torch.float32, hidden_size=48)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        peft.PeftModel.from_pretrained(copy.deepcopy(larger), tmp_path / "small")
+    before = snapshot(larger)
+    with pytest.raises(ValueError, match=r"down_proj'.*holds 192 entries.*r=2 has r\*\(in\+out\) = 224.*48x64"):
+        spft.load_adapter(larger, tmp_path / "small")
+    assert_unchanged(larger, before)
+    # The same count rule against the config's r, which must be a positive integer.
+    config = json.loads((tmp_path / "small" / "adapter_config.json").read_text())
+    model = tiny_model("llama", dtype=torch.float32)
+    for r, match in ((3, "holds 192 entries.*r=3"), (0, "r must be a positive integer"), ("2", "r must be")):
+        (tmp_path / "small" / "adapter_config.json").write_text(json.dumps({**config, "r": r}))
+        with pytest.raises(ValueError, match=match):
+            spft.load_adapter(model, tmp_path / "small")
+
+
 # --- spft → peft -----------------------------------------------------------------------------------
 
 

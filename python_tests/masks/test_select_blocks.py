@@ -85,3 +85,27 @@ def test_random_blocks_exact_counts_seeded_and_on_the_weights_device():
     assert {n: len(v) for n, v in local.items()} == {"a": 2, "b": 4}
     model = nn.Sequential(nn.Sequential(nn.Linear(64, 64)))
     assert len(spft.random_blocks(model, 64, num_blocks=1)["0.0"]) == 1
+
+
+def test_numpy_integers_are_integers_for_the_block_size_and_every_budget():
+    np = pytest.importorskip("numpy")
+    scores = {"a": torch.rand(64, 64, generator=torch.Generator().manual_seed(0)), "b": torch.rand(32, 64)}
+    modules = {"a": nn.Linear(64, 64), "b": nn.Linear(64, 32)}
+    budgets = [dict(num_blocks=5), dict(num_blocks={"a": 2, "b": 1}), dict(num_params=3 * 256), dict(lora_rank=4)]
+    for budget in budgets:
+        as_numpy = {key: ({n: np.int64(v) for n, v in value.items()} if isinstance(value, dict) else np.int32(value))
+                    for key, value in budget.items()}
+        expected = spft.select_blocks(scores, (16, 16), **budget)
+        for block_size in (np.int64(16), (np.int32(16), np.int64(16)), [np.int64(16), 16]):
+            chosen = spft.select_blocks(scores, block_size, **as_numpy)
+            assert {n: v.tolist() for n, v in chosen.items()} == {n: v.tolist() for n, v in expected.items()}, budget
+        drawn = spft.random_blocks(modules, np.int64(16), generator=torch.Generator().manual_seed(5), **as_numpy)
+        again = spft.random_blocks(modules, 16, generator=torch.Generator().manual_seed(5), **budget)
+        assert {n: v.tolist() for n, v in drawn.items()} == {n: v.tolist() for n, v in again.items()}, budget
+    layer = spft.BlockSparseLinear.from_linear(nn.Linear(64, 32), torch.tensor([1]), block_size=(np.int64(8), np.int32(4)))
+    assert layer.block_size == (8, 4) and all(type(size) is int for size in layer.block_size)
+    config = spft.SpftConfig(method="sparta", density=0.1, block_size=np.int64(8))
+    assert config.block_size == (8, 8) and spft.SpftConfig.from_json(config.to_json()).block_size == (8, 8)
+    for bad in (np.float64(8.0), (np.int64(0), 4), (True, 4)):
+        with pytest.raises(ValueError, match="block_size must be a pair of positive ints"):
+            spft.select_blocks(scores, bad, num_blocks=1)

@@ -290,3 +290,23 @@ def test_repr_counts_and_errors_name_the_layer():
         make_layer(mode="fused")
     with pytest.raises(TypeError, match="nn.Linear"):
         spft.BlockSparseLinear.from_linear(nn.Conv1d(2, 2, 1), torch.tensor([0]))
+
+
+def test_a_layer_without_blocks_never_allocates_its_block_size(tmp_path):
+    # A 1 KB adapter can claim any block size for a layer with no blocks: saving, loading, merging
+    # and training it must not build index ranges of bh and bw (2**20 each here; 2**29 took 4 GiB).
+    huge = (2**20, 2**20)
+    linear = make_linear(32, 16)
+    base = copy.deepcopy(linear)
+    x = torch.randn(4, 16)
+    with TensorMemoryTracker() as tracker:
+        layer = make_layer((), linear=linear, block_size=huge)
+        layer(x).sum().backward()
+        layer.merge()
+        layer.unmerge()
+        path = spft.save_adapter(nn.Sequential(layer), tmp_path / "empty.safetensors")
+        loaded = spft.load_adapter(nn.Sequential(base), path)
+        loaded(x).sum().backward()
+    assert loaded[0].block_size == huge and loaded[0].num_blocks == 0
+    assert torch.equal(loaded(x), linear(x))
+    assert tracker.largest_numel <= 32 * 16, (tracker.largest_shape, tracker.largest_op)

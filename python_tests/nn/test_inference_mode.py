@@ -11,10 +11,22 @@ from spft_kernels.ops._guards import as_int, is_inference, outside_inference_mod
 
 from helpers import dense_weight
 
+
+
+class _Blocks:
+    """BlockSparseLinear in 2x2 blocks (a 3x3 grid on the 6x5 weight; block 5 is clipped)."""
+
+    @staticmethod
+    def from_linear(linear, blocks, **kwargs):
+        return spft.BlockSparseLinear.from_linear(linear, blocks, block_size=(2, 2), **kwargs)
+
+
 LAYERS = {
     "entries": (spft.SparseDeltaLinear, torch.tensor([0, 7, 12, 29])),
     "rows": (spft.RowSparseLinear, torch.tensor([1, 4])),
+    "blocks": (_Blocks, torch.tensor([1, 5, 6])),
 }
+SET_POSITIONS = {"entries": "set_index", "rows": "set_rows", "blocks": "set_blocks"}
 CONTEXTS = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad}
 
 
@@ -27,6 +39,11 @@ def _expected(layer, x):
     """fp64 oracle of the layer's current function."""
     if isinstance(layer, spft.SparseDeltaLinear):
         weight = dense_weight(_w0(layer), layer.delta, layer.index)
+    elif isinstance(layer, spft.BlockSparseLinear):  # its live entries, dead ones of block 5 dropped
+        flat, values = layer.entries_of(layer.blocks, {"delta": layer.delta.detach()}, tuple(layer.weight.shape),
+                                        layer.options())
+        weight = _w0(layer).clone()
+        weight.view(-1)[flat] += values.to(weight.dtype)
     else:
         weight = _w0(layer).clone()
         weight[layer.rows] += layer.delta.detach().to(weight.dtype)
@@ -131,7 +148,7 @@ def test_new_positions_and_state_dict_loaded_inside_inference_mode(kind):
     torch.testing.assert_close(target(x).detach(), source(x).detach(), rtol=0, atol=1e-12)
     _train_step(target, x)
     with torch.inference_mode():
-        (target.set_index if kind == "entries" else target.set_rows)(positions[1:])
+        getattr(target, SET_POSITIONS[kind])(positions[1:])
     _state_is_normal(target)
     _train_step(target, x)
 

@@ -41,8 +41,8 @@ def test_a_skeleton_takes_a_state_dict(kind, on_meta):
     cls, _, options = KINDS[kind]
     source = _trained(kind)
     if on_meta:
-        with torch.device("meta"):
-            skeleton = cls(IN, OUT, None, **options)
+        skeleton = cls(IN, OUT, None, device="meta", **options)  # (see the assignment test below)
+        assert skeleton.weight.is_meta
         skeleton = skeleton.to_empty(device="cpu")
     else:
         skeleton = cls(IN, OUT, None, **options)
@@ -50,3 +50,44 @@ def test_a_skeleton_takes_a_state_dict(kind, on_meta):
     assert not result.missing_keys and not result.unexpected_keys
     x = torch.randn(3, IN)
     torch.testing.assert_close(skeleton(x), source(x))
+
+
+def _state(layer):
+    """A copy of the layer's state dict (the layers under test never share tensors with it)."""
+    return {key: value.clone() for key, value in layer.state_dict().items()}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_meta_skeleton_takes_a_state_dict_by_assignment(kind):
+    cls, _, options = KINDS[kind]
+    source = _trained(kind)
+    # (device= rather than `with torch.device("meta")`, which conftest's poisoned torch.empty escapes)
+    skeleton = cls(IN, OUT, None, device="meta", **options)
+    assert skeleton.weight.is_meta and skeleton.positions().is_meta
+    result = skeleton.load_state_dict(_state(source), assign=True)  # CPU tensors into a meta layer
+    assert not result.missing_keys and not result.unexpected_keys
+    assert all(t.device.type == "cpu" for t in list(skeleton.parameters()) + list(skeleton.buffers()))
+    assert torch.equal(skeleton.positions(), source.positions())
+    x = torch.randn(3, IN)
+    torch.testing.assert_close(skeleton(x), source(x), rtol=0, atol=0)
+    skeleton(x).square().sum().backward()
+    assert skeleton.delta.grad is not None and skeleton.delta.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("merged", [False, True])
+def test_a_layer_moved_to_meta_and_emptied_takes_a_state_dict(kind, merged):
+    cls, positions, options = KINDS[kind]
+    source = _trained(kind)
+    x = torch.randn(3, IN)
+    torch.manual_seed(1)
+    layer = cls.from_linear(torch.nn.Linear(IN, OUT), positions, **options)
+    if merged:
+        layer(x)  # merges W0 + Δ into its weight and keeps W0 at the positions aside
+    layer = layer.to("meta").to_empty(device="cpu")  # uninitialised values everywhere
+    assert not layer.merged  # nothing holds W0 + Δ or the kept W0 any more
+    result = layer.load_state_dict(_state(source))
+    assert not result.missing_keys and not result.unexpected_keys
+    torch.testing.assert_close(layer(x), source(x), rtol=0, atol=0)
+    layer.unmerge()
+    assert torch.equal(layer.weight, source.state_dict()["weight"])  # W0 exactly

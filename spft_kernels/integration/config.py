@@ -61,6 +61,7 @@ from ..nn.registry import kind_class
 from ..ops._guards import as_float, as_int, describe
 from ..ops.block_index import check_block_size
 from ..ops.backends import check_backend_name
+from .json_input import loads_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,8 +266,8 @@ class SpftConfig:
     @classmethod
     def from_json(cls, text: str) -> "SpftConfig":
         try:
-            data = json.loads(text)
-        except (TypeError, json.JSONDecodeError) as error:
+            data = loads_json(text)
+        except (TypeError, ValueError) as error:
             raise ValueError(f"SpftConfig: not valid JSON: {error}") from None
         return cls.from_dict(data)
 

@@ -33,6 +33,7 @@ from typing import Mapping, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from ..ops._guards import as_int
 from ..ops.block_index import block_grid, check_block_size
 from .progress import progress_bar
 from .select import SCOPES, _check_scores, _counts, _shapes, _top, warn_if_empty
@@ -68,22 +69,24 @@ def _block_counts(who: str, grids: Mapping[str, int], block_size, density, num_p
                 raise ValueError(f"{who}: num_blocks names unknown modules {unknown[:3]}")
             counts = {name: num_blocks.get(name, 0) for name in grids}
             for name, count in counts.items():
-                if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= grids[name]:
+                if as_int(count) is None or not 0 <= as_int(count) <= grids[name]:
                     raise ValueError(f"{who}: num_blocks[{name!r}] must be an int in [0, {grids[name]}], got {count!r}")
-            return counts
-        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or not 1 <= num_blocks <= total:
+            return {name: as_int(count) for name, count in counts.items()}
+        if as_int(num_blocks) is None or not 1 <= as_int(num_blocks) <= total:
             raise ValueError(f"{who}: num_blocks must be an int in [1, {total}] (the targets' blocks), got {num_blocks!r}")
-        return _counts(who, grids, None, num_blocks, scope)
+        return _counts(who, grids, None, as_int(num_blocks), scope)
     if lora_rank is not None:
-        if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
+        if as_int(lora_rank) is None or as_int(lora_rank) < 1:
             raise ValueError(f"{who}: lora_rank must be a positive int, got {lora_rank!r}")
+        lora_rank = as_int(lora_rank)
         lora = {name: lora_rank * (out_f + in_f) for name, (out_f, in_f) in shapes.items()}
         if scope == "global":
             return {None: min(total, math.floor(sum(lora.values()) / area + 0.5))}
         return {name: min(grids[name], math.floor(params / area + 0.5)) for name, params in lora.items()}
     if num_params is not None:
-        if isinstance(num_params, bool) or not isinstance(num_params, int) or num_params < 1:
+        if as_int(num_params) is None or as_int(num_params) < 1:
             raise ValueError(f"{who}: num_params must be a positive int, got {num_params!r}")
+        num_params = as_int(num_params)
         blocks = math.floor(num_params / area + 0.5)
         if blocks < 1 or blocks > total:
             raise ValueError(

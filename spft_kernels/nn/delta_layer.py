@@ -424,12 +424,15 @@ class DeltaLayer(SpftLayer):
         if incoming is not None:
             if not isinstance(incoming, torch.Tensor):
                 raise ValueError(f"{self.layer_name}: {positions_key} must be a tensor, got {type(incoming).__name__}")
+            # load_state_dict(assign=True) takes the state dict's tensors (a meta skeleton's usual
+            # way to get real ones): the positions stay on their device too, not the layer's.
+            device = incoming.device if local_metadata.get("assign_to_params_buffers") else self.weight.device
             # Validate before touching anything, so a bad file leaves the layer as it was.
             validated, order = self._validate(
-                incoming.to(self.weight.device) if incoming.device.type != "meta" else incoming,
+                incoming.to(device) if incoming.device.type != "meta" else incoming,
                 self.out_features,
                 self.in_features,
-                self.weight.device,
+                device,
                 f"{self.layer_name} ({positions_key})",
                 layer=self,
                 **self.options(),
@@ -504,6 +507,14 @@ class DeltaLayer(SpftLayer):
         return mine.shape == theirs.shape and bool(torch.equal(mine.long(), theirs.long().to(mine.device)))
 
     def _after_apply(self) -> None:
+        if self._merged and self.weight.device.type == "meta":
+            # Moved to the meta device (``.to("meta")``, then ``to_empty``): no tensor holds W0 + Δ
+            # or the kept W0 any more, so the layer is a skeleton, not merged; else loading into it
+            # after ``to_empty`` would first "unmerge" uninitialised values at uninitialised positions.
+            self._w0_at_index = None
+            self._merged = False
+            self._merged_into = None
+            self._synced_delta_key = None
         if self._merged:
             # The cast rounded W_eff as a whole; rewrite the positions from the (cast) W0 values
             # and the master so that the merged weight is again W0 + Δ rounded once. A cast may

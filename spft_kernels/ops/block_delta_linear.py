@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import naive
-from ._linear_args import check_x_and_weight, prepare_operands
+from ._linear_args import check_x_and_weight, prepare_operands, weight_for_dx
 from .backends import check_backend_name, implementation, register, resolve_backend
 from .block_index import BlockIndex, block_grid
 
@@ -180,7 +180,8 @@ def _(x, weight, delta, blocks, row_order, row_targets, row_target_of, row_slots
 
 def _setup_context(ctx, inputs, output):
     x, weight, delta, blocks, _, _, _, _, col_order, col_targets, col_target_of, col_slots, bias, merged, _ = inputs
-    ctx.save_for_backward(x, weight, delta, blocks, col_order, col_targets, col_target_of)
+    ctx.save_for_backward(x, weight_for_dx(ctx, weight), delta, blocks, col_order, col_targets, col_target_of)
+    ctx.weight_shape = tuple(weight.shape)
     ctx.col_slots = col_slots
     ctx.merged = merged
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -188,7 +189,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     x, weight, delta, blocks, col_order, col_targets, col_target_of = ctx.saved_tensors
-    shape = tuple(weight.shape)
+    shape = ctx.weight_shape
     bh, bw = delta.shape[1:]
     num_tokens = math.prod(x.shape[:-1])  # explicit: reshape(-1, 0) fails for a zero-width layer
     dy2d = dy.reshape(num_tokens, shape[0])
@@ -241,6 +242,8 @@ def _entry_indices(block_index: BlockIndex) -> tuple[Tensor, Tensor, Optional[Te
 def gather_blocks(weight: Tensor, block_index: BlockIndex) -> Tensor:
     """``weight`` at every block entry, [nb, bh, bw] in the weight's dtype (any layout; a clipped
     block's dead entries repeat the edge values). O(nnz)."""
+    if block_index.num_blocks == 0:  # as in write_blocks_: nothing of the block's bh + bw indices
+        return weight.new_empty((0, *block_index.block_size))
     row_indices, col_indices, _, _ = _entry_indices(block_index)
     return weight[row_indices.unsqueeze(2), col_indices.unsqueeze(1)]
 

@@ -25,22 +25,22 @@ from typing import Optional
 
 import torch
 
+from ._guards import as_int
 from .index import canonical_ids
 
 Tensor = torch.Tensor
 
 
 def check_block_size(block_size, name: str = "block_size") -> tuple[int, int]:
-    """``(bh, bw)`` from a pair of positive ints (an int n means (n, n))."""
-    if isinstance(block_size, int) and not isinstance(block_size, bool):
+    """``(bh, bw)`` as Python ints from a pair of positive integers (an integer n means (n, n);
+    numpy integers included)."""
+    given = block_size
+    if as_int(block_size) is not None:
         block_size = (block_size, block_size)
-    if (
-        not isinstance(block_size, (tuple, list))
-        or len(block_size) != 2
-        or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in block_size)
-    ):
-        raise ValueError(f"{name}: block_size must be a pair of positive ints (bh, bw), got {block_size!r}")
-    return int(block_size[0]), int(block_size[1])
+    sizes = [as_int(b) for b in block_size] if isinstance(block_size, (tuple, list)) and len(block_size) == 2 else [None]
+    if any(b is None or b < 1 for b in sizes):
+        raise ValueError(f"{name}: block_size must be a pair of positive ints (bh, bw), got {given!r}")
+    return sizes[0], sizes[1]
 
 
 def block_grid(out_features: int, in_features: int, block_size: tuple[int, int]) -> tuple[int, int]:
@@ -191,8 +191,9 @@ def random_block_ids(
     """``count`` distinct uniformly random block ids of the grid, sorted (SpaRTA on blocks)."""
     grid_rows, grid_cols = block_grid(out_features, in_features, check_block_size(block_size))
     total = grid_rows * grid_cols
-    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= total:
+    if as_int(count) is None or not 0 <= as_int(count) <= total:
         raise ValueError(f"random_block_ids: count must be an int in [0, {total}], got {count!r}")
+    count = as_int(count)
     chosen = torch.randperm(total, generator=generator)[:count].sort().values  # the grid is small
     return chosen.to(device=device)
 
@@ -202,6 +203,9 @@ def block_entries(blocks: torch.Tensor, shape: tuple, block_size: tuple) -> tupl
     of clipped edge blocks that lie in the weight), in delta order, and their positions in
     ``delta.flatten()``. Per-entry indices, O(nb * bh * bw): for adapters (fingerprints, merging) and
     oracles, never in a training step."""
+    if blocks.numel() == 0:  # no ranges of bh and bw: an empty layer's block size is backed by no values
+        empty = torch.empty(0, dtype=torch.int64, device=blocks.device)
+        return empty, empty
     out_features, in_features = shape
     bh, bw = block_size
     columns = block_grid(out_features, in_features, block_size)[1]

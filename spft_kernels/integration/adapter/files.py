@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import os
 import stat
+import tempfile
 from typing import Callable, Optional, Union
 
 import torch.nn as nn
+
+from ..json_input import loads_json
 
 PathLike = Union[str, bytes, os.PathLike]
 
@@ -45,18 +48,34 @@ def write_json(target: str, data: dict) -> None:
 
 def replace_atomically(target: str, write: Callable[[str], None]) -> None:
     """Write through a temporary name and rename, so a crash never leaves a half-written file.
+    The temporary file is made by ``tempfile.mkstemp`` beside the target: an unpredictable name,
+    created exclusively (an existing name, a planted symlink included, is never opened), so the
+    write cannot be redirected; it gets the mode a new file would get (``0o666`` less the umask).
     safetensors' write errors become ``OSError`` (what users catch for I/O failures)."""
     from safetensors import SafetensorError
 
-    temporary = f"{target}.tmp-{os.getpid()}"
+    directory, name = os.path.split(os.path.abspath(target))
+    handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     try:
+        try:
+            if hasattr(os, "fchmod"):  # POSIX (mkstemp's 0o600 would hide the adapter from the group)
+                os.fchmod(handle, 0o666 & ~_umask())
+        finally:
+            os.close(handle)
         write(temporary)
         os.replace(temporary, target)
     except SafetensorError as error:
         raise OSError(f"save_adapter: could not write {target!r}: {error}") from error
     finally:
-        if os.path.exists(temporary):
+        if os.path.lexists(temporary):
             os.remove(temporary)
+
+
+def _umask() -> int:
+    """The process umask (readable only by setting it: briefly the restrictive 0o077)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def check_writable(files: list, folder: Optional[str]) -> None:
@@ -86,7 +105,7 @@ def read_config(path: str) -> dict:
     """An ``adapter_config.json`` as a dict; ``ValueError`` if it is not a JSON object."""
     try:
         with open(path) as handle:
-            data = json.load(handle)
+            data = loads_json(handle.read())
     except (OSError, ValueError) as error:
         raise ValueError(f"{path}: not a readable adapter config: {error}") from None
     if not isinstance(data, dict):

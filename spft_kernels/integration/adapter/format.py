@@ -165,11 +165,19 @@ def saved_module_tensors(root: nn.Module, patterns, tensors: dict, prefix: str =
 
 
 def cast_values(layer: str, label: str, values: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
-    """``values`` in the file's dtype, on the CPU; a finite value that the cast would turn into
-    ±inf (|Δ| > 65504 in float16) is a ValueError naming it, not a silent inf."""
+    """``values`` in the file's dtype, on the CPU. A NaN or ±inf (a diverged training step) and a
+    finite value that the cast would turn into ±inf (|Δ| > 65504 in float16) are a ValueError
+    naming the first one, not a file that loads into a model giving NaN."""
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        where = int(torch.nonzero(~finite.reshape(-1))[0])
+        raise ValueError(
+            f"save_adapter: layer {layer!r}: {label}[{where}] = {float(values.reshape(-1)[where])} is not finite "
+            "(training diverged?); nothing was written"
+        )
     cast = values.to(dtype or values.dtype)
     if dtype is not None and cast.dtype != values.dtype and values.numel():
-        overflow = torch.isfinite(values) & ~torch.isfinite(cast)
+        overflow = ~torch.isfinite(cast)
         if bool(overflow.any()):
             where = int(torch.nonzero(overflow.reshape(-1))[0])
             value = float(values.reshape(-1)[where])

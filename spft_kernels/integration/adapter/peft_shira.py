@@ -47,6 +47,7 @@ import torch.nn as nn
 from ...nn.registry import kind_class, universal_kind
 from ...nn.stored import dtype_name, StoredLayer, VALUE_DTYPES
 from ..config import SpftConfig
+from ..json_input import loads_json
 from ..surgery import saved_module_names
 from .files import CONFIG_FILE, name_or_path, PathLike, PEFT_TENSORS, read_safetensors, replace_atomically, write_json
 from .format import cast_values, _checksum, _full, fingerprint, saved_module_tensors
@@ -204,19 +205,20 @@ def read_shira_folder(folder: str, peft_config: dict, root: nn.Module) -> _Adapt
     names = sorted({key.rpartition(".")[0] for key in tensors if key.rpartition(".")[2] in (_WEIGHT, _INDICES)})
     if ours:
         try:
-            described = json.loads(metadata["spft_layers"])
+            described = loads_json(metadata["spft_layers"])
             config = SpftConfig.from_json(metadata["spft_config"])
         except (KeyError, ValueError, TypeError) as error:
             raise ValueError(f"{path}: bad spft metadata: {error}") from None
         if not isinstance(described, dict) or sorted(described) != names:
             raise ValueError(f"{path}: the spft metadata does not describe the file's layers")
+    rank = _config_rank(folder, peft_config)
     modules = dict(root.named_modules())
     layers = {}
     for name in names:
         where = f"{path}: layer {name!r}"
         entry = described[name] if ours else None
         layers[name] = _read_layer(where, tensors.pop(f"{name}.{_WEIGHT}", None), tensors.pop(f"{name}.{_INDICES}", None),
-                                   modules.get(name), entry)
+                                   modules.get(name), entry, rank)
     saved = _saved_modules(path, peft_config.get("modules_to_save"), tensors, root)
     if not ours:
         count = sum(record.count for record in layers.values())
@@ -226,7 +228,15 @@ def read_shira_folder(folder: str, peft_config: dict, root: nn.Module) -> _Adapt
     return _Adapter(folder, config, layers, saved)
 
 
-def _read_layer(where: str, values, indices, module, entry: Optional[dict]) -> StoredLayer:
+def _config_rank(folder: str, peft_config: dict) -> int:
+    """The folder's ``r`` (peft's ``ShiraConfig`` default, 32, when the config has none)."""
+    rank = peft_config.get("r", 32)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"{folder}: adapter_config.json: r must be a positive integer, got {rank!r}")
+    return rank
+
+
+def _read_layer(where: str, values, indices, module, entry: Optional[dict], rank: int) -> StoredLayer:
     if values is None or indices is None:
         raise ValueError(f"{where}: needs both {_WEIGHT} and {_INDICES}")
     if not isinstance(module, nn.Linear):
@@ -237,6 +247,14 @@ def _read_layer(where: str, values, indices, module, entry: Optional[dict]) -> S
         raise ValueError(f"{where}: {_WEIGHT} must be a 1-D float tensor, got {dtype_name(values.dtype)} {tuple(values.shape)}")
     if indices.dim() != 2 or indices.shape[0] != 2 or indices.shape[1] != values.numel():
         raise ValueError(f"{where}: {_INDICES} must have shape (2, {values.numel()}), got {tuple(indices.shape)}")
+    # peft builds every layer with exactly r*(in+out) entries and refuses a file with another count:
+    # a folder for a smaller model (in-range indices, too few entries) must not load here either.
+    if values.numel() != rank * (out_features + in_features):
+        raise ValueError(
+            f"{where}: holds {values.numel()} entries, but SHiRA with r={rank} has r*(in+out) = "
+            f"{rank * (out_features + in_features)} for this model's {out_features}x{in_features} layer (peft refuses "
+            "it too): the adapter was made for a model of another size"
+        )
     if indices.is_floating_point() and not bool((indices == indices.round()).all()):  # float32 on Windows
         raise ValueError(f"{where}: {_INDICES} holds non-integer values")
     flat = shira_flat(where, indices, out_features, in_features)

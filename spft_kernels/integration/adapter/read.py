@@ -4,12 +4,12 @@ touching any model."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 from ...nn.registry import kind_class
 from ...nn.stored import StoredLayer
 from ..config import SpftConfig
+from ..json_input import loads_json
 from .files import PathLike, read_safetensors, resolve_path
 from .format import _checksum, FORMAT, FORMAT_VERSION
 
@@ -38,8 +38,8 @@ def read_adapter(path: PathLike) -> _Adapter:
         raise ValueError(f"{path}: checksum mismatch: the file is corrupted or was modified after it was written")
     try:
         config = SpftConfig.from_json(metadata["config"])
-        layer_entries = json.loads(metadata["layers"])
-        saved_keys = json.loads(metadata["saved_modules"])
+        layer_entries = loads_json(metadata["layers"])
+        saved_keys = loads_json(metadata["saved_modules"])
     except (KeyError, ValueError, TypeError, NotImplementedError) as error:
         raise ValueError(f"{path}: bad adapter metadata: {error}") from None
     if not isinstance(layer_entries, dict) or not isinstance(saved_keys, dict):
