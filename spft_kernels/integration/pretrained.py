@@ -12,8 +12,11 @@ since ``get_spft_model`` is its ``get_peft_model``:
   Load it with ``spft.load_adapter(AutoModelForCausalLM.from_pretrained(base), d)`` (or
   ``model.load_adapter(d, adapter_name=...)``). ``AutoModelForCausalLM.from_pretrained(d)``
   fails loudly on such a folder (transformers hands ``adapter_config.json`` to peft, which
-  refuses it) instead of returning the base. ``format="peft"`` writes peft's SHiRA folder,
-  which peft and transformers' ``from_pretrained`` load themselves.
+  refuses it) instead of returning the base. ``format="peft"`` writes peft's SHiRA folder, which
+  ``peft.PeftModel.from_pretrained(base, d)`` loads exactly; not transformers'
+  ``AutoModelForCausalLM.from_pretrained(d)``, which (transformers 5.24, peft 0.21) drops SHiRA's
+  ``shira_indices`` as "unexpected" keys and computes something else (logits off by 0.29 on a
+  2-block Llama).
 - ``model.save_pretrained_merged(d)`` is the explicit other path: the class's own
   ``save_pretrained`` with ``W0 + Δ`` (PST: its pruned weight) in place of each layer's weight,
   which ``from_pretrained(d)`` reloads as the trained model, for serving; the converted model is
