@@ -226,3 +226,36 @@ def test_modules_to_save_cannot_be_disabled_or_switched_to_adapters_without_them
     model.set_adapter("default")
     assert torch.equal(model.classifier.weight, head)
     assert model(**batch).logits.shape[0] == batch["input_ids"].shape[0]
+
+
+@pytest.mark.parametrize("mode", ["merged", "split"])
+def test_disable_adapter_after_dynamic_mask_folds_gives_the_original_base(mode):
+    """A dynamic mask folds trained values into W0; the base model is the one before any fold."""
+    model = spft.get_spft_model(tiny_model("llama"), spft.SpftConfig(
+        method="speft", density=0.05, metric="magnitude", mask_update_interval=1, mode=mode))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    mask = spft.make_dynamic_mask(model, optimizer, None, None)
+    batches = tiny_batches("llama", count=3)
+    for step, batch in enumerate(batches, 1):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        mask.step(step)
+    assert all(layer.folded_w0() is not None for layer in spft_layers(model).values())
+    with model.disable_adapter():
+        assert torch.equal(_logits(model, batches[0]), _logits(tiny_model("llama"), batches[0]))
+    with pytest.raises(ValueError, match="folded"):
+        model.add_adapter("b", spft.SpftConfig(method="sparta", density=0.05))
+
+
+def test_add_adapter_waits_for_a_state_dict_that_holds_w0():
+    """A live state dict of a merged layer holds W0 from its weight (nn/w0_loan.py): building another
+    adapter on that weight is refused before anything changes, and works once it is gone."""
+    model = _converted("entries-merged")
+    state = model.state_dict()
+    with pytest.raises(RuntimeError, match="state dict"):
+        model.add_adapter("b", spft.SpftConfig(**CONFIGS["entries-merged"]))
+    assert model.adapter_names() == ["default"]
+    del state
+    model.add_adapter("b", spft.SpftConfig(**CONFIGS["entries-merged"]))
+    assert model.adapter_names() == ["default", "b"]

@@ -37,14 +37,23 @@ def base_weight(layer: nn.Module) -> torch.Tensor:
             f"{layer.layer_name}: its frozen base ({layer.base_kind.name}) computes its own term, so it has no dense "
             "W0 to run the base model with"
         )
-    aside = [held[0] for held in (layer.kept_w0(), layer.folded_w0()) if held is not None and held[0].numel()]
-    if not aside:
+    kept, folded = (_nonempty(held) for held in (layer.kept_w0(), layer.folded_w0()))
+    if folded is None and kept is None:
         return weight
-    flat = torch.cat(aside).unique().to(weight.device)
+    if folded is None:  # a merged layer: W0 at its positions is what it keeps aside
+        flat, values = kept
+    else:  # the original W0 where a dynamic mask folded values into the weight (and where merged)
+        flat = torch.cat([held[0] for held in (kept, folded) if held is not None]).unique()
+        values = layer.w0_at(flat, original=True)
+    flat = flat.to(weight.device)
     rows = torch.div(flat, layer.in_features, rounding_mode="floor")
     base = weight.detach().clone()  # the layer's own weight is never written
-    base[rows, flat - rows * layer.in_features] = layer.w0_at(flat, original=True).to(base.dtype)
+    base[rows, flat - rows * layer.in_features] = values.to(device=base.device, dtype=base.dtype)
     return base
+
+
+def _nonempty(held):
+    return held if held is not None and held[0].numel() else None
 
 
 def _base_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

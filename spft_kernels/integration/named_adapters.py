@@ -14,16 +14,16 @@ What is kept and what is rebuilt:
 
 - ``set_adapter`` and ``delete_adapter`` of the active one rebuild the layers: their deltas are new
   Parameters holding the adapter's values (bitwise), so make the optimizer after choosing the
-  adapter to train (peft's trainers do);
+  adapter to train (a ``Trainer`` makes its optimizer when training starts);
 - ``add_adapter`` and ``load_adapter(path, adapter_name=...)`` build the new adapter on the model,
   write it aside and put the active adapter's own layer objects back (``_Snapshot``): its deltas,
   their gradients and an optimizer over them are untouched;
 - ``disable_adapter()`` changes nothing at all (``disabled_adapter.py``).
 
 ``modules_to_save`` are trained in place (their base values are not kept): adapters can be switched
-only between adapters that save the same modules, ``add_adapter`` takes configs without
-``modules_to_save`` while the active adapter has none, and ``disable_adapter`` refuses an adapter
-with saved modules (its base would not be the base model).
+only between adapters that save the same modules, ``add_adapter`` needs a config without
+``modules_to_save`` and an active adapter without them, and ``disable_adapter`` refuses an adapter
+with saved modules (the model without it would not be the base model).
 """
 
 from __future__ import annotations
@@ -267,6 +267,12 @@ def _saved_names(root: nn.Module) -> list:
 def _capture(root: nn.Module, action: str) -> AsideAdapter:
     """The active adapter as its adapter file's content (copies: the layers may live on)."""
     layers = spft_layers(root)
+    _refuse_folded(layers, action)
+    tensors, metadata = adapter_contents(root, layers, model_config(root, layers))
+    return AsideAdapter({key: tensor.clone() for key, tensor in tensors.items()}, metadata)
+
+
+def _refuse_folded(layers: dict, action: str) -> None:
     folded = [name for name, layer in layers.items() if layer.folded_w0() is not None]
     if folded:
         raise ValueError(
@@ -274,8 +280,6 @@ def _capture(root: nn.Module, action: str) -> AsideAdapter:
             "the one every adapter shares; save the adapter (save_adapter writes it for the original base), "
             "unload and load it back first"
         )
-    tensors, metadata = adapter_contents(root, layers, model_config(root, layers))
-    return AsideAdapter({key: tensor.clone() for key, tensor in tensors.items()}, metadata)
 
 
 def _refuse_lent(root: nn.Module, action: str) -> None:
@@ -310,6 +314,7 @@ def _build_aside(root: nn.Module, action: str, build: Callable[[], object]) -> A
     active adapter back exactly: its own layer objects (deltas, gradients, merged state), its
     saved modules' values, the flags and the model's attributes, whether ``build`` succeeded or
     not."""
+    _refuse_folded(spft_layers(root), action)
     _refuse_lent(root, action)
     store, config = root.__dict__.get(STORE_ATTR), getattr(root, CONFIG_ATTR)
     linears = [name for name, module in root.named_modules() if isinstance(module, nn.Linear)]
