@@ -93,3 +93,21 @@ def test_a_head_that_trains_cannot_be_disabled_for_the_fused_head():
     )
     with pytest.raises(ValueError, match="LM head"):
         DisabledAdapterReference(model)
+
+
+def test_precomputed_reference_log_probs_are_the_base_models(tmp_path):
+    """``precompute_ref_log_probs=True`` runs the reference over the data once, before training: the
+    disabled-adapter policy gives the values an explicit copy of the base model gives."""
+    columns = []
+    for reference in (None, tiny_model("llama", dtype=torch.float32)):
+        model = spft.get_spft_model(tiny_model("llama", dtype=torch.float32),
+                                    spft.SpftConfig(method="sparta", density=0.1))
+        with torch.no_grad():  # an adapter that is not zero: the reference must still be the base
+            for layer in spft_layers(model).values():
+                layer.delta.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(0))
+        args = trl.DPOConfig(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True, bf16=False,
+                             save_strategy="no", disable_tqdm=True, max_length=16, precompute_ref_log_probs=True)
+        trainer = _DPO(model=model, ref_model=reference, args=args, train_dataset=_preferences(),
+                       processing_class=tiny_tokenizer())
+        columns.append([torch.tensor(trainer.train_dataset[key]) for key in ("ref_chosen_logps", "ref_rejected_logps")])
+    assert all(torch.equal(a, b) for a, b in zip(*columns))
