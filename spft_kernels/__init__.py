@@ -22,7 +22,7 @@ from .integration.adapter.save import save_adapter
 from .integration.config import SpftConfig
 from .integration.conversion import get_spft_model, make_dynamic_mask, set_pst_sparsity
 from .integration.merge import merge_and_unload, unload
-from .integration.model_methods import METHODS as _MODEL_METHODS  # noqa: F401 (puts the methods on converted models)
+from .integration import model_methods as _model_methods  # noqa: F401 (registers the methods of converted models)
 from .integration.named_adapters import add_adapter, delete_adapter, disable_adapter, set_adapter
 from .integration.pretrained import save_pretrained_merged
 from .integration.surgery import print_trainable_parameters
