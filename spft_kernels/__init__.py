@@ -22,6 +22,9 @@ from .integration.adapter.save import save_adapter
 from .integration.config import SpftConfig
 from .integration.conversion import get_spft_model, make_dynamic_mask, set_pst_sparsity
 from .integration.merge import merge_and_unload, unload
+from .integration import model_methods as _model_methods  # noqa: F401 (registers the methods of converted models)
+from .integration.named_adapters import add_adapter, delete_adapter, disable_adapter, set_adapter
+from .integration.pretrained import save_pretrained_merged
 from .integration.surgery import print_trainable_parameters
 from .masks.dynamic_mask import DynamicMask
 from .masks.row_importance import row_importance, select_rows
@@ -82,9 +85,12 @@ __all__ = [
     "SpftExtensionWarning",
     "SpftTrainer",
     "SpftTrainerMixin",
+    "add_adapter",
     "available_backends",
     "block_delta_linear",
     "cubic_sparsity",
+    "delete_adapter",
+    "disable_adapter",
     "from_peft",
     "get_spft_model",
     "load_adapter",
@@ -104,10 +110,12 @@ __all__ = [
     "row_scatter_add_",
     "salience_scores",
     "save_adapter",
+    "save_pretrained_merged",
     "scatter_delta_",
     "select_blocks",
     "select_rows",
     "select_topk",
+    "set_adapter",
     "set_pst_sparsity",
     "sparse_delta_linear",
     "unload",

@@ -71,16 +71,15 @@ def test_trainer_trains_only_the_deltas_and_checkpoints(tmp_path):
     assert len(losses) == 12 and sum(losses[-2:]) < sum(losses[:2]) - 0.05, losses
     for name, layer in spft_layers(model).items():  # W0 itself never trained
         assert torch.equal(spft.integration.surgery.plain_linear(layer).weight, w0[name])
-    # The Trainer's own checkpoint (model.safetensors: W0, deltas, positions) loads back exactly,
-    # and so does the adapter the callback wrote.
-    from safetensors.torch import load_file
-
+    # The Trainer's own checkpoint (the converted model's save_pretrained: its adapter folder, not W0)
+    # loads back exactly, and so does the adapter the callback wrote.
+    assert not {"model.safetensors", "pytorch_model.bin"} & set(os.listdir(tmp_path / "checkpoint-12"))
     batch = tiny_batches("llama")[0]
     with torch.no_grad():
         expected = model(**batch).logits
-    # The same layers with other positions: the state dict brings the trained positions along.
+    # The same layers with other positions: the adapter brings the trained positions along.
     resumed, _ = converted(method="sparta", density=0.3, scope="local", target_modules=list(spft_layers(model)))
-    resumed.load_state_dict(load_file(tmp_path / "checkpoint-12" / "model.safetensors"))
+    spft.load_adapter(resumed, tmp_path / "checkpoint-12")
     from_adapter = spft.load_adapter(tiny_model("llama", dtype=torch.float32), tmp_path / "adapter-12.safetensors")
     with torch.no_grad():
         assert torch.equal(resumed(**batch).logits, expected)

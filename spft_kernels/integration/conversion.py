@@ -26,6 +26,7 @@ from .config import SpftConfig, _method_spec
 from .surgery import (
     CONFIG_ATTR,
     _finish_unload,
+    finish_conversion,
     prepare_for_training,
     remember_requires_grad,
     replace_linears,
@@ -94,7 +95,7 @@ def get_spft_model(
             if name in layers and kind.writes_w0:
                 layers[name].mark_weight_shared(other)
         prepare_for_training(root, saved)
-    setattr(root, CONFIG_ATTR, config)
+    finish_conversion(root, config)
     return model
 
 

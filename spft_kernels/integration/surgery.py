@@ -15,6 +15,25 @@ from ..nn.registry import is_spft_layer
 CONFIG_ATTR = "spft_config"
 _FLAGS_ATTR = "_spft_original_requires_grad"
 
+# ``(on_convert, on_unload)`` pairs called with the root model when a conversion finishes and when
+# unload/merge_and_unload turn it back: integration/model_methods.py registers the peft-style
+# methods here (it imports the modules that convert, so they cannot import it).
+_CONVERSION_HOOKS: list = []
+
+
+def add_conversion_hooks(on_convert, on_unload) -> None:
+    """Register ``on_convert(root)`` and ``on_unload(root)`` (once per pair)."""
+    if (on_convert, on_unload) not in _CONVERSION_HOOKS:
+        _CONVERSION_HOOKS.append((on_convert, on_unload))
+
+
+def finish_conversion(root: nn.Module, config) -> None:
+    """What every conversion does last (get_spft_model, load_adapter, from_peft): keep the config on
+    the model and run the conversion hooks."""
+    setattr(root, CONFIG_ATTR, config)
+    for on_convert, _ in _CONVERSION_HOOKS:
+        on_convert(root)
+
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The model inside DistributedDataParallel / DataParallel wrappers (their ``.module``)."""
@@ -111,6 +130,8 @@ def _finish_unload(root: nn.Module) -> None:
         if name in flags:
             parameter.requires_grad_(flags[name])
     root.__dict__.pop(CONFIG_ATTR, None)
+    for _, on_unload in _CONVERSION_HOOKS:
+        on_unload(root)
 
 
 

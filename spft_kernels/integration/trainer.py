@@ -1,10 +1,12 @@
 """Adapter-sized checkpoints with the transformers ``Trainer`` (as peft's are).
 
-The plain ``Trainer`` saves ``model.state_dict()``: W0 of every layer, about 13 GB for
-Llama-2-7B at every checkpoint, for a few hundred MB of deltas. :class:`SpftTrainerMixin`
-changes only how the model is saved and loaded: ``save_model`` (every checkpoint, and
-``trainer.save_model()``) writes ``spft_adapter.safetensors`` (``save_adapter``: deltas,
-positions, ``modules_to_save``; the base's fingerprint) plus the model config, and resuming
+A plain ``Trainer`` saves through the model's ``save_pretrained``, which on a converted model
+writes the adapter folder (``pretrained.py``), not W0 (about 13 GB for Llama-2-7B at every
+checkpoint, for a few hundred MB of deltas), but it cannot resume from that folder.
+:class:`SpftTrainerMixin` changes only how the model is saved and loaded: ``save_model``
+(every checkpoint, and ``trainer.save_model()``) writes ``spft_adapter.safetensors``
+(``save_adapter``: deltas, positions, ``modules_to_save``; the base's fingerprint) plus the
+model config, and resuming
 (``train(resume_from_checkpoint=...)``, ``load_best_model_at_end``) loads it back with
 ``load_adapter``, which checks that the base is the same. Optimizer, scheduler and RNG states are
 the Trainer's own, as before (its optimizer state is the deltas' only).
@@ -12,6 +14,8 @@ the Trainer's own, as before (its optimizer state is the deltas' only).
     from spft_kernels import SpftTrainer           # = SpftTrainerMixin + transformers.Trainer
     trainer = SpftTrainer(model=model, args=args, train_dataset=data)
     # a Trainer subclass (e.g. TRL's SFTTrainer): class MyTrainer(SpftTrainerMixin, SFTTrainer): pass
+    # TRL's DPOTrainer with ref_model=None: the reference is the policy with its adapter disabled
+    # (reference_model.py), as with peft: class DPO(SpftTrainerMixin, DPOTrainer): pass
 
 Under FSDP the adapter is gathered on every rank and rank 0 writes it (``save_adapter``'s
 contract); DeepSpeed ZeRO-3 is not supported (the deltas are partitioned there). Importing this
@@ -29,12 +33,19 @@ import transformers
 
 from .adapter.load import load_adapter
 from .adapter.save import save_adapter
+from .reference_model import with_disabled_adapter_reference
 
 ADAPTER_FILE = "spft_adapter.safetensors"
 
 
 class SpftTrainerMixin:
-    """Put before a ``transformers.Trainer`` (sub)class: checkpoints hold the adapter, not W0."""
+    """Put before a ``transformers.Trainer`` (sub)class: checkpoints hold the adapter, not W0. For a
+    trainer with a reference model (TRL's ``DPOTrainer``), ``ref_model=None`` means the policy with
+    its adapter disabled, as with peft (``reference_model.py``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        args, kwargs = with_disabled_adapter_reference(super().__init__, args, kwargs)
+        super().__init__(*args, **kwargs)
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir

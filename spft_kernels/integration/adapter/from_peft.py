@@ -20,7 +20,7 @@ from ...masks.targets import weight_sharers
 from ...nn.registry import plain_linear_type, universal_kind
 from ...ops.index import canonical_flat_index
 from ..config import SpftConfig
-from ..surgery import CONFIG_ATTR, prepare_for_training, remember_requires_grad, set_submodule
+from ..surgery import finish_conversion, prepare_for_training, remember_requires_grad, set_submodule
 from .peft_shira import shira_flat
 
 
@@ -75,7 +75,7 @@ def from_peft(peft_model: nn.Module, *, mode: str = "auto", backend: str = "auto
             layer.mark_weight_shared(shared[name])  # split form: W0 is never written
     remember_requires_grad(base)
     prepare_for_training(base, saved)
-    setattr(base, CONFIG_ATTR, config)
+    finish_conversion(base, config)
     return base
 
 

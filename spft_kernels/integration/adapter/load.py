@@ -17,6 +17,7 @@ from ..config import SpftConfig
 from ..surgery import (
     _FLAGS_ATTR,
     CONFIG_ATTR,
+    finish_conversion,
     plain_linear,
     prepare_for_training,
     remember_requires_grad,
@@ -223,7 +224,7 @@ def _install_checked(root: nn.Module, plans: dict, saved: dict, config: SpftConf
     for module_name, state in saved.items():
         root.get_submodule(module_name).load_state_dict(state)
     prepare_for_training(root, list(saved))
-    setattr(root, CONFIG_ATTR, config)
+    finish_conversion(root, config)
 
 
 def load_adapter(model: nn.Module, path: PathLike, *, check_base: bool = True) -> nn.Module:

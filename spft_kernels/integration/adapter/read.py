@@ -29,6 +29,12 @@ def read_adapter(path: PathLike) -> _Adapter:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no adapter file at {path!r}")
     metadata, tensors = read_safetensors(path, "adapter file")
+    return parse_adapter(path, metadata, tensors)
+
+
+def parse_adapter(path: str, metadata: dict, tensors: dict) -> _Adapter:
+    """Check an adapter file's ``(metadata, tensors)`` (integrity, format, structure) and parse it;
+    ``path`` names it in messages."""
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path}: not an spft adapter file (metadata format={metadata.get('format')!r})")
     version = metadata.get("format_version")

@@ -58,8 +58,6 @@ def save_adapter(
     After dynamic-mask updates (``SparseDeltaLinear.fold_delta``) the adapter is written for the
     original base: every position ever trained, with ``W_trained - W0_original`` (``format="peft"``
     refuses such a model). Paths may be ``str``, ``bytes`` or ``os.PathLike``."""
-    from safetensors.torch import save_file
-
     if format not in SAVE_FORMATS:
         raise ValueError(f"save_adapter: format must be one of {SAVE_FORMATS}, got {format!r}")
     if dtype is not None and dtype not in VALUE_DTYPES:
@@ -68,9 +66,7 @@ def save_adapter(
     layers = spft_layers(root)
     if not layers:
         raise ValueError("save_adapter: the model has no sparse fine-tuning layers (convert it with get_spft_model)")
-    config = getattr(root, CONFIG_ATTR, None)
-    if config is None:
-        config = _describe(layers)
+    config = model_config(root, layers)
     path = fs_path(path)
     if format == "peft":
         folded = [n for n, m in layers.items() if m.folded_w0() is not None]
@@ -86,6 +82,23 @@ def save_adapter(
     target, folder = save_target(path)
     if _writes_files():  # (other ranks may not see rank 0's file system)
         check_writable([target] + ([os.path.join(folder, CONFIG_FILE)] if folder is not None else []), folder)
+    tensors, metadata = adapter_contents(root, layers, config, dtype)
+    if not _writes_files():
+        return target
+    write_contents(target, folder, tensors, metadata, config, root)
+    return target
+
+
+def model_config(root: nn.Module, layers: dict) -> SpftConfig:
+    """The config an adapter of ``root`` records: ``root.spft_config``, or a description of layers
+    converted by hand."""
+    config = getattr(root, CONFIG_ATTR, None)
+    return config if config is not None else _describe(layers)
+
+
+def adapter_contents(root: nn.Module, layers: dict, config: SpftConfig, dtype: Optional[torch.dtype] = None):
+    """``(tensors, metadata)``: the adapter file of ``layers`` (``format.py``), checksum included,
+    tensors on the CPU; nothing is written."""
     tensors, entries = {}, {}
     with torch.no_grad():
         for name, layer in layers.items():
@@ -114,14 +127,20 @@ def save_adapter(
         "saved_modules": json.dumps(saved, sort_keys=True, separators=(",", ":")),
     }
     metadata["checksum"] = _checksum(metadata, tensors)
-    if not _writes_files():
-        return target
+    return tensors, metadata
+
+
+def write_contents(target: str, folder: Optional[str], tensors: dict, metadata: dict, config: SpftConfig,
+                   root: nn.Module) -> None:
+    """Write an adapter file's ``(tensors, metadata)`` to ``target`` (atomically), and the folder's
+    ``adapter_config.json`` when ``folder`` is given."""
+    from safetensors.torch import save_file
+
     if folder is not None:
         os.makedirs(folder, exist_ok=True)
     replace_atomically(target, lambda temporary: save_file(tensors, temporary, metadata=metadata))
     if folder is not None:
         write_folder_config(folder, config, root)
-    return target
 
 
 def _describe(layers: dict) -> SpftConfig:
