@@ -1,0 +1,267 @@
+"""Frozen bases held in bitsandbytes storage: ``Linear4bit`` (nf4 / fp4, with or without double
+quantization of the block scales) and ``Linear8bitLt`` (LLM.int8(), row-wise scales), the base
+that QLoRA users train on.
+
+What such a base lets a layer do with W0:
+
+- the forward is bitsandbytes' own matmul (``base_forward``: bias included, a gradient for x only),
+  and the layer adds its delta-only term ``x Δᵀ`` to it (split mode). The delta gradient needs
+  only x and dy, so it is the same as over a dense base;
+- merged mode is impossible: it writes ``W0 + Δ`` into the weight, and 4 or 8 bits a value cannot
+  hold it (``merge_refusal``);
+- a dense W0 exists only on request (``dequantize``: the whole weight or a band of rows, a new
+  tensor in the compute dtype, for ``to_linear``, fingerprints and selection), never kept;
+- ``read`` gives W0 at flat positions without dequantizing anything else (O(positions));
+- ``describe`` is what an adapter records so that it is not loaded onto a base quantized another
+  way (``check_compatible``).
+
+W0 is ``dequant(Wq)`` rounded to the compute dtype, which is what bitsandbytes multiplies by:
+4-bit dequantizes in fp32 (code value x block scale) and casts; 8-bit multiplies the int8 row in
+the input dtype by ``SCB / 127`` (its CPU/XPU training path, ``MatMul8bitFp``).
+
+``bitsandbytes`` is imported only when a bitsandbytes layer is seen (``matches`` reads the class's
+module name first), so this package imports without it.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+_MERGE_REFUSAL = (
+    "{layer}: the base weight is quantized ({what}); merged mode writes W0 + delta into the weight, and a "
+    "quantized weight cannot hold it: use mode='split' (or 'auto', which picks split)"
+)
+
+
+def _bnb_class(name: str):
+    """The bitsandbytes class ``name`` when bitsandbytes is already imported (a bitsandbytes
+    layer exists only then), else None."""
+    module = sys.modules.get("bitsandbytes.nn")
+    return getattr(module, name, None) if module is not None else None
+
+
+class QuantizedBase:
+    """What the two bitsandbytes kinds share. ``module`` is the bitsandbytes layer; its weight and
+    bias Parameters are the ones the spft layer holds (shared, never copied), read at each call."""
+
+    kind = ""
+    _CLASS = ""
+
+    def __init__(self, module: nn.Linear) -> None:
+        if not self.matches(module):
+            raise TypeError(f"{type(self).__name__} wraps a bitsandbytes {self._CLASS}, got {type(module).__name__}")
+        self.module = module
+
+    @classmethod
+    def matches(cls, linear) -> bool:
+        bnb_class = _bnb_class(cls._CLASS)
+        return bnb_class is not None and isinstance(linear, bnb_class)
+
+    # --- the interface a layer uses --------------------------------------------------------
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.module.weight
+
+    @property
+    def bias(self) -> Optional[nn.Parameter]:
+        return self.module.bias
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.module.out_features, self.module.in_features)
+
+    def merge_refusal(self, layer_name: str) -> Optional[str]:
+        return _MERGE_REFUSAL.format(layer=layer_name, what=self.summary())
+
+    def weight_for_ops(self) -> Optional[torch.Tensor]:
+        return None  # the ops compute the delta term only; the layer adds base_forward(x)
+
+    def _bias_for(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        # A cast copy: bitsandbytes' own forward rewrites bias.data in the input dtype, which
+        # the model (and a state dict of it) would observe.
+        bias = self.bias
+        return None if bias is None else bias.to(dtype)
+
+    def read(self, flat: torch.Tensor) -> torch.Tensor:
+        """W0 at the flat positions ``flat`` (row * in + col), in the compute dtype: O(positions)."""
+        flat = flat.long().to(self.weight.device)
+        rows = torch.div(flat, self.shape[1], rounding_mode="floor")
+        return self._read(flat, rows).to(self.compute_dtype)
+
+    def summary(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.describe().items())
+
+    def check_compatible(self, described: Optional[dict]) -> Optional[str]:
+        """Why an adapter trained on the base ``described`` (its ``describe()``) does not fit this
+        one (None: it fits). Deltas are relative to the dequantized base they trained on, so a
+        base quantized another way (or a dense one: ``described`` None) gives other W0 values."""
+        mine = self.describe()
+        if described is None:
+            return f"the adapter was trained on a dense base, this base is quantized ({self.summary()})"
+        differing = [f"{k}: {described.get(k)!r} in the adapter, {v!r} here" for k, v in mine.items()
+                     if k != "compute_dtype" and described.get(k) != v]
+        return None if not differing else "the base is quantized differently (" + "; ".join(differing) + ")"
+
+    def _check_rows(self, rows) -> tuple[int, int]:
+        out_features = self.shape[0]
+        if rows is None:
+            return 0, out_features
+        if isinstance(rows, slice) and rows.step in (None, 1):
+            start, stop = rows.start or 0, out_features if rows.stop is None else rows.stop
+            if 0 <= start <= stop <= out_features:
+                return start, stop
+        raise ValueError(f"dequantize: rows must be a slice start:stop within 0..{out_features}, got {rows!r}")
+
+
+class Bnb4bitBase(QuantizedBase):
+    """A ``bitsandbytes.nn.Linear4bit`` base (nf4 or fp4; blocks of ``blocksize`` consecutive
+    values of the row-major weight share one absmax scale, itself 8-bit quantized with double
+    quantization)."""
+
+    kind = "bnb-4bit"
+    _CLASS = "Linear4bit"
+
+    @property
+    def quant_state(self):
+        state = getattr(self.weight, "quant_state", None)
+        if state is None:
+            state = getattr(self.module, "quant_state", None)  # bitsandbytes keeps a copy on the module
+        if state is None:
+            raise ValueError(
+                f"{type(self.module).__name__}: the weight is not quantized yet (no quant_state); move the layer to "
+                "its device (which quantizes it) before wrapping it"
+            )
+        return state
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        # None until the module's first forward picks it from the input; bitsandbytes then uses
+        # the dtype the weight was quantized from, which is what dequantize returns.
+        return self.module.compute_dtype or self.quant_state.dtype
+
+    def describe(self) -> dict:
+        state = self.quant_state
+        return {"quantization": "bitsandbytes-4bit", "quant_type": state.quant_type, "blocksize": int(state.blocksize),
+                "double_quant": bool(state.nested), "compute_dtype": str(self.compute_dtype).replace("torch.", "")}
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """bitsandbytes' 4-bit matmul ``x dequant(Wq)ᵀ + b`` in the compute dtype, returned in x's
+        dtype; differentiable in x only (the weight is frozen storage)."""
+        import bitsandbytes as bnb
+
+        dtype = self.compute_dtype
+        x_in = x.to(dtype)
+        return bnb.matmul_4bit(x_in, self.weight, bias=self._bias_for(dtype), quant_state=self.quant_state).to(x.dtype)
+
+    def _absmax(self) -> torch.Tensor:
+        """The fp32 scale of every block (double quantization: dequantized from its 8 bits)."""
+        state = self.quant_state
+        if not state.nested:
+            return state.absmax.float()
+        import bitsandbytes.functional as F
+
+        return (F.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
+
+    def dequantize(self, rows: Optional[slice] = None) -> torch.Tensor:
+        """W0 (rows ``start:stop`` of it, or all) in the compute dtype: a new tensor, computed from
+        only the blocks that cover the rows (the same fp32 products as bitsandbytes')."""
+        start, stop = self._check_rows(rows)
+        out_features, in_features = self.shape
+        if (start, stop) == (0, out_features):
+            import bitsandbytes.functional as F
+
+            return F.dequantize_4bit(self.weight.data, self.quant_state).to(self.compute_dtype)
+        flat = torch.arange(start * in_features, stop * in_features, device=self.weight.device)
+        values = self._read(flat, None)
+        return values.view(stop - start, in_features).to(self.compute_dtype)
+
+    def _read(self, flat: torch.Tensor, rows) -> torch.Tensor:
+        # Two values a byte, the first in the high nibble; value = code[nibble] * absmax[block], fp32.
+        state = self.quant_state
+        packed = self.weight.data.view(torch.uint8).reshape(-1)
+        byte = packed.index_select(0, torch.div(flat, 2, rounding_mode="floor")).to(torch.int32)
+        nibble = torch.where(flat % 2 == 0, byte >> 4, byte & 0xF)
+        absmax = self._absmax()
+        block = torch.div(flat, state.blocksize, rounding_mode="floor")
+        return state.code.float().to(flat.device)[nibble] * absmax.index_select(0, block)
+
+
+class Bnb8bitBase(QuantizedBase):
+    """A ``bitsandbytes.nn.Linear8bitLt`` base with int8 weights (``has_fp16_weights=False``):
+    ``W0 = CB * SCB[:, None] / 127`` (one scale a row)."""
+
+    kind = "bnb-8bit"
+    _CLASS = "Linear8bitLt"
+
+    def __init__(self, module: nn.Linear, compute_dtype: Optional[torch.dtype] = None) -> None:
+        super().__init__(module)
+        if module.state.has_fp16_weights:
+            raise ValueError(
+                "Linear8bitLt with has_fp16_weights=True keeps a float weight that bitsandbytes trains itself; "
+                "sparse fine-tuning needs a frozen int8 base (has_fp16_weights=False, what load_in_8bit gives)"
+            )
+        self.scales()  # checks that the weight is quantized
+        # The dtype the non-quantized parts compute in (8-bit has no compute_dtype of its own):
+        # the bias's, else fp32; forwards follow the input's dtype.
+        bias = module.bias
+        self._compute_dtype = compute_dtype or (bias.dtype if bias is not None else torch.float32)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self._compute_dtype
+
+    def scales(self) -> torch.Tensor:
+        """SCB [out]: each row's absmax (bitsandbytes moves it from the weight to the module's
+        matmul state on the first forward)."""
+        scb = getattr(self.weight, "SCB", None)
+        if scb is None:
+            scb = self.module.state.SCB
+        if scb is None or self.weight.dtype != torch.int8:
+            raise ValueError(
+                "Linear8bitLt: the weight is not quantized yet (no SCB); move the layer to its device (which "
+                "quantizes it) before wrapping it"
+            )
+        return scb
+
+    def describe(self) -> dict:
+        return {"quantization": "bitsandbytes-8bit", "threshold": float(self.module.state.threshold),
+                "compute_dtype": str(self.compute_dtype).replace("torch.", "")}
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """bitsandbytes' int8 matmul ``x dequant(Wq)ᵀ + b`` (its own path: on CPU/XPU in training
+        the dequantized row-scaled weight in x's dtype); differentiable in x only."""
+        import bitsandbytes as bnb
+
+        module = self.module
+        module.state.is_training = module.training
+        if module.weight.CB is not None:
+            module.init_8bit_state()  # bitsandbytes' bookkeeping: CB/SCB move into the matmul state
+        return bnb.matmul(x, module.weight, bias=self._bias_for(x.dtype), state=module.state)
+
+    def dequantize(self, rows: Optional[slice] = None) -> torch.Tensor:
+        start, stop = self._check_rows(rows)
+        dtype = self.compute_dtype
+        # As MatMul8bitFp: the int8 rows in the compute dtype times the fp32 SCB / 127, rounded once.
+        return self.weight.data[start:stop].to(dtype).mul_(self.scales()[start:stop].unsqueeze(1).mul(1.0 / 127.0))
+
+    def _read(self, flat: torch.Tensor, rows) -> torch.Tensor:
+        dtype = self.compute_dtype
+        codes = self.weight.data.reshape(-1).index_select(0, flat).to(dtype)
+        return codes.mul_(self.scales().index_select(0, rows).mul(1.0 / 127.0))
+
+
+QUANTIZED_BASE_KINDS = (Bnb4bitBase, Bnb8bitBase)
+
+
+def quantized_base_for(linear) -> Optional[QuantizedBase]:
+    """The quantized base kind wrapping ``linear``, or None for a layer no kind here matches (a
+    plain ``nn.Linear``)."""
+    for kind in QUANTIZED_BASE_KINDS:
+        if kind.matches(linear):
+            return kind(linear)
+    return None
