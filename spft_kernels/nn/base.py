@@ -77,6 +77,9 @@ class SpftLayer(nn.Linear):
     shira_kind: ClassVar[Optional[str]] = None
     shira_refusal: ClassVar[str] = "its trained values are not a set of weight entries, so peft's SHiRA format cannot express it"
     dynamic_masks: ClassVar[bool] = False
+    # Why the kind needs a dense W0 (None: it can add its term to a base that computes its own,
+    # e.g. a quantized one; a delta kind that defines ``_delta_term`` gets None).
+    dense_w0_reason: ClassVar[Optional[str]] = "its forward computes with a dense W0"
     _MERGE_NEEDS_CONTIGUOUS_WEIGHT: ClassVar[bool] = False
 
     def __init__(self, in_features, out_features, bias: bool = True, device=None, dtype=None, *,
@@ -93,8 +96,9 @@ class SpftLayer(nn.Linear):
     # --- building on a linear ---------------------------------------------------------------
 
     @classmethod
-    def _check_linear(cls, linear, layer_name: str) -> None:
-        """What every kind refuses before touching ``linear``."""
+    def _check_linear(cls, linear, layer_name: str, mode: str = "auto") -> None:
+        """What every kind refuses before touching ``linear`` (its base kind included: a quantized
+        base refuses what cannot work on it)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         if type(linear).__name__ == "NonDynamicallyQuantizableLinear":
@@ -102,6 +106,9 @@ class SpftLayer(nn.Linear):
         if linear.weight.device.type == "meta":
             raise ValueError(f"{layer_name}: the linear's weight is on the meta device; materialise it first")
         check_sizes(linear.in_features, linear.out_features, layer_name)
+        refusal = base_kind_for(linear).refusal_for(linear, cls, mode, layer_name)
+        if refusal is not None:
+            raise ValueError(refusal)
 
     def _share_base(self, linear: nn.Linear) -> list:
         """Take ``linear``'s weight and bias tensors (shared, frozen); returns their former
@@ -113,6 +120,7 @@ class SpftLayer(nn.Linear):
             self.bias = linear.bias
             self.bias.requires_grad_(False)
         self.base_kind = base_kind_for(linear)
+        self.base_kind.adopt(self, linear)
         return flags
 
     # --- trainable masters ------------------------------------------------------------------
@@ -300,10 +308,10 @@ class SpftLayer(nn.Linear):
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding the layer's effective weight (new tensors; this layer is
         unchanged)."""
-        linear = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None, device="meta", dtype=self.weight.dtype
-        )
-        linear.weight = nn.Parameter(self.merged_weight())
+        weight = self.merged_weight()  # (a quantized base's: dense, in its compute dtype)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta",
+                           dtype=weight.dtype)
+        linear.weight = nn.Parameter(weight)
         if self.bias is not None:
             linear.bias = nn.Parameter(self.bias.detach().clone())
         return linear

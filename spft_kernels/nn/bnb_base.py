@@ -31,6 +31,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .frozen_base import FrozenBase, register_base_kind
+
 _MERGE_REFUSAL = (
     "{layer}: the base weight is quantized ({what}); merged mode writes W0 + delta into the weight, and a "
     "quantized weight cannot hold it: use mode='split' (or 'auto', which picks split)"
@@ -107,6 +109,27 @@ class QuantizedBase:
                      if k != "compute_dtype" and described.get(k) != v]
         return None if not differing else "the base is quantized differently (" + "; ".join(differing) + ")"
 
+    def state_dict_extras(self, prefix: str, keep_vars: bool) -> dict:
+        """The keys bitsandbytes writes next to ``weight`` and ``bias`` (its quantization state), so
+        that a converted model's state dict holds the base in bitsandbytes' own checkpoint form."""
+        return {prefix + key: value if keep_vars else value.detach() for key, value in self._extras().items()}
+
+    def load_problem(self, state_dict: dict, prefix: str) -> Optional[str]:
+        """Why a state dict cannot load into a layer on this base (None: it can). The layer keeps
+        its quantized W0: a state dict must hold the same one (or none), since loading bytes into
+        the packed weight would pair them with this base's scales."""
+        own = {"weight": self.weight.data, **self._extras()}
+        for key, value in own.items():
+            incoming = state_dict.get(prefix + key)
+            if incoming is None:
+                continue
+            if not isinstance(incoming, torch.Tensor) or incoming.shape != value.shape or \
+                    incoming.dtype != value.dtype or not torch.equal(incoming.to(value.device), value):
+                return (f"{prefix + key} differs from this layer's quantized base ({self.summary()}); a layer over a "
+                        "quantized base loads only its delta and positions (load the base with transformers, the "
+                        "training with load_adapter)")
+        return None
+
     def _check_rows(self, rows) -> tuple[int, int]:
         out_features = self.shape[0]
         if rows is None:
@@ -148,6 +171,9 @@ class Bnb4bitBase(QuantizedBase):
         state = self.quant_state
         return {"quantization": "bitsandbytes-4bit", "quant_type": state.quant_type, "blocksize": int(state.blocksize),
                 "double_quant": bool(state.nested), "compute_dtype": str(self.compute_dtype).replace("torch.", "")}
+
+    def _extras(self) -> dict:
+        return {"weight." + key: value for key, value in self.quant_state.as_dict(packed=True).items()}
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """bitsandbytes' 4-bit matmul ``x dequant(Wq)ᵀ + b`` in the compute dtype, returned in x's
@@ -232,6 +258,10 @@ class Bnb8bitBase(QuantizedBase):
         return {"quantization": "bitsandbytes-8bit", "threshold": float(self.module.state.threshold),
                 "compute_dtype": str(self.compute_dtype).replace("torch.", "")}
 
+    def _extras(self) -> dict:
+        # As Linear8bitLt._save_to_state_dict: the row scales and the (row-major) format flag.
+        return {"SCB": self.scales(), "weight_format": torch.tensor(0, dtype=torch.uint8)}
+
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """bitsandbytes' int8 matmul ``x dequant(Wq)ᵀ + b`` (its own path: on CPU/XPU in training
         the dequantized row-scaled weight in x's dtype); differentiable in x only."""
@@ -259,9 +289,92 @@ QUANTIZED_BASE_KINDS = (Bnb4bitBase, Bnb8bitBase)
 
 
 def quantized_base_for(linear) -> Optional[QuantizedBase]:
-    """The quantized base kind wrapping ``linear``, or None for a layer no kind here matches (a
-    plain ``nn.Linear``)."""
+    """The quantized weight of ``linear`` (a view on its bitsandbytes storage), or None for a
+    layer no kind here matches (a plain ``nn.Linear``)."""
     for kind in QUANTIZED_BASE_KINDS:
         if kind.matches(linear):
             return kind(linear)
     return None
+
+
+# --- the registered frozen-base kinds ------------------------------------------------------------
+
+
+class _QuantizedKind(FrozenBase):
+    """A quantized frozen-base kind: the layer keeps the view of its weight (``QuantizedBase``,
+    holding the bitsandbytes layer) as ``layer.quantized_base``, and every method asks it."""
+
+    _WEIGHT: type = QuantizedBase
+
+    @classmethod
+    def matches(cls, linear: nn.Module) -> bool:
+        return cls._WEIGHT.matches(linear)
+
+    @classmethod
+    def _of(cls, layer) -> QuantizedBase:
+        view = getattr(layer, "quantized_base", None)
+        if view is None:
+            raise ValueError(f"{layer.layer_name}: a {cls.name} base was not adopted (build the layer with from_linear)")
+        return view
+
+    @classmethod
+    def refusal_for(cls, linear, layer_cls: type, mode: str, layer_name: str) -> Optional[str]:
+        view = cls._WEIGHT(linear)
+        if layer_cls.dense_w0_reason is not None:
+            return (f"{layer_name}: a {layer_cls.kind or layer_cls.__name__!r} layer cannot train over a quantized base "
+                    f"({view.summary()}): {layer_cls.dense_w0_reason}. Over a quantized base train entries (speft, "
+                    "sparta), rows (spruft) or blocks")
+        if mode == "merged":
+            return view.merge_refusal(layer_name)
+        if mode == "fused":
+            return (f"{layer_name}: mode='fused' adds the delta into the tiles of a dense weight GEMM; the base weight "
+                    f"is quantized ({view.summary()}): use mode='split' (or 'auto')")
+        return None
+
+    @classmethod
+    def adopt(cls, layer, linear) -> None:
+        layer.quantized_base = cls._WEIGHT(linear)
+
+    @classmethod
+    def merge_refusal(cls, layer) -> Optional[str]:
+        return cls._of(layer).merge_refusal(layer.layer_name)
+
+    @classmethod
+    def weight_for_ops(cls, layer) -> None:
+        return None
+
+    @classmethod
+    def base_forward(cls, layer, x: torch.Tensor) -> torch.Tensor:
+        return cls._of(layer).base_forward(x)
+
+    @classmethod
+    def read(cls, layer, flat: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return cls._of(layer).read(flat)
+
+    @classmethod
+    def dense(cls, layer) -> torch.Tensor:
+        return cls._of(layer).dequantize()
+
+    @classmethod
+    def describe(cls, layer) -> dict:
+        return cls._of(layer).describe()
+
+    @classmethod
+    def state_dict_extras(cls, layer, prefix: str, keep_vars: bool) -> dict:
+        return cls._of(layer).state_dict_extras(prefix, keep_vars)
+
+    @classmethod
+    def load_problem(cls, layer, state_dict: dict, prefix: str) -> Optional[str]:
+        return cls._of(layer).load_problem(state_dict, prefix)
+
+
+@register_base_kind
+class Bnb4bitKind(_QuantizedKind):
+    name = "bnb-4bit"
+    _WEIGHT = Bnb4bitBase
+
+
+@register_base_kind
+class Bnb8bitKind(_QuantizedKind):
+    name = "bnb-8bit"
+    _WEIGHT = Bnb8bitBase

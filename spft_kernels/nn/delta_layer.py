@@ -75,6 +75,11 @@ class DeltaLayer(SpftLayer):
 
     _HAS_FUSED_MODE = False
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "_delta_term" in cls.__dict__:  # it can add its term to a base that computes its own
+            cls.dense_w0_reason = None
+
     def __init__(
         self,
         in_features: int,
@@ -136,7 +141,7 @@ class DeltaLayer(SpftLayer):
         did. ``options``: the kind's own (e.g. ``block_size``). Everything is checked before
         ``linear`` is touched."""
         layer_name = name or cls.__name__
-        cls._check_linear(linear, layer_name)
+        cls._check_linear(linear, layer_name, mode)
         _check_delta_dtype(delta_dtype, layer_name)
         options = cls._check_options(options, layer_name)
         if mode == "merged":
@@ -149,9 +154,10 @@ class DeltaLayer(SpftLayer):
         # Validate before touching the linear, so bad positions leave it as it was.
         validated, _ = cls._validate(positions, out_features, in_features, linear.weight.device, layer_name, **options)
         # Build on the meta device so that no second weight is ever allocated or initialised.
+        dtype = linear.weight.dtype if linear.weight.is_floating_point() else None  # (a quantized weight's own)
         layer = cls(
             in_features, out_features, None, bias=linear.bias is not None, device="meta",
-            dtype=linear.weight.dtype, mode=mode, backend=backend, delta_dtype=delta_dtype, name=name, **options,
+            dtype=dtype, mode=mode, backend=backend, delta_dtype=delta_dtype, name=name, **options,
         )
         flags = []
         try:
@@ -343,7 +349,10 @@ class DeltaLayer(SpftLayer):
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """A new tensor holding ``W0 + Δ`` in the weight's dtype (fp32 sum, rounded once), bitwise
-        equal to the merged mode's weight."""
+        equal to the merged mode's weight. Over a base that computes its own term (quantized):
+        its dense W0 (``dequant(Wq)`` in the compute dtype) plus Δ."""
+        if self.base_kind.weight_for_ops(self) is None:
+            return self._write(self.base_kind.dense(self), base=None, delta=self.delta)
         if self._merged:
             self._resync_if_stale()
         if self._computes_merged():
@@ -361,6 +370,8 @@ class DeltaLayer(SpftLayer):
     # --- forward ----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.base_kind.weight_for_ops(self) is None:  # the base's own matmul, plus the delta term
+            return self._delta_term(self.base_kind.base_forward(self, x), x)
         if torch.compiler.is_compiling():
             return self._traced_forward(x)
         self._check_weight_kept()
@@ -399,6 +410,7 @@ class DeltaLayer(SpftLayer):
         # bytes an entry, expanded here to the int32 index while the state dict lives).
         positions = self._current_positions()
         destination[prefix + self.positions_key] = positions if keep_vars else positions.detach()
+        destination.update(self.base_kind.state_dict_extras(self, prefix, keep_vars))
         if self._merged:
             # Save W0, never W_eff: the state dict must not depend on the mode. W0 is written back
             # into the trained positions (O(nnz), exact) and lent, never copied (w0_loan.py).
@@ -456,6 +468,9 @@ class DeltaLayer(SpftLayer):
         # loader's: neither unexpected nor, when absent, left unreported.
         if positions_key in unexpected_keys:
             unexpected_keys.remove(positions_key)
+        for key in self.base_kind.state_dict_extras(self, prefix, False):  # the base's own keys
+            if key in unexpected_keys:
+                unexpected_keys.remove(key)
         if strict and incoming is None and positions_key not in missing_keys:
             missing_keys.append(positions_key)
         if len(error_msgs) > errors_before:  # a check the default loader made failed: undo
@@ -487,6 +502,9 @@ class DeltaLayer(SpftLayer):
                 return f"{self.layer_name}: {delta_key} has shape {shape} but {positions_key} has {count} {self.unit}"
         if isinstance(incoming_delta, torch.Tensor) and not incoming_delta.is_floating_point():
             return f"{self.layer_name}: {delta_key} must be floating point, got {incoming_delta.dtype}"
+        problem = self.base_kind.load_problem(self, state_dict, prefix)
+        if problem is not None:
+            return f"{self.layer_name}: {problem}"
         for name, own in list(self._parameters.items()) + list(self._buffers.items()):
             if name in ("delta", self.positions_key) or own is None or name in self._non_persistent_buffers_set:
                 continue
@@ -572,8 +590,16 @@ class DeltaLayer(SpftLayer):
         """``(sorted flat int64, values)`` of ``_w0_at_index`` (the W0 a merged layer keeps aside)."""
         raise NotImplementedError
 
+    def _delta_term(self, y0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``y0 + x Δᵀ`` for a base that computes ``y0`` itself (a quantized base's
+        ``base_forward``): each kind that can train over such a base adds its own term
+        (``ops/delta_term.py``); defining it makes the kind buildable there."""
+        raise NotImplementedError(f"{type(self).__name__} has no delta-only term")
+
     def extra_repr(self) -> str:
+        described = self.base_kind.describe(self)
+        base = "" if not described else ", base=" + ", ".join(f"{k}={v}" for k, v in described.items())
         return (
             f"{nn.Linear.extra_repr(self)}, {self._describe()}, mode={self.mode}, backend={self.backend}, "
-            f"merged={self._merged}"
+            f"merged={self._merged}{base}"
         )

@@ -13,6 +13,12 @@ asks its base kind, a ``FrozenBase`` subclass, everything that depends on what t
   W0 as a new dense tensor (export);
 - ``describe(layer)``: what an adapter records about the base beyond shape and dtype.
 
+A base that computes its own term (``weight_for_ops`` None: a quantized weight, ``bnb_base.py``)
+also gives ``base_forward(layer, x)`` (its matmul, bias included, a gradient for x only), and may
+refuse a layer kind or mode before anything is built (``refusal_for``), keep per-layer state on the
+layer when it is built (``adopt``) and add its own keys to the layer's state dict
+(``state_dict_extras``, ``load_problem``).
+
 Base kinds register with ``@register_base_kind``; ``base_kind_for(linear)`` picks the last
 registered kind that ``matches`` it, so a specific kind (a quantized weight) wins over the dense
 default.
@@ -69,6 +75,31 @@ class FrozenBase:
     @classmethod
     def describe(cls, layer) -> dict:
         return {}
+
+    @classmethod
+    def refusal_for(cls, linear: nn.Module, layer_cls: type, mode: str, layer_name: str) -> Optional[str]:
+        """Why a ``layer_cls`` layer in ``mode`` cannot be built on ``linear``'s weight, or None
+        (asked before the linear is touched)."""
+        return None
+
+    @classmethod
+    def adopt(cls, layer, linear: nn.Module) -> None:
+        """Keep what the base needs from ``linear`` on ``layer`` (a dense weight needs nothing)."""
+
+    @classmethod
+    def base_forward(cls, layer, x: torch.Tensor) -> torch.Tensor:
+        """``x W0ᵀ + b`` computed by the base itself (when ``weight_for_ops`` is None)."""
+        raise NotImplementedError(f"frozen base {cls.name!r} has a dense weight: the layer's ops compute x W0ᵀ")
+
+    @classmethod
+    def state_dict_extras(cls, layer, prefix: str, keep_vars: bool) -> dict:
+        """Keys the base adds to the layer's state dict beside ``weight`` and ``bias``."""
+        return {}
+
+    @classmethod
+    def load_problem(cls, layer, state_dict: dict, prefix: str) -> Optional[str]:
+        """Why ``state_dict`` cannot load into the layer's base (None: it can)."""
+        return None
 
 
 _BASE_KINDS: list = []

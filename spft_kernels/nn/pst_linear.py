@@ -92,6 +92,11 @@ class PSTLinear(SpftLayer):
     with ``PSTOptions`` in place of the sparsity.
     """
 
+    # Every PST product reads W0 itself: the output weight is W0 ⊙ M plus the factors, M from
+    # |W0 + βUV|, so a quantized W0 would need a dense copy of every layer for the step.
+    dense_w0_reason = ("PST prunes the base weight itself (y = x (W0 ⊙ M + ...)ᵀ, mask scores from |W0 + βUV|), "
+                       "which needs a dense W0")
+
     kind = "pst"
     unit = "factor values"
     writes_w0 = False  # the mask prunes W0 on the fly; W0 itself is never written
@@ -149,7 +154,7 @@ class PSTLinear(SpftLayer):
         ``positions``: the sparsity (a number) or a ``PSTOptions``; ``options``: ``PSTOptions``
         fields (``r1``, ``r2``, ``beta``, ...). ``mode``: PST has one way to compute (``auto``)."""
         layer_name = name or cls.__name__
-        cls._check_linear(linear, layer_name)
+        cls._check_linear(linear, layer_name, mode)
         if mode not in ("auto", "split"):
             raise ValueError(
                 f"{layer_name}: PST computes its pruned weight on the fly and never writes into W0; mode must be "

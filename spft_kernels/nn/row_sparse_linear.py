@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from ..ops import naive
+from ..ops.delta_term import rows_term
 from ..ops.index import canonical_rows
 from ..ops.row_delta_linear import row_delta_linear
 from .base import trainable_count
@@ -71,6 +72,9 @@ class RowSparseLinear(DeltaLayer):
         return row_delta_linear(
             x, self.weight, self.delta, self.rows, self.bias, backend=self.backend, merged=self._computes_merged(), validate=False
         )
+
+    def _delta_term(self, y0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return rows_term(y0, x, self.delta, self.rows, self.backend)
 
     def _describe(self) -> str:
         fraction = self.num_rows / self.out_features if self.out_features else 0.0

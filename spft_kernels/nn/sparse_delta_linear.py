@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from ..ops._guards import builds_state
 from ..ops.compact_index import BLOCK, block_count, compact_index, expand_index
+from ..ops.delta_term import entries_term
 from ..ops.index import DERIVED, SparseIndex, index_dtype_for
 from ..ops.scatter_delta import scatter_delta_
 from ..ops.sparse_delta_linear import sparse_delta_linear
@@ -126,6 +127,11 @@ class SparseDeltaLinear(DeltaLayer):
                 f"{self.layer_name}: the weight is shared with {self.weight_shared_with!r}; folding the delta "
                 "into it would change that module too"
             )
+        if self.base_kind.weight_for_ops(self) is None:
+            raise ValueError(
+                f"{self.layer_name}: the base weight is quantized ({self.base_kind.name}); folding writes W0 + delta "
+                "into it, which a quantized weight cannot hold (keep the delta, or merge_and_unload)"
+            )
         self._refuse_while_lent("fold_delta()")
         was_merged = self._merged
         self.unmerge()
@@ -167,6 +173,9 @@ class SparseDeltaLinear(DeltaLayer):
             x, self.weight, self.delta, self.sparse_index(), self.bias, backend=self.backend, merged=self._computes_merged(),
             fused=self.mode == "fused" and not self._computes_merged(),
         )
+
+    def _delta_term(self, y0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return entries_term(y0, x, self.delta, self.sparse_index(), self.backend)
 
     def _describe(self) -> str:
         total = self.in_features * self.out_features

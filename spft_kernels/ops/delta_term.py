@@ -36,6 +36,13 @@ def _flatten(y0: Tensor, x: Tensor) -> tuple[Tensor, Tensor, int]:
     return y0.reshape(tokens, y0.shape[-1]), x.reshape(tokens, x.shape[-1]), tokens
 
 
+def _copy(y0: Tensor) -> Tensor:
+    # The sum goes into a copy: the base's output may be a view made inside bitsandbytes'
+    # autograd Function, which autograd forbids writing in place (y0 itself is freed right after,
+    # as nothing saves it).
+    return y0.clone(memory_format=torch.contiguous_format)
+
+
 class _EntriesTerm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y0, x, delta, stored, block_ends, metadata, shape, backend):
@@ -73,13 +80,12 @@ def entries_term(y0: Tensor, x: Tensor, delta: Tensor, sparse_index: SparseIndex
 class _RowsTerm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y0, x, delta, rows, backend):
-        y2d, x2d, _ = _flatten(y0, x)
+        y2d, x2d, _ = _flatten(_copy(y0), x)
         z = naive.mm_acc(x2d, delta.t(), naive.accumulate_dtype(x, delta))
-        _row_scatter_add_op(y2d, z, rows, backend)  # into y0, bitsandbytes' fresh output
-        ctx.mark_dirty(y0)
+        _row_scatter_add_op(y2d, z, rows, backend)
         ctx.save_for_backward(x, delta, rows)
         ctx.backend = backend
-        return y0
+        return y2d.view(y0.shape)
 
     @staticmethod
     def backward(ctx, dy):
@@ -96,13 +102,13 @@ def rows_term(y0: Tensor, x: Tensor, delta: Tensor, rows: Tensor, backend: str =
     """``y0`` with ``x Wfᵀ`` added into the output ``rows`` (canonical rows; ``delta`` [R, in])."""
     if rows.numel() == 0:
         return y0 + delta.sum().to(y0.dtype) * 0
-    return _RowsTerm.apply(y0.contiguous(), x, delta, rows, backend)
+    return _RowsTerm.apply(y0, x, delta, rows, backend)
 
 
 class _BlocksTerm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y0, x, delta, block_index: BlockIndex):
-        y2d, x2d, _ = _flatten(y0, x)
+        y2d, x2d, _ = _flatten(_copy(y0), x)
         shape = (block_index.out_features, block_index.in_features)
         bh, bw = block_index.block_size
         _, cols = _rows_cols(block_index.blocks, shape, (bh, bw))
@@ -110,10 +116,9 @@ class _BlocksTerm(torch.autograd.Function):
         z = _bmm_acc(_gather(x2d, cols, bw).permute(1, 0, 2), live.transpose(1, 2), naive.accumulate_dtype(x, delta))
         by_row = block_index.by_row
         _add_blocks(y2d, z, by_row.targets, by_row.target_of, by_row.order, by_row.slot_ptr, bh)
-        ctx.mark_dirty(y0)
         ctx.save_for_backward(x, delta)
         ctx.block_index = block_index
-        return y0
+        return y2d.view(y0.shape)
 
     @staticmethod
     def backward(ctx, dy):
@@ -141,5 +146,5 @@ def blocks_term(y0: Tensor, x: Tensor, delta: Tensor, block_index: BlockIndex) -
     """``y0 + x Δᵀ`` for dense blocks (``delta`` [nb, bh, bw] at ``block_index``)."""
     if block_index.num_blocks == 0:
         return y0 + delta.sum().to(y0.dtype) * 0
-    return _BlocksTerm.apply(y0.contiguous(), x, delta, block_index)
+    return _BlocksTerm.apply(y0, x, delta, block_index)
 
