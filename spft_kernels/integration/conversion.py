@@ -20,6 +20,7 @@ import torch.nn as nn
 from ..masks.progress import counting
 from ..masks.selection import Selection
 from ..masks.targets import check_materialised, find_target_linears, weight_reading_parent, weight_sharers
+from ..nn.frozen_base import base_kind_for
 from ..nn.registry import kind_for_config, plain_linear_type
 from ..ops._guards import outside_inference_mode
 from .config import SpftConfig, _method_spec
@@ -77,6 +78,7 @@ def get_spft_model(
     if overlap:
         raise ValueError(f"get_spft_model: modules_to_save {saved} contain target layers {overlap[:3]}")
     shared = _check_shared_weights(root, targets, config, saved, kind)
+    _check_bases(targets, config, kind)
     if config.metric in spec.data_metrics and (batches is None or not callable(loss_fn)):
         raise ValueError(
             f"get_spft_model: metric {config.metric!r} of method {config.method!r} scores with data; pass "
@@ -97,6 +99,20 @@ def get_spft_model(
         prepare_for_training(root, saved)
     finish_conversion(root, config)
     return model
+
+
+def _check_bases(targets: dict, config: SpftConfig, kind: type) -> None:
+    """What a target's frozen base refuses (a quantized one: merged and fused modes, kinds that
+    need a dense W0, dynamic masks, which fold the delta into W0), before any selection or change."""
+    for name, linear in targets.items():
+        base = base_kind_for(linear)
+        refusal = base.refusal_for(linear, kind, config.mode, name)
+        if refusal is None and config.mask_update_interval is not None:
+            refusal = base.refusal_for(linear, kind, "merged", name)
+            if refusal is not None:
+                refusal = f"a dynamic mask folds the delta into W0, like merged mode: {refusal}"
+        if refusal is not None:
+            raise ValueError(f"get_spft_model: {refusal}")
 
 
 def _check_shared_weights(root: nn.Module, targets: dict, config: SpftConfig, saved: list, kind: type) -> dict:

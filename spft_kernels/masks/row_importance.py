@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from ..ops import naive
 from ..ops._guards import as_float, as_int, describe
+from . import quantized_scores
 from .progress import progress_bar
 from .select import warn_if_empty
 from .targets import check_gradients_possible, check_materialised, TargetModules, find_target_linears
@@ -123,6 +124,10 @@ def row_importance(
 
     targets = find_target_linears(model, target_modules, exclude_attention=exclude_attention)
     check_materialised("row_importance", targets)
+    quantized = quantized_scores.quantized_targets(targets)
+    if quantized:
+        quantized_scores.check_metric("row_importance", metric, quantized_scores.ROW_METRICS, quantized)
+        return _quantized_row_importance(model, targets, metric, batches, loss_fn, seed)
     # Tied weights are scored once: keys are the distinct weight tensors, in first-use order.
     weights: dict[int, Tensor] = {}
     owner: dict[str, int] = {}
@@ -155,6 +160,30 @@ def row_importance(
                 model, targets, owner, weights, batches, loss_fn, num_perturbations, float(epsilon), seed, progress
             )
     return {name: scores[owner[name]] for name in targets}
+
+
+def _quantized_row_importance(model, targets, metric, batches, loss_fn, seed) -> dict[str, Tensor]:
+    """row_importance when a target's base is quantized (masks/quantized_scores.py): l2 from W0
+    read in bands of rows, taylor from x and dy (the model in eval mode, as the dense path's)."""
+    if metric == "l2":
+        return {name: quantized_scores.row_l2(module) for name, module in targets.items()}
+    if metric == "random":
+        return {name: torch.rand(module.out_features, generator=torch.Generator().manual_seed(_mix(seed, position)),
+                                 dtype=torch.float64).to(device=module.weight.device, dtype=torch.float32)
+                for position, (name, module) in enumerate(targets.items())}
+
+    def zeros(module):
+        return torch.zeros(module.out_features, module.in_features, dtype=torch.float32, device=module.weight.device)
+
+    def losses():
+        for batch in batches:
+            yield _scalar_loss(loss_fn(model, batch), "taylor", needs_grad=True)
+
+    sums, count = quantized_scores.gradient_sums(targets, losses, zeros, lambda total, g: total.add_(g),
+                                                 _scoring_mode(model, ()))
+    if count == 0:
+        raise ValueError("row_importance: batches is empty")
+    return {name: quantized_scores.row_taylor(sums[name], module, count) for name, module in targets.items()}
 
 
 def select_rows(

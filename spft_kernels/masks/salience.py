@@ -105,6 +105,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..nn.registry import is_spft_layer
 from ..ops._guards import as_int, describe
+from . import quantized_scores
 from .progress import progress_bar
 from .targets import check_gradients_possible, check_materialised, TargetModules, find_target_linears
 
@@ -185,6 +186,9 @@ def salience_scores(
     placement = _ScorePlacement(None if score_device is None else torch.device(score_device), score_dtype)
     targets = find_target_linears(model, target_modules, exclude_attention=exclude_attention)
     check_materialised("salience_scores", targets)
+    if quantized_scores.quantized_targets(targets):
+        calibration = _Calibration(batches, loss_fn, num_batches, progress, metric)
+        return _quantized_salience(model, targets, metric, calibration, placement, generator)
 
     with _effective_weights(targets) as weights:
         if metric == "magnitude":
@@ -206,14 +210,42 @@ def salience_scores(
             return calibration.fisher(model, weights, fisher_mode, fisher_chunk_size, placement)
 
 
+def _quantized_salience(model, targets, metric, calibration, placement, generator) -> dict[str, Tensor]:
+    """salience_scores over targets with a quantized base (masks/quantized_scores.py): gradients
+    from x and dy, W0 read in bands of rows; fp32 scores placed as the dense path's."""
+    check = quantized_scores.check_metric
+    check("salience_scores", metric, quantized_scores.SALIENCE_METRICS, quantized_scores.quantized_targets(targets))
+    if metric == "magnitude":
+        return {name: quantized_scores.magnitude(module) for name, module in targets.items()}
+    if metric == "random":
+        return {name: _uniform(torch.empty(module.out_features, module.in_features, device="meta"), generator,
+                               module.weight.device) for name, module in targets.items()}
+
+    def zeros(module):
+        return torch.zeros(module.out_features, module.in_features, dtype=placement.dtype,
+                           device=placement.device or module.weight.device)
+
+    def losses():
+        return (calibration.loss(model, batch) for batch in calibration.iterate(f"salience ({metric})"))
+
+    sums, count = quantized_scores.gradient_sums(targets, losses, zeros, placement.add, _only_these_trainable(model, {}))
+    for name, module in targets.items():
+        if metric == "gradient":
+            _FIRST_ORDER[metric](sums[name], None, count)
+        else:
+            quantized_scores.multiply_by_weight_(sums[name], module, lambda band, w: _FIRST_ORDER[metric](band, w, count))
+    return sums
+
+
 def _check_positive_int(name: str, value) -> None:
     if value is not None and (as_int(value) is None or as_int(value) < 1):
         raise ValueError(f"salience_scores: {name} must be a positive integer or None, got {describe(value)}")
 
 
-def _uniform(weight: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-    device = weight.device if generator is None else generator.device
-    return torch.rand(weight.shape, generator=generator, device=device, dtype=torch.float32).to(weight.device)
+def _uniform(weight: Tensor, generator: Optional[torch.Generator], where: Optional[torch.device] = None) -> Tensor:
+    where = weight.device if where is None else where
+    device = where if generator is None else generator.device
+    return torch.rand(weight.shape, generator=generator, device=device, dtype=torch.float32).to(where)
 
 
 # --- the weights being scored ---------------------------------------------------------------

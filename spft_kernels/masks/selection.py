@@ -101,7 +101,7 @@ class Selection:
             return select_rows(scores, lora_rank=config.match_lora_rank, model=self.model)
         if config.density is not None:
             return select_rows(scores, ratio=config.density)
-        total = sum(linear.weight.numel() for linear in self.targets.values())
+        total = sum(linear.out_features * linear.in_features for linear in self.targets.values())
         if config.num_params > total:
             raise ValueError(f"get_spft_model: num_params={config.num_params} exceeds the {total} entries of the target weights")
         # The same fraction of rows in every layer: R_m = round(num_params * out_m / N), whole rows.

@@ -149,6 +149,24 @@ class Bnb4bitBase(QuantizedBase):
     kind = "bnb-4bit"
     _CLASS = "Linear4bit"
 
+    def __init__(self, module: nn.Linear) -> None:
+        super().__init__(module)
+        self._unpack_cpu_format()
+
+    def _unpack_cpu_format(self) -> None:
+        """Back to bitsandbytes' canonical packing. On a CPU with AVX512-BF16, Linear4bit's own
+        forward in eval mode without grad repacks the weight in place for its inference kernel
+        (``packing_format_for_cpu``; scales in bf16, double quantization expanded), which has no
+        backward and which dequantize does not read; bitsandbytes itself undoes it the same way
+        before saving a state dict."""
+        weight = self.weight
+        state = getattr(weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+            self.module.quant_state = weight.quant_state
+
     @property
     def quant_state(self):
         state = getattr(self.weight, "quant_state", None)
@@ -180,6 +198,7 @@ class Bnb4bitBase(QuantizedBase):
         dtype; differentiable in x only (the weight is frozen storage)."""
         import bitsandbytes as bnb
 
+        self._unpack_cpu_format()  # (an eval forward of the original module may have run since)
         dtype = self.compute_dtype
         x_in = x.to(dtype)
         return bnb.matmul_4bit(x_in, self.weight, bias=self._bias_for(dtype), quant_state=self.quant_state).to(x.dtype)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .base import SpftLayer
+from .frozen_base import DenseBase, base_kind_for
 
 _KINDS: dict = {}  # kind name -> layer class, in registration order
 
@@ -84,5 +85,12 @@ def spft_layer_classes() -> tuple:
 
 
 def plain_linear_type(module) -> bool:
-    """Whether ``module`` is exactly ``nn.Linear`` (what conversion turns into a layer)."""
-    return type(module) is nn.Linear
+    """Whether ``module`` is what conversion turns into a layer: exactly ``nn.Linear``, or a linear
+    whose weight a registered non-dense base kind holds (a bitsandbytes 4-bit or 8-bit layer)."""
+    if type(module) is nn.Linear:
+        return True
+    return isinstance(module, nn.Linear) and not _is_spft(module) and base_kind_for(module) is not DenseBase
+
+
+def _is_spft(module) -> bool:
+    return isinstance(module, SpftLayer)
