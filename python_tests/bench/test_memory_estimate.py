@@ -85,3 +85,43 @@ def test_memory_command_is_readable_for_a_small_model_and_writes_nothing_unasked
                                            (int(17.714 * 2**30), "17.71"), (int(50.2 * 2**30), "50.20")])
 def test_gib_keeps_three_significant_digits(nbytes, shown):
     assert memory_estimate.gib(nbytes) == shown
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+@pytest.mark.parametrize("method", ["lora", "sparta", "spruft"])
+def test_quantized_estimate_equals_the_real_quantized_step(quantize, method):
+    """--quantize: the fake estimate of a QLoRA / sparse step over bitsandbytes layers equals the
+    same step on real tensors, measured on the CPU."""
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("peft")
+    config = memory_estimate.load_model_config_from(TINY)
+    args = _args(quantize=quantize, double_quant=True)
+    torch.manual_seed(0)
+    fake = memory_estimate.measure_method(method, config, args, fake=True)
+    torch.manual_seed(0)
+    real = memory_estimate.measure_method(method, config, args, fake=False)
+    for key in ("peak_bytes", "weights_bytes", "optimizer_bytes", "grads_at_peak_bytes"):
+        assert fake[key] == pytest.approx(real[key], rel=0.01), (key, fake[key], real[key])
+    # (not state_dict_alloc_bytes: a 4-bit state dict adds a small blob per layer that bitsandbytes
+    # packs from the quantization state's values, ~150 bytes apart between fake and real)
+    assert fake["mode"] == (None if method == "lora" else "split")
+    assert fake["quantize"] == ("nf4+dq" if quantize == "nf4" else "int8")
+
+
+@pytest.mark.parametrize("quantization", ["nf4-dq", "int8"])
+def test_quantized_estimate_holds_the_bytes_transformers_loads(tmp_path, quantization):
+    """The estimate's quantized model holds what BitsAndBytesConfig loading holds (packed weights,
+    scales, the rest in the compute dtype), within 1%."""
+    pytest.importorskip("bitsandbytes")
+    from python_tests.quantized import LLAMA, load_quantized, save_tiny_llama
+
+    loaded = load_quantized(save_tiny_llama(tmp_path), quantization)
+    config = memory_estimate.load_model_config_from({"model_type": "llama", **LLAMA})
+    built = memory_estimate.build_model(config, torch.float32)
+    memory_estimate.quantize_targets(built, quantization.split("-")[0], torch.float32, double_quant=True)
+
+    def held(model):
+        tensors = list(model.parameters()) + list(model.buffers()) + memory_estimate._quantization_state(model)
+        return memory_estimate._bytes(tensors)
+
+    assert held(built) == pytest.approx(held(loaded), rel=0.01)

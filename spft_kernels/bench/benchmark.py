@@ -609,6 +609,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     memory.add_argument("--mode", choices=("merged", "split"), default="merged", help="mode of the sparse layers")
     memory.add_argument("--optimizer", choices=("fused", "foreach", "loop"), default="fused",
                         help="AdamW implementation (fused: the Trainer's default)")
+    memory.add_argument("--quantize", choices=("nf4", "fp4", "int8"), default=None,
+                        help="the target linears in bitsandbytes 4-bit (with --double-quant: QLoRA's recipe) or 8-bit, "
+                        "computing in --dtype; lora is then QLoRA and the sparse layers run split")
+    memory.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
+                        help="4-bit: quantize the block scales too (default: on, as QLoRA)")
     args = parser.parse_args(argv)
 
     if args.memory:

@@ -21,6 +21,17 @@ Positions: ``sparta`` and ``speft`` place LoRA-rank-r's parameter count at one u
 ``round(r (in + out) / in)`` rows per layer, ``pst`` r1 = r2 = (r - 1) // 2 (at most LoRA's
 count), ``lora`` is peft's LoRA (fp32 adapters, dropout 0). A new method is one entry of
 ``METHODS``.
+
+``--quantize nf4|fp4|int8``: the target linears become bitsandbytes ``Linear4bit`` (blocks of 64,
+double quantization unless ``--no-double-quant``, computing in ``--dtype``) or ``Linear8bitLt``,
+quantized with bitsandbytes' own ops (their fake implementations here), the rest of the model
+(embeddings, norms, LM head) in ``--dtype`` as transformers loads it: ``lora`` is then QLoRA
+(peft's LoRA on the bitsandbytes layers) and the sparse layers run split over the quantized base
+(``nn/bnb_base.py``); ``full`` and ``pst`` need a dense W0 and are skipped. The block scales live
+on the weight (``quant_state``), not as parameters, and are counted with the weights. The 4-bit
+step is bitsandbytes' CUDA path (its fused 4-bit GEMM forward, a dequantized W0 of one layer in
+backward; the GEMM's own scratch is not seen), 8-bit its CPU/XPU training path (dequantize and
+GEMM; CUDA's int8 GEMM path keeps other temporaries).
 """
 
 from __future__ import annotations
@@ -143,6 +154,105 @@ def _targets(model) -> dict[str, nn.Linear]:
     return find_target_linears(model)
 
 
+def quantize_targets(model, kind: str, compute_dtype: torch.dtype, double_quant: bool = True) -> None:
+    """Replace every target linear by a bitsandbytes layer holding its quantized weight, built
+    with bitsandbytes' quantization ops, so that it works on fake tensors as on real ones (a
+    bitsandbytes Params class cannot wrap a fake tensor: the weight is a plain Parameter carrying
+    the same ``quant_state`` / ``CB`` / ``SCB`` attributes)."""
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as F
+    except ImportError as error:
+        raise MethodUnavailable(f"bitsandbytes is not installed ({error})") from None
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    for name, linear in _targets(model).items():
+        shape = (linear.in_features, linear.out_features)
+        with unset_fake_temporarily():  # (its __init__ makes a Params object of a meta tensor)
+            if kind == "int8":
+                module = bnb.nn.Linear8bitLt(*shape, bias=linear.bias is not None, has_fp16_weights=False,
+                                             threshold=0.0, device="meta")
+            else:
+                module = bnb.nn.Linear4bit(*shape, bias=linear.bias is not None, compute_dtype=compute_dtype,
+                                           compress_statistics=double_quant, quant_type=kind, device="meta")
+        with torch.no_grad():
+            if kind == "int8":
+                codes, scales, _ = F.int8_vectorwise_quant(linear.weight.detach().to(torch.float16))
+                weight = nn.Parameter(codes, requires_grad=False)
+                weight.CB, weight.SCB = codes, scales
+            else:
+                packed, state = _quantize_4bit(linear.weight.detach(), kind, double_quant)
+                weight = nn.Parameter(packed, requires_grad=False)
+                weight.quant_state = state
+        module.weight = weight
+        if linear.bias is not None:
+            module.bias = linear.bias
+        _swap(model, name, module)
+
+
+def _quantize_4bit(weight: torch.Tensor, kind: str, double_quant: bool):
+    """bitsandbytes' quantize_4bit (blocks of 64), its double quantization spelled out: the code
+    of the scales' 8-bit quantization is built on real tensors (bitsandbytes builds it from Python
+    numbers, which a fake tensor has none of) and handed in. Returns (packed weight, quant_state)."""
+    import bitsandbytes.functional as F
+    from torch._guards import detect_fake_mode
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    packed, state = F.quantize_4bit(weight, blocksize=64, compress_statistics=False, quant_type=kind)
+    if double_quant:
+        with unset_fake_temporarily():
+            code = F.create_dynamic_map().to(weight.device)
+        fake_mode = detect_fake_mode()
+        if fake_mode is not None:
+            code = fake_mode.from_tensor(code)
+        offset = state.absmax.mean()
+        scales, state2 = F.quantize_blockwise(state.absmax - offset, code=code, blocksize=256)
+        state = F.QuantState(absmax=scales, shape=state.shape, dtype=state.dtype, blocksize=state.blocksize,
+                             code=state.code, quant_type=kind, offset=offset, state2=state2)
+    return packed, state
+
+
+class _PackedOffset(float):
+    """A stand-in for a fake offset that packs as a number (the value is irrelevant to sizes)."""
+
+    def item(self) -> float:
+        return float(self)
+
+
+@contextlib.contextmanager
+def _packable_quantization_state(model):
+    """A state dict of a double-quantized 4-bit layer packs the scales' offset as a Python number
+    (``offset.item()``), which a fake offset has not: each fake offset is swapped for a number
+    while the state dict is taken."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from ..nn.bnb_base import Bnb4bitBase
+
+    states = [base.quant_state for base in _quantized_bases(model) if isinstance(base, Bnb4bitBase)]
+    fake = [s for s in states if s.nested and isinstance(s.offset, FakeTensor)]
+    offsets = [s.offset for s in fake]
+    try:
+        for state in fake:
+            state.offset = _PackedOffset(0.0)
+        yield
+    finally:
+        for state, offset in zip(fake, offsets):
+            state.offset = offset
+
+
+def _quantized_bases(model) -> list:
+    """The quantized base of every bitsandbytes layer and every spft layer built on one."""
+    from ..nn.bnb_base import quantized_base_for
+
+    bases = [getattr(m, "quantized_base", None) or quantized_base_for(m) for m in model.modules()]
+    return [base for base in bases if base is not None]
+
+
+def _quantization_state(model) -> list[torch.Tensor]:
+    """The tensors of every quantized base that are neither parameters nor buffers (scales, codes)."""
+    return [t for base in _quantized_bases(model) for t in base.state_tensors()]
+
+
 def _swap(model, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
@@ -154,6 +264,8 @@ def _swap(model, name: str, module: nn.Module) -> None:
 
 
 def _full(model, args):
+    if getattr(args, "quantize", None):
+        raise MethodUnavailable("full fine-tuning trains W0 itself, which a quantized base cannot hold")
     for p in model.parameters():
         p.requires_grad_(True)
     return model
@@ -171,9 +283,9 @@ def _lora(model, args):
 
 def _sparse_entries(model, args):
     targets = _targets(model)
-    density = lora_equivalent_params(targets, args.rank) / sum(m.weight.numel() for m in targets.values())
+    density = lora_equivalent_params(targets, args.rank) / sum(m.out_features * m.in_features for m in targets.values())
     for name, linear in targets.items():
-        out_f, in_f = linear.weight.shape
+        out_f, in_f = linear.out_features, linear.in_features
         nnz = min(out_f * in_f, round(density * out_f * in_f))
         layer = _trusted(SparseDeltaLinear, linear, args.mode, name)
         spread = torch.arange(nnz, dtype=torch.int64) * (out_f * in_f // max(nnz, 1))  # valid, evenly spread
@@ -184,7 +296,7 @@ def _sparse_entries(model, args):
 
 def _rows(model, args):
     for name, linear in _targets(model).items():
-        out_f, in_f = linear.weight.shape
+        out_f, in_f = linear.out_features, linear.in_features
         count = min(out_f, round(args.rank * (in_f + out_f) / in_f))
         layer = _trusted(RowSparseLinear, linear, args.mode, name)
         layer._install(torch.arange(count, dtype=torch.int64), None)
@@ -193,6 +305,8 @@ def _rows(model, args):
 
 
 def _pst(model, args):
+    if getattr(args, "quantize", None):
+        raise MethodUnavailable("PST prunes W0 itself, which needs a dense base")
     rank = max(0, (args.rank - 1) // 2)
     for name, linear in _targets(model).items():
         _swap(model, name, PSTLinear.from_linear(linear, 0.5, r1=rank, r2=rank, name=name))
@@ -213,7 +327,7 @@ def _block(model, args):
     fake_mode = detect_fake_mode()
     size = (64, 64)
     for name, linear in _targets(model).items():
-        out_f, in_f = linear.weight.shape
+        out_f, in_f = linear.out_features, linear.in_features
         rows, cols = block_grid(out_f, in_f, size)
         count = max(1, min(rows * cols, round(args.rank * (in_f + out_f) / (size[0] * size[1]))))
         with unset_fake_temporarily():
@@ -239,12 +353,18 @@ def _faked(value, fake_mode):
 
 
 def _trusted(cls, linear, mode, name, **options):
-    """A layer on ``linear``'s weight with no positions yet (``_install`` adds them)."""
+    """A layer on ``linear``'s weight with no positions yet (``_install`` adds them); over a
+    quantized base, in split mode (the only one there)."""
+    from ..nn.bnb_base import quantized_base_for
+
+    base = quantized_base_for(linear)
+    dtype = linear.weight.dtype if base is None else base.compute_dtype
     layer = cls(linear.in_features, linear.out_features, None, bias=linear.bias is not None, device="meta",
-                dtype=linear.weight.dtype, mode=mode, name=name, **options)
+                dtype=dtype, mode=mode if base is None else "split", name=name, **options)
     layer.weight = linear.weight
     if linear.bias is not None:
         layer.bias = linear.bias
+    layer.quantized_base = base
     return layer
 
 
@@ -288,7 +408,10 @@ def measure_method(method: str, config, args, *, fake: bool = True) -> dict:
     same measurement on real tensors (to check the fake one on a small model)."""
     with fake_tensors() if fake else contextlib.nullcontext(), accelerator_paths():
         model = build_model(config, args.dtype)
-        shapes = {tuple(m.weight.shape) for m in _targets(model).values()}
+        shapes = {(m.out_features, m.in_features) for m in _targets(model).values()}
+        quantize = getattr(args, "quantize", None)
+        if quantize:
+            quantize_targets(model, quantize, args.dtype, getattr(args, "double_quant", True))
         model = METHODS[method](model, args)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = _optimizer(trainable, args.optimizer)
@@ -300,7 +423,8 @@ def measure_method(method: str, config, args, *, fake: bool = True) -> dict:
             optimizer.zero_grad(set_to_none=True)
 
         step()  # steady state: optimizer state, merged layers, cached thresholds
-        weights = _bytes(list(model.parameters()) + list(model.buffers()))
+        quantization_state = _quantization_state(model)
+        weights = _bytes(list(model.parameters()) + list(model.buffers()) + quantization_state)
         trainable_bytes = _bytes(trainable)
         state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
         optimizer_bytes = _bytes(state)
@@ -310,13 +434,13 @@ def measure_method(method: str, config, args, *, fake: bool = True) -> dict:
             at_peak["grads"] = _bytes([p.grad for p in trainable])
 
         smallest = min(math.prod(s) for s in shapes)
-        with TensorMemoryTracker(baseline=list(model.parameters()) + list(model.buffers()) + state,
+        with TensorMemoryTracker(baseline=list(model.parameters()) + list(model.buffers()) + quantization_state + state,
                                  record_at_least=smallest, on_peak=on_peak) as tracker:
             step()
         trainable_shapes = {tuple(p.shape) for p in trainable}
         weight_shaped = sorted({s for s in tracker.large_shapes
                                 if (s in shapes or s[::-1] in shapes) and s not in trainable_shapes})
-        with TensorMemoryTracker(record_at_least=smallest) as saving:
+        with _packable_quantization_state(model), TensorMemoryTracker(record_at_least=smallest) as saving:
             checkpoint = model.state_dict()
             checkpoint_keys = len(checkpoint)
             del checkpoint
@@ -326,7 +450,8 @@ def measure_method(method: str, config, args, *, fake: bool = True) -> dict:
         return {
             "op": "train_step_memory",
             "method": method,
-            "mode": args.mode if method in ("sparta", "speft", "spruft", "block") else None,
+            "mode": (("split" if quantize else args.mode) if method in ("sparta", "speft", "spruft", "block") else None),
+            "quantize": _quantization_name(args) if quantize else None,
             "trainable_params": count,
             "weights_bytes": weights,
             "trainable_bytes": trainable_bytes,
@@ -351,8 +476,10 @@ def measure_selection(config, args) -> dict:
     for where, score_device in (("device", None), ("cpu", "meta")):
         with fake_tensors():
             model = build_model(config, args.dtype)
+            if getattr(args, "quantize", None):  # scored from x and dy (masks/quantized_scores.py)
+                quantize_targets(model, args.quantize, args.dtype, getattr(args, "double_quant", True))
             ids = torch.randint(0, config.vocab_size, (args.batch, args.seq))
-            params = list(model.parameters()) + list(model.buffers())
+            params = list(model.parameters()) + list(model.buffers()) + _quantization_state(model)
             with TensorMemoryTracker(baseline=params) as tracker:
                 scores = salience_scores(model, [ids], _loss, "gradient", score_device=score_device, progress=False)
                 del scores
@@ -458,6 +585,11 @@ def write(rows: list[dict], selection: Optional[dict], table: str, output: str, 
     return paths
 
 
+def _quantization_name(args) -> str:
+    dq = args.quantize != "int8" and getattr(args, "double_quant", True)
+    return args.quantize + ("+dq" if dq else "")
+
+
 def main(args, env: dict) -> int:
     """``spft-bench --memory`` (arguments parsed by benchmark.py)."""
     import shlex
@@ -467,9 +599,12 @@ def main(args, env: dict) -> int:
           f"{args.batch}x{args.seq} tokens, {str(args.dtype).replace('torch.', '')}, AdamW ({args.optimizer}), "
           f"mode {args.mode}; fake tensors on the CPU", flush=True)
     rows, selection = run(args, env)
+    quantize = getattr(args, "quantize", None)
+    layers = (f"sparse layers in {args.mode} mode" if not quantize else
+              f"target linears in bitsandbytes {_quantization_name(args)} (lora = QLoRA), sparse layers split")
     header = (f"Peak memory of one training step (GiB), {os.path.basename(args.model_config)}, "
               f"{str(args.dtype).replace('torch.', '')}, {args.batch}x{args.seq} tokens, AdamW ({args.optimizer}), "
-              f"rank {args.rank}, sparse layers in {args.mode} mode (torch {env['torch']}, commit {env['commit']})")
+              f"rank {args.rank}, {layers} (torch {env['torch']}, commit {env['commit']})")
     table = format_table(rows, selection, header)
     print(table)
     if not args.output:  # nothing is written into the working directory unless asked

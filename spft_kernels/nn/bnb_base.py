@@ -193,6 +193,14 @@ class Bnb4bitBase(QuantizedBase):
     def _extras(self) -> dict:
         return {"weight." + key: value for key, value in self.quant_state.as_dict(packed=True).items()}
 
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The quantization state's tensors (scales, codes), which are neither parameters nor buffers."""
+        state = self.quant_state
+        tensors = [state.absmax, state.code]
+        if state.nested:
+            tensors += [state.offset, state.state2.absmax, state.state2.code]
+        return [t for t in tensors if isinstance(t, torch.Tensor)]
+
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """bitsandbytes' 4-bit matmul ``x dequant(Wq)ᵀ + b`` in the compute dtype, returned in x's
         dtype; differentiable in x only (the weight is frozen storage)."""
@@ -276,6 +284,9 @@ class Bnb8bitBase(QuantizedBase):
     def describe(self) -> dict:
         return {"quantization": "bitsandbytes-8bit", "threshold": float(self.module.state.threshold),
                 "compute_dtype": str(self.compute_dtype).replace("torch.", "")}
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        return [self.scales()]
 
     def _extras(self) -> dict:
         # As Linear8bitLt._save_to_state_dict: the row scales and the (row-major) format flag.
