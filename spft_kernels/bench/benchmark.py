@@ -16,6 +16,11 @@ Providers at the same number of trainable parameters (DESIGN.md names):
   (``round(nnz / 4096)`` blocks);
 - ``pst-<backend>``: PSTLinear at 50% sparsity with r1 = r2 = r / 2 (PST prunes as it trains).
 
+With ``--quantize nf4|fp4|int8`` (and ``--shape``) W0 is a bitsandbytes layer quantized from the
+same weight (4-bit: double quantization, computing in the case's dtype): ``dense-frozen`` is that
+frozen layer, ``lora-peft`` is QLoRA (peft's LoRA on it), and ``spft-split``, ``spruft-split``
+and ``block-split`` train over it (split is the only mode there).
+
 Kernel ops on the same cases: ``sddmm`` (the delta gradient; ``spft-row-blocks-reference``, the
 default on every device (row-block GEMMs, or the gather path where its cost model says so),
 ``spft-gather-dot-<backend>`` and, where a backend has it, ``spft-tensor-core-<backend>``, against
@@ -144,7 +149,11 @@ def _peft_provider(config_name: str, **config_kwargs) -> Callable[[nn.Linear], n
             raise ProviderUnavailable(f"peft {peft.__version__} has no {config_name}")
         with known_noise():
             model = peft.get_peft_model(_Wrapper(base), config_cls(target_modules=["layer"], **config_kwargs))
-        return model.to(base.weight.dtype) if config_name == "LoraConfig" else model
+        if config_name != "LoraConfig":
+            return model
+        # (a quantized base's weight is packed integers: its adapters compute in the bias's dtype)
+        dtype = base.weight.dtype if base.weight.is_floating_point() else base.bias.dtype
+        return model.to(dtype)
 
     return make
 
@@ -188,6 +197,26 @@ def environment(device: torch.device) -> dict:
     }
 
 
+def quantized_linear(weight: torch.Tensor, bias: torch.Tensor, kind: str, dtype: torch.dtype,
+                     device: torch.device) -> nn.Linear:
+    """A bitsandbytes layer holding ``weight`` quantized (4-bit with double quantization, computing in
+    ``dtype``; or int8), the bias in ``dtype``, frozen."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError as error:
+        raise ProviderUnavailable("bitsandbytes is not installed") from error
+    out_features, in_features = weight.shape
+    if kind == "int8":
+        layer = bnb.nn.Linear8bitLt(in_features, out_features, has_fp16_weights=False, threshold=0.0)
+    else:
+        layer = bnb.nn.Linear4bit(in_features, out_features, compute_dtype=dtype, compress_statistics=True,
+                                  quant_type=kind)
+    layer.load_state_dict({"weight": weight.to(dtype), "bias": bias.to(dtype)})
+    layer = layer.to(device)  # quantizes
+    layer.bias.requires_grad_(False)
+    return layer
+
+
 def build_providers(case: dict, device: torch.device, seed: int = 0) -> dict[str, Callable[[], nn.Module]]:
     """Factories of the layers to compare; each call makes a fresh layer on its own copy of W0."""
     out_features, in_features, density = case["out_features"], case["in_features"], case["density"]
@@ -207,6 +236,8 @@ def build_providers(case: dict, device: torch.device, seed: int = 0) -> dict[str
     def with_base(make_from_base: Callable[[nn.Linear], nn.Module]) -> Callable[[], nn.Module]:
         return lambda: make_from_base(base_linear())
 
+    if case.get("quantize"):
+        return _quantized_providers(case, weight, bias, index, rank, device, generator)
     providers: dict[str, Callable[[], nn.Module]] = {
         "dense-frozen": base_linear,
         "dense-full": lambda: base_linear(trainable=True),
@@ -259,6 +290,33 @@ def build_providers(case: dict, device: torch.device, seed: int = 0) -> dict[str
                 return layer
 
             providers[f"spft-{mode}-{backend}"] = make
+    return providers
+
+
+def _quantized_providers(case, weight, bias, index, rank, device, generator) -> dict[str, Callable[[], nn.Module]]:
+    """The providers over a quantized W0 (``quantized_linear``): its frozen forward, QLoRA and
+    every position kind in split mode, at the case's budget."""
+    dtype = DTYPES[case["dtype"]]
+    out_features, in_features = weight.shape
+
+    def base_linear(trainable: bool = False) -> nn.Linear:
+        return quantized_linear(weight, bias, case["quantize"], dtype, device)
+
+    def trained(layer):
+        with torch.no_grad():
+            layer.delta.normal_(0.0, 1e-3)
+        return layer
+
+    num_rows = min(out_features, max(1, round(index.numel() / in_features)))
+    rows = torch.randperm(out_features, generator=generator)[:num_rows].sort().values
+    providers = {
+        "dense-frozen": base_linear,
+        "lora-peft": lambda: _peft_provider("LoraConfig", r=rank, lora_alpha=2 * rank, lora_dropout=0.0)(base_linear()),
+        "spft-split-reference": lambda: trained(SparseDeltaLinear.from_linear(base_linear(), index.to(device), mode="split")),
+        "spruft-split-reference": lambda: trained(RowSparseLinear.from_linear(base_linear(), rows.to(device), mode="split")),
+    }
+    blocks = block_providers(base_linear, index.numel(), out_features, in_features, ["reference"], generator)
+    providers["block-split-reference"] = blocks["block-split-reference"]
     return providers
 
 
@@ -425,6 +483,7 @@ def run_case(case: dict, device: torch.device, repeats: int, warmup: int, env: d
                     "tokens": case["tokens"],
                     "density": case["density"],
                     "dtype": case["dtype"],
+                    **({"quantize": case["quantize"]} if case.get("quantize") else {}),
                     "trainable_params": trainable,
                     "peak_mem_bytes": peak_memory_bytes(setup, fn, module, x),
                     "ops_per_call": ops_per_call,
@@ -610,8 +669,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     memory.add_argument("--optimizer", choices=("fused", "foreach", "loop"), default="fused",
                         help="AdamW implementation (fused: the Trainer's default)")
     memory.add_argument("--quantize", choices=("nf4", "fp4", "int8"), default=None,
-                        help="the target linears in bitsandbytes 4-bit (with --double-quant: QLoRA's recipe) or 8-bit, "
-                        "computing in --dtype; lora is then QLoRA and the sparse layers run split")
+                        help="the target linears (with --memory) or the layer (with --shape) in bitsandbytes 4-bit "
+                        "(with --double-quant: QLoRA's recipe) or 8-bit, computing in --dtype; lora is then QLoRA "
+                        "and the sparse layers run split")
     memory.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
                         help="4-bit: quantize the block scales too (default: on, as QLoRA)")
     args = parser.parse_args(argv)
@@ -640,8 +700,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                 tokens=tokens,
                 density=density,
                 dtype=args.dtype or ("bfloat16" if device.type == "cuda" else "float32"),
-                ops=list(args.ops or OPS + KERNEL_OPS),
+                ops=list(args.ops or (OPS if args.quantize else OPS + KERNEL_OPS)),
                 providers=args.providers,
+                quantize=args.quantize,
             )
             for tokens in (args.tokens or [512])
             for density in (args.density or [0.01])
