@@ -354,17 +354,11 @@ def _faked(value, fake_mode):
 
 def _trusted(cls, linear, mode, name, **options):
     """A layer on ``linear``'s weight with no positions yet (``_install`` adds them); over a
-    quantized base, in split mode (the only one there)."""
-    from ..nn.bnb_base import quantized_base_for
-
-    base = quantized_base_for(linear)
-    dtype = linear.weight.dtype if base is None else base.compute_dtype
+    quantized base (packed integers), in split mode (the only one there)."""
+    dense = linear.weight.is_floating_point()
     layer = cls(linear.in_features, linear.out_features, None, bias=linear.bias is not None, device="meta",
-                dtype=dtype, mode=mode if base is None else "split", name=name, **options)
-    layer.weight = linear.weight
-    if linear.bias is not None:
-        layer.bias = linear.bias
-    layer.quantized_base = base
+                dtype=linear.weight.dtype if dense else None, mode=mode if dense else "split", name=name, **options)
+    layer._share_base(linear)  # the weight and bias shared, the base kind adopted
     return layer
 
 
