@@ -97,3 +97,62 @@ def test_what_cannot_work_on_a_quantized_base_is_refused_before_any_change(saved
         spft.get_spft_model(model, spft.SpftConfig(**{"match_lora_rank": 4, **config}), batches=_batches(), loss_fn=_loss)
     assert {name: type(m) for name, m in model.named_modules()} == before
     assert quantized_base_for(model.model.layers[0].self_attn.q_proj) is not None
+
+
+def _trained(saved, quantization, method="sparta"):
+    model = load_quantized(saved, quantization).train()
+    batches = _batches(count=2)
+    spft.get_spft_model(model, spft.SpftConfig(method=method, match_lora_rank=4), batches=batches, loss_fn=_loss)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for batch in batches:
+        _loss(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model
+
+
+def test_adapters_record_the_quantization_and_refuse_another_base(saved, tmp_path):
+    model = _trained(saved, "nf4-dq")
+    path = tmp_path / "adapter.safetensors"
+    spft.save_adapter(model, path)
+    ids = _batches(count=1)[0]
+    with torch.no_grad():
+        expected = model(**ids).logits
+    same = spft.load_adapter(load_quantized(saved, "nf4-dq").train(), path)
+    with torch.no_grad():
+        torch.testing.assert_close(same(**ids).logits, expected, rtol=0, atol=0)
+    other = load_quantized(saved, "fp4")
+    before = {name: type(m) for name, m in other.named_modules()}
+    with pytest.raises(ValueError, match="quantized differently.*quant_type: 'nf4' in the adapter, 'fp4' here"):
+        spft.load_adapter(other, path)
+    assert {name: type(m) for name, m in other.named_modules()} == before
+    spft.load_adapter(other, path, check_base=False)  # told otherwise
+    assert any(hasattr(m, "delta") for m in other.modules())
+    dense = load_quantized(saved, "nf4-dq")
+    dense_twin(dense)
+    with pytest.raises(ValueError, match="trained on a quantized base"):
+        spft.load_adapter(dense, path)
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_merge_and_unload_gives_a_dense_model_and_says_so(saved, quantization):
+    model = _trained(saved, quantization, method="spruft")
+    ids = _batches(count=1)[0]
+    with torch.no_grad():
+        expected = model(**ids).logits
+    with pytest.warns(UserWarning, match="now dense nn.Linear holding dequant\\(Wq\\) \\+ delta"):
+        spft.merge_and_unload(model)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert type(q_proj) is torch.nn.Linear and q_proj.weight.dtype == torch.float32
+    with torch.no_grad():  # int8: bitsandbytes' own matmul in training mode is its CPU dequantize + GEMM
+        torch.testing.assert_close(model(**ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_merge_and_unload_can_quantize_again(saved):
+    model = _trained(saved, "nf4-dq")
+    spft.merge_and_unload(model, requantize=True)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert quantized_base_for(q_proj) is not None
+    assert quantized_base_for(q_proj).describe()["quant_type"] == "nf4"
+    with torch.no_grad():
+        assert torch.isfinite(model(**_batches(count=1)[0]).logits).all()

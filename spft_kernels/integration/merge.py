@@ -4,6 +4,7 @@ pruned weight) and ``unload`` (W0 exactly, the deltas dropped)."""
 from __future__ import annotations
 
 import gc
+import warnings
 
 import torch.nn as nn
 
@@ -13,7 +14,7 @@ from .surgery import _finish_unload, plain_linear, set_submodule, spft_layers, u
 
 
 @builds_state
-def merge_and_unload(model: nn.Module, *, return_report: bool = False):
+def merge_and_unload(model: nn.Module, *, return_report: bool = False, requantize: bool = False):
     """Replace every spft layer with a plain ``nn.Linear`` holding ``W0 + Δ`` and return the model
     (the same object): bitwise the layer's ``merged_weight()`` (fp32 sum, rounded once to the
     weight's dtype), written in place into the layer's own weight tensor (O(nnz); no copy of the
@@ -29,13 +30,19 @@ def merge_and_unload(model: nn.Module, *, return_report: bool = False):
     ``(model, {name: PSTLinear.sparsity_report()})`` (achieved ``mask_sparsity``,
     ``weight_sparsity``, ...; empty for the other methods) so that this can be checked.
 
+    A layer on a quantized base (bitsandbytes 4-bit / 8-bit) cannot hold W0 + Δ in its weight: it
+    becomes a dense ``nn.Linear`` holding ``dequant(Wq) + Δ`` in the compute dtype (new tensors),
+    and a ``UserWarning`` says so with the bytes it adds. ``requantize=True`` quantizes that
+    weight again with the base's own settings (a bitsandbytes layer again; the rounding to 4 or 8
+    bits then absorbs much of a small delta: keep the dense model, or the adapter, to be exact).
+
     Raises ``RuntimeError``, before any layer changes, while a state dict that shares the weight
     of a layer merged in place is alive (it holds W0 from that weight, nn/w0_loan.py)."""
     root = unwrap_model(model)
     layers = spft_layers(root)
     if not layers:
         raise ValueError("merge_and_unload: the model has no sparse fine-tuning layers")
-    reports = {}
+    reports, densified = {}, {}
     shared = weight_sharers(root, list(layers))
     in_place = {name for name, layer in layers.items() if _merges_in_place(name, layer, shared)}
     _refuse_lent_weights(layers, in_place)  # before any layer changes: never a half-merged model
@@ -45,6 +52,11 @@ def merge_and_unload(model: nn.Module, *, return_report: bool = False):
             linear, report = layer.export()  # new tensors: a shared weight keeps W0
             if report is not None:
                 reports[name] = report  # (PST: what the pruned weight holds)
+            if layer.base_kind.weight_for_ops(layer) is None:  # a quantized base: dense now, or again quantized
+                if requantize:
+                    linear = layer.base_kind.requantize(layer, linear)
+                else:
+                    densified[name] = (layer.base_kind.name, linear.weight.nbytes - layer.weight.nbytes)
         else:
             layer.merge()  # W0 + Δ in the weight, rounded once; a stale merge re-syncs first
             linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
@@ -53,6 +65,15 @@ def merge_and_unload(model: nn.Module, *, return_report: bool = False):
                 linear.bias = layer.bias
         set_submodule(root, name, linear)
     _finish_unload(root)
+    if densified:
+        kinds = sorted({kind for kind, _ in densified.values()})
+        grown = sum(extra for _, extra in densified.values())
+        warnings.warn(
+            f"merge_and_unload: {len(densified)} layer(s) on a quantized base ({', '.join(kinds)}) are now dense "
+            f"nn.Linear holding dequant(Wq) + delta in their compute dtype ({grown / 2**20:.1f} MiB more than the "
+            "quantized weights); pass requantize=True to quantize them again",
+            stacklevel=2,
+        )
     return (model, reports) if return_report else model
 
 

@@ -90,10 +90,12 @@ class QuantizedBase:
         return None if bias is None else bias.to(dtype)
 
     def read(self, flat: torch.Tensor) -> torch.Tensor:
-        """W0 at the flat positions ``flat`` (row * in + col), in the compute dtype: O(positions)."""
+        """W0 at the flat positions ``flat`` (row * in + col): the exact fp32 product of code and
+        scale, whatever the compute dtype (the quantized storage is what identifies the base, e.g.
+        in an adapter's fingerprint); O(positions)."""
         flat = flat.long().to(self.weight.device)
         rows = torch.div(flat, self.shape[1], rounding_mode="floor")
-        return self._read(flat, rows).to(self.compute_dtype)
+        return self._read(flat, rows)
 
     def summary(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.describe().items())
@@ -129,6 +131,15 @@ class QuantizedBase:
                         "quantized base loads only its delta and positions (load the base with transformers, the "
                         "training with load_adapter)")
         return None
+
+    def requantize(self, linear: nn.Linear) -> nn.Module:
+        """A new bitsandbytes layer of this base's class and settings holding ``linear``'s weight
+        (e.g. dequant(Wq) + Δ) quantized again, on this base's device. Quantizing rounds again: the
+        result is not W0 + Δ exactly (the deltas are far below a 4-bit step)."""
+        layer = self._empty_like(linear)
+        layer.load_state_dict({"weight": linear.weight.detach().cpu(), **(
+            {"bias": linear.bias.detach().cpu()} if linear.bias is not None else {})})
+        return layer.to(self.weight.device)  # (bitsandbytes quantizes when it moves the layer)
 
     def _check_rows(self, rows) -> tuple[int, int]:
         out_features = self.shape[0]
@@ -193,6 +204,14 @@ class Bnb4bitBase(QuantizedBase):
     def _extras(self) -> dict:
         return {"weight." + key: value for key, value in self.quant_state.as_dict(packed=True).items()}
 
+    def _empty_like(self, linear: nn.Linear) -> nn.Module:
+        import bitsandbytes as bnb
+
+        state = self.quant_state
+        return bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                 compute_dtype=self.module.compute_dtype, compress_statistics=bool(state.nested),
+                                 quant_type=state.quant_type, quant_storage=self.weight.dtype)
+
     def state_tensors(self) -> list[torch.Tensor]:
         """The quantization state's tensors (scales, codes), which are neither parameters nor buffers."""
         state = self.quant_state
@@ -222,7 +241,8 @@ class Bnb4bitBase(QuantizedBase):
 
     def dequantize(self, rows: Optional[slice] = None) -> torch.Tensor:
         """W0 (rows ``start:stop`` of it, or all) in the compute dtype: a new tensor, computed from
-        only the blocks that cover the rows (the same fp32 products as bitsandbytes')."""
+        only the blocks that cover the rows, rounded as bitsandbytes does (fp32 products, to the
+        dtype the weight was quantized from, to the compute dtype)."""
         start, stop = self._check_rows(rows)
         out_features, in_features = self.shape
         if (start, stop) == (0, out_features):
@@ -230,7 +250,7 @@ class Bnb4bitBase(QuantizedBase):
 
             return F.dequantize_4bit(self.weight.data, self.quant_state).to(self.compute_dtype)
         flat = torch.arange(start * in_features, stop * in_features, device=self.weight.device)
-        values = self._read(flat, None)
+        values = self._read(flat, None).to(self.quant_state.dtype)
         return values.view(stop - start, in_features).to(self.compute_dtype)
 
     def _read(self, flat: torch.Tensor, rows) -> torch.Tensor:
@@ -288,6 +308,12 @@ class Bnb8bitBase(QuantizedBase):
     def state_tensors(self) -> list[torch.Tensor]:
         return [self.scales()]
 
+    def _empty_like(self, linear: nn.Linear) -> nn.Module:
+        import bitsandbytes as bnb
+
+        return bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                   has_fp16_weights=False, threshold=float(self.module.state.threshold))
+
     def _extras(self) -> dict:
         # As Linear8bitLt._save_to_state_dict: the row scales and the (row-major) format flag.
         return {"SCB": self.scales(), "weight_format": torch.tensor(0, dtype=torch.uint8)}
@@ -310,8 +336,7 @@ class Bnb8bitBase(QuantizedBase):
         return self.weight.data[start:stop].to(dtype).mul_(self.scales()[start:stop].unsqueeze(1).mul(1.0 / 127.0))
 
     def _read(self, flat: torch.Tensor, rows) -> torch.Tensor:
-        dtype = self.compute_dtype
-        codes = self.weight.data.reshape(-1).index_select(0, flat).to(dtype)
+        codes = self.weight.data.reshape(-1).index_select(0, flat).to(torch.float32)
         return codes.mul_(self.scales().index_select(0, rows).mul(1.0 / 127.0))
 
 
@@ -342,6 +367,8 @@ class _QuantizedKind(FrozenBase):
 
     @classmethod
     def _of(cls, layer) -> QuantizedBase:
+        if cls._WEIGHT.matches(layer):  # the bitsandbytes layer itself (a model not converted yet)
+            return cls._WEIGHT(layer)
         view = getattr(layer, "quantized_base", None)
         if view is None:
             raise ValueError(f"{layer.layer_name}: a {cls.name} base was not adopted (build the layer with from_linear)")
@@ -388,6 +415,14 @@ class _QuantizedKind(FrozenBase):
     @classmethod
     def describe(cls, layer) -> dict:
         return cls._of(layer).describe()
+
+    @classmethod
+    def check_compatible(cls, layer, described: Optional[dict]) -> Optional[str]:
+        return cls._of(layer).check_compatible(described)
+
+    @classmethod
+    def requantize(cls, layer, linear: nn.Linear) -> nn.Module:
+        return cls._of(layer).requantize(linear)
 
     @classmethod
     def state_dict_extras(cls, layer, prefix: str, keep_vars: bool) -> dict:

@@ -77,6 +77,15 @@ class FrozenBase:
         return {}
 
     @classmethod
+    def check_compatible(cls, layer, described: Optional[dict]) -> Optional[str]:
+        """Why an adapter layer whose base was ``described`` (its ``describe``, None when it recorded
+        none) does not fit this base (None: it fits)."""
+        if described:
+            summary = ", ".join(f"{k}={v}" for k, v in described.items())
+            return f"the adapter was trained on a quantized base ({summary}), this base is {cls.name}"
+        return None
+
+    @classmethod
     def refusal_for(cls, linear: nn.Module, layer_cls: type, mode: str, layer_name: str) -> Optional[str]:
         """Why a ``layer_cls`` layer in ``mode`` cannot be built on ``linear``'s weight, or None
         (asked before the linear is touched)."""
@@ -90,6 +99,11 @@ class FrozenBase:
     def base_forward(cls, layer, x: torch.Tensor) -> torch.Tensor:
         """``x W0ᵀ + b`` computed by the base itself (when ``weight_for_ops`` is None)."""
         raise NotImplementedError(f"frozen base {cls.name!r} has a dense weight: the layer's ops compute x W0ᵀ")
+
+    @classmethod
+    def requantize(cls, layer, linear: nn.Linear) -> nn.Module:
+        """``linear`` (a dense export of ``layer``) stored as this base stores its weight."""
+        raise NotImplementedError(f"frozen base {cls.name!r} is dense: there is nothing to quantize again")
 
     @classmethod
     def state_dict_extras(cls, layer, prefix: str, keep_vars: bool) -> dict:

@@ -48,6 +48,7 @@ class StoredLayer:
     values: dict
     options: dict = dataclasses.field(default_factory=dict)
     shared_with: Optional[str] = None  # loading: another module holds the weight, so never merge into it
+    base: Optional[dict] = None  # the frozen base's description beyond shape and dtype (a quantization)
 
     @property
     def count(self) -> int:

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from ...masks.targets import weight_reading_parent, weight_sharers
-from ...nn.frozen_base import contiguity_refusal
+from ...nn.frozen_base import base_kind_for, contiguity_refusal
 from ...nn.registry import is_spft_layer, kind_class, plain_linear_type
 from ...nn.stored import dtype_name, StoredLayer
 from ...ops._guards import is_inference, outside_inference_mode
@@ -66,6 +66,13 @@ def _check_against(root: nn.Module, adapter: _Adapter, check_base: bool) -> dict
             raise ValueError(f"{where}: the model is sharded (FSDP2); load the adapter before fully_shard")
         if weight.device.type == "meta":
             raise ValueError(f"{where}: the model's weight is on the meta device; materialise the model first")
+        base_kind = module.base_kind if is_spft_layer(module) else base_kind_for(module)
+        problem = base_kind.check_compatible(module, record.base) if check_base else None
+        if problem is not None:
+            raise ValueError(
+                f"{where}: {problem}; the adapter's deltas are relative to the base it trained on. Load the base "
+                "quantized as the adapter records, or pass check_base=False to load it anyway"
+            )
         if check_base and dtype_name(weight.dtype) != record.weight_dtype:
             raise ValueError(
                 f"{where}: the adapter was trained on a {record.weight_dtype} base, the model's weight is "

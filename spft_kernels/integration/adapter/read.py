@@ -87,5 +87,8 @@ def _parse_layer(path: str, name: str, entry, tensors: dict) -> tuple[StoredLaye
         raise ValueError(f"{where}: bad count {count!r}")
     if not isinstance(weight_dtype, str) or not isinstance(digest, str):
         raise ValueError(f"{where}: bad weight dtype or fingerprint")
+    base = entry.get("base")
+    if base is not None and not isinstance(base, dict):
+        raise ValueError(f"{where}: bad base description {base!r}")
     positions, values, options, keys = cls.read_adapter_payload(where, name, entry, tensors, tuple(shape))
-    return StoredLayer(kind, tuple(shape), weight_dtype, digest, positions, values, options), keys
+    return StoredLayer(kind, tuple(shape), weight_dtype, digest, positions, values, options, base=base), keys

@@ -118,6 +118,9 @@ def adapter_contents(root: nn.Module, layers: dict, config: SpftConfig, dtype: O
                 "fingerprint": fingerprint(layer, trained, original=True),
                 **payload.fields,
             }
+            described = layer.base_kind.describe(layer)
+            if described:  # (a quantized base: its quantization; a dense one records nothing)
+                entries[name]["base"] = described
         saved = saved_module_tensors(root, config.modules_to_save, tensors)
     metadata = {
         "format": FORMAT,
