@@ -91,3 +91,15 @@ def test_state_dict_keeps_bitsandbytes_form_and_refuses_another_base():
     with pytest.raises(RuntimeError, match="differs from this layer's quantized base"):
         other.load_state_dict(state)
     assert torch.equal(other.delta, before)
+
+
+def test_the_base_kind_comes_from_the_registry():
+    from spft_kernels.nn.frozen_base import base_kind_for
+
+    module = quantized_linear("fp4-dq", IN, OUT)
+    kind = base_kind_for(module)
+    assert kind.name == "bnb-4bit" and base_kind_for(quantized_linear("int8", IN, OUT)).name == "bnb-8bit"
+    layer = KINDS["entries"](module)
+    assert layer.base_kind is kind and kind.weight_for_ops(layer) is None
+    assert "quant_type=fp4" in repr(layer) and "double_quant=True" in repr(layer)
+    assert base_kind_for(nn.Linear(4, 4)).name == "dense"
