@@ -1,6 +1,11 @@
 """Frozen bases held in bitsandbytes storage: ``Linear4bit`` (nf4 / fp4, with or without double
 quantization of the block scales) and ``Linear8bitLt`` (LLM.int8(), row-wise scales), the base
-that QLoRA users train on.
+that QLoRA users train on. Two parts:
+
+- ``Bnb4bitBase`` / ``Bnb8bitBase``: a view on one bitsandbytes layer's weight
+  (``quantized_base_for(linear)``), kept on an spft layer as ``layer.quantized_base``;
+- ``Bnb4bitKind`` / ``Bnb8bitKind``: the registered frozen-base kinds (``frozen_base.py``), which
+  answer a layer's questions through its view.
 
 What such a base lets a layer do with W0:
 
@@ -8,19 +13,21 @@ What such a base lets a layer do with W0:
   and the layer adds its delta-only term ``x Δᵀ`` to it (split mode). The delta gradient needs
   only x and dy, so it is the same as over a dense base;
 - merged mode is impossible: it writes ``W0 + Δ`` into the weight, and 4 or 8 bits a value cannot
-  hold it (``merge_refusal``);
+  hold it (``merge_refusal``); a kind without a delta-only term (PST) is refused (``refusal_for``);
 - a dense W0 exists only on request (``dequantize``: the whole weight or a band of rows, a new
-  tensor in the compute dtype, for ``to_linear``, fingerprints and selection), never kept;
-- ``read`` gives W0 at flat positions without dequantizing anything else (O(positions));
+  tensor in the compute dtype, for ``to_linear`` and selection), never kept;
+- ``read`` gives W0 at flat positions (the exact fp32 products, for fingerprints) without
+  dequantizing anything else (O(positions));
 - ``describe`` is what an adapter records so that it is not loaded onto a base quantized another
-  way (``check_compatible``).
+  way (``check_compatible``); ``requantize`` stores a merged dense weight the same way again.
 
 W0 is ``dequant(Wq)`` rounded to the compute dtype, which is what bitsandbytes multiplies by:
-4-bit dequantizes in fp32 (code value x block scale) and casts; 8-bit multiplies the int8 row in
-the input dtype by ``SCB / 127`` (its CPU/XPU training path, ``MatMul8bitFp``).
+4-bit dequantizes in fp32 (code value x block scale), rounds to the dtype the weight was quantized
+from and casts; 8-bit multiplies the int8 row in the input dtype by ``SCB / 127`` (its CPU/XPU
+training path, ``MatMul8bitFp``).
 
-``bitsandbytes`` is imported only when a bitsandbytes layer is seen (``matches`` reads the class's
-module name first), so this package imports without it.
+``bitsandbytes`` is imported only when a bitsandbytes layer exists (``matches`` looks the class up
+in the already imported module), so this package imports without it.
 """
 
 from __future__ import annotations
@@ -79,9 +86,6 @@ class QuantizedBase:
 
     def merge_refusal(self, layer_name: str) -> Optional[str]:
         return _MERGE_REFUSAL.format(layer=layer_name, what=self.summary())
-
-    def weight_for_ops(self) -> Optional[torch.Tensor]:
-        return None  # the ops compute the delta term only; the layer adds base_forward(x)
 
     def _bias_for(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
         # A cast copy: bitsandbytes' own forward rewrites bias.data in the input dtype, which
