@@ -1,5 +1,6 @@
-"""ops/delta_term.py: y0 + x Δᵀ over a base computed elsewhere gives the dense-base ops' output,
-dx and delta gradient (each kind; odd sizes, 1 token, 3-D input, empty positions)."""
+"""ops/delta_term.py: the delta term over a base that computes its own product (rows, blocks: added
+to y0; entries: merged into the dequantized weight) gives the dense-base ops' output, dx and delta
+gradient (odd sizes, 1 token, 3-D input, empty positions)."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ import torch.nn.functional as F
 
 import spft_kernels as spft
 from spft_kernels.ops.block_index import BlockIndex
-from spft_kernels.ops.delta_term import blocks_term, entries_term, rows_term
+from spft_kernels.ops.delta_term import blocks_term, entries_on_dequantized, rows_term
 from spft_kernels.ops.index import SparseIndex, canonical_rows
 from spft_kernels.ops.block_delta_linear import block_delta_linear
 from spft_kernels.ops.row_delta_linear import row_delta_linear
@@ -36,8 +37,10 @@ def _dense_op(kind, x, w, delta, positions, b):
     return block_delta_linear(x, w, delta, positions, None, b)
 
 
-def _term(kind, y0, x, delta, positions):
-    return {"entries": entries_term, "rows": rows_term, "blocks": blocks_term}[kind](y0, x, delta, positions)
+def _term(kind, w, b, x, delta, positions):
+    if kind == "entries":
+        return entries_on_dequantized(x, delta, positions, lambda: w.clone(), b)
+    return {"rows": rows_term, "blocks": blocks_term}[kind](F.linear(x, w, b), x, delta, positions)
 
 
 @pytest.mark.parametrize("kind", ["entries", "rows", "blocks"])
@@ -50,7 +53,7 @@ def test_delta_term_on_a_computed_base_equals_the_dense_op(kind, x_shape, count)
     delta = torch.randn(delta_shape, requires_grad=True)
     x = torch.randn(x_shape, requires_grad=True)
     dy = torch.randn(*x_shape[:-1], OUT)
-    y = _term(kind, F.linear(x, w, b), x, delta, positions)
+    y = _term(kind, w, b, x, delta, positions)
     dx, ddelta = torch.autograd.grad(y, [x, delta], dy)
     x_ref, delta_ref = x.detach().clone().requires_grad_(), delta.detach().clone().requires_grad_()
     y_ref = _dense_op(kind, x_ref, w, delta_ref, positions, b)

@@ -77,8 +77,8 @@ class DeltaLayer(SpftLayer):
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
-        if "_delta_term" in cls.__dict__:  # it can add its term to a base that computes its own
-            cls.dense_w0_reason = None
+        if "_delta_term" in cls.__dict__ or "_quantized_forward" in cls.__dict__:
+            cls.dense_w0_reason = None  # it can train over a base that computes its own product
 
     def __init__(
         self,
@@ -370,8 +370,8 @@ class DeltaLayer(SpftLayer):
     # --- forward ----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.base_kind.weight_for_ops(self) is None:  # the base's own matmul, plus the delta term
-            return self._delta_term(self.base_kind.base_forward(self, x), x)
+        if self.base_kind.weight_for_ops(self) is None:  # a base that computes its own product
+            return self._quantized_forward(x)
         if torch.compiler.is_compiling():
             return self._traced_forward(x)
         self._check_weight_kept()
@@ -589,6 +589,12 @@ class DeltaLayer(SpftLayer):
     def _kept_entries(self):
         """``(sorted flat int64, values)`` of ``_w0_at_index`` (the W0 a merged layer keeps aside)."""
         raise NotImplementedError
+
+    def _quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward over a base that computes its own product (``weight_for_ops`` None): the
+        base's ``base_forward`` plus the kind's delta term (a kind may do better: entries merge
+        into the dense W0 the base makes for its GEMM anyway)."""
+        return self._delta_term(self.base_kind.base_forward(self, x), x)
 
     def _delta_term(self, y0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``y0 + x Δᵀ`` for a base that computes ``y0`` itself (a quantized base's

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from ..ops._guards import builds_state
 from ..ops.compact_index import BLOCK, block_count, compact_index, expand_index
-from ..ops.delta_term import entries_term
+from ..ops.delta_term import entries_on_dequantized
 from ..ops.index import DERIVED, SparseIndex, index_dtype_for
 from ..ops.scatter_delta import scatter_delta_
 from ..ops.sparse_delta_linear import sparse_delta_linear
@@ -174,8 +174,10 @@ class SparseDeltaLinear(DeltaLayer):
             fused=self.mode == "fused" and not self._computes_merged(),
         )
 
-    def _delta_term(self, y0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return entries_term(y0, x, self.delta, self.sparse_index(), self.backend)
+    def _quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Δ added into the dense W0 the base makes for its own GEMM (ops/delta_term.py).
+        return entries_on_dequantized(x, self.delta, self.sparse_index(), lambda: self.base_kind.dense(self),
+                                      self.bias, self.backend)
 
     def _describe(self) -> str:
         total = self.in_features * self.out_features

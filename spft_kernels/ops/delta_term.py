@@ -1,22 +1,31 @@
-"""The delta-only term of a layer whose base is computed elsewhere (a quantized base: bitsandbytes
-computes ``y0 = x dequant(Wq)ᵀ + b`` and the gradient of x through it): ``y = y0 + x Δᵀ`` with
+"""The delta term of a layer whose base computes its own product (a quantized base: bitsandbytes
+computes ``y0 = x dequant(Wq)ᵀ + b`` and the gradient of x through it).
 
-- forward: ``x Δᵀ`` added into ``y0`` (entries: the SpMM; rows: ``y0[..., rows] += x Wfᵀ``;
-  blocks: one batched GEMM over the selected blocks, added slot by slot);
+Rows and blocks: ``y = y0 + x Δᵀ`` with
+
+- forward: ``x Δᵀ`` added into a copy of ``y0`` (rows: ``y[..., rows] += x Wfᵀ``; blocks: one
+  batched GEMM over the selected blocks, added slot by slot);
 - backward: ``dy0 = dy``, ``dx = dy Δ`` (added by autograd to the base's own ``dy dequant(Wq)``),
   and the same delta gradient as over a dense base (SDDMM / ``gᵀ x`` / batched GEMM): it needs
   only x and dy, never W0.
 
+Scattered entries instead add Δ into the dequantized weight the base makes for its GEMM anyway
+(``entries_on_dequantized``): a split SpMM pair costs more than that GEMM on the CPU (222 ms each
+against 175 at 2048 x 2048, 1,024 tokens, 6.25%).
+
 Only x is saved (and the layer's own delta and positions; scattered entries keep their 2-byte
 compact index saved and expand it in backward, as the dense op does). The same reference math as
-the dense-base ops (``naive.py``, ``row_delta_linear.py``, ``block_delta_linear.py``), without
-the ``W0`` products.
+the dense-base ops (``naive.py``, ``row_delta_linear.py``, ``block_delta_linear.py``).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
 
 from . import naive
 from .block_delta_linear import _add_blocks, _bmm_acc, _gather, _live_delta, _rows_cols
@@ -24,9 +33,9 @@ from .block_index import BlockIndex
 from .index import SparseIndex
 from .row_gather import row_gather
 from .row_scatter_add import _row_scatter_add_op
+from .scatter_delta import scatter_delta_
 from .sddmm import sddmm
-from .sparse_delta_linear import _canonical, _metadata_for, _or_empty
-from .spmm import spmm_add, spmm_t_add
+from .sparse_delta_linear import _canonical, _metadata_for
 
 Tensor = torch.Tensor
 
@@ -43,38 +52,76 @@ def _copy(y0: Tensor) -> Tensor:
     return y0.clone(memory_format=torch.contiguous_format)
 
 
-class _EntriesTerm(torch.autograd.Function):
+class _EntriesOnDequantized(torch.autograd.Function):
+    """``y = x (W0 + Δ)ᵀ + b`` with ``W0 = dequantize()`` made for the call: the dequantized
+    weight bitsandbytes itself makes for its GEMM (on the CPU in both passes, on CUDA in the
+    backward), with the nnz entries of Δ added into it (O(nnz), fp32 sum rounded once), one GEMM,
+    and freed; the backward makes it again for ``dx = dy (W0 + Δ)``. The delta gradient is the
+    masked ``dyᵀ x``. One out x in temporary of one layer at a time, never kept."""
+
     @staticmethod
-    def forward(ctx, y0, x, delta, stored, block_ends, metadata, shape, backend):
-        y2d, x2d, _ = _flatten(y0, x)
-        flat = _canonical(stored, block_ends, shape)
-        y = spmm_add(y2d, x2d, delta, flat, _or_empty(metadata["row_ptr"], flat), backend)
+    def forward(ctx, x, delta, dequantize, bias, stored, block_ends, metadata, shape, backend):
+        weight = _merged_weight(dequantize, delta, stored, block_ends, shape, backend)
+        y = F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype)).to(x.dtype)
         ctx.save_for_backward(x, delta, stored, block_ends)
-        ctx.index_metadata, ctx.shape, ctx.backend = metadata, shape, backend
-        return y.view(y0.shape)
+        ctx.dequantize, ctx.index_metadata, ctx.shape, ctx.backend = dequantize, metadata, shape, backend
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         x, delta, stored, block_ends = ctx.saved_tensors
-        flat = _canonical(stored, block_ends, ctx.shape)
-        dy2d, x2d, tokens = _flatten(dy, x)
+        dy2d, x2d, _ = _flatten(dy, x)
         dx = ddelta = None
+        if ctx.needs_input_grad[0]:
+            weight = _merged_weight(ctx.dequantize, delta, stored, block_ends, ctx.shape, ctx.backend)
+            dx = dy2d.to(weight.dtype).mm(weight).to(x.dtype).view(x.shape)
+            del weight
         if ctx.needs_input_grad[1]:
-            zero = x2d.new_zeros(tokens, ctx.shape[1])
-            dx = spmm_t_add(zero, dy2d, delta, flat, _or_empty(ctx.index_metadata["col_ptr"], flat),
-                            _or_empty(ctx.index_metadata["csc_perm"], flat), ctx.backend).view(x.shape)
-        if ctx.needs_input_grad[2]:
-            ddelta = sddmm(x2d, dy2d, flat, ctx.index_metadata["tile_ptr"], ctx.backend).to(delta.dtype)
-        return dy, dx, ddelta, None, None, None, None, None
+            flat = _canonical(stored, block_ends, ctx.shape)
+            ddelta = _masked_gradient(x2d, dy2d, flat, ctx.index_metadata, ctx.shape, ctx.backend).to(delta.dtype)
+        return dx, ddelta, None, None, None, None, None, None, None
 
 
-def entries_term(y0: Tensor, x: Tensor, delta: Tensor, sparse_index: SparseIndex, backend: str = "auto") -> Tensor:
-    """``y0 + x Δᵀ`` for scattered entries (``delta`` [nnz] at ``sparse_index``)."""
-    if sparse_index.nnz == 0:
-        return y0 + delta.sum().to(y0.dtype) * 0  # keeps delta in the graph: its gradient is an empty zero
+def _merged_weight(dequantize, delta, stored, block_ends, shape, backend) -> Tensor:
+    weight = dequantize()
+    return scatter_delta_(weight, _canonical(stored, block_ends, shape), delta=delta.detach(), backend=backend)
+
+
+def _masked_gradient(x2d: Tensor, dy2d: Tensor, flat: Tensor, metadata: dict, shape, backend: str) -> Tensor:
+    """``(dyᵀ x)[flat]``. On the CPU in fp32/fp64, torch.sparse's ``sampled_addmm`` (MKL): at
+    2048 x 2048, 1,024 tokens it took 17 ms at 1.6% and 63 ms at 6.25% density, where the
+    row-block GEMMs of the reference sddmm took 216 and 236 ms (a GEMM: 175 ms), which decides
+    whether entries keep up with QLoRA there. Elsewhere (and on fake tensors: a GPU's path) the
+    sddmm op."""
+    if x2d.device.type == "cpu" and x2d.dtype in (torch.float32, torch.float64) and dy2d.dtype == x2d.dtype \
+            and not _is_fake(x2d) and flat.numel():
+        out_features, in_features = shape
+        rows = torch.div(flat, in_features, rounding_mode="floor")
+        row_ptr = torch.zeros(out_features + 1, dtype=torch.int64)
+        row_ptr[1:] = torch.bincount(rows, minlength=out_features).cumsum(0)
+        with warnings.catch_warnings():  # (torch's notice that sparse CSR support is in beta)
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            mask = torch.sparse_csr_tensor(row_ptr, (flat - rows * in_features).long(),
+                                           torch.zeros(flat.numel(), dtype=x2d.dtype), (out_features, in_features),
+                                           check_invariants=False)  # (a canonical index: valid by construction)
+            return torch.sparse.sampled_addmm(mask, dy2d.t().contiguous(), x2d.contiguous(), beta=0.0).values()
+    return sddmm(x2d, dy2d, flat, metadata["tile_ptr"], backend)
+
+
+def _is_fake(tensor: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(tensor)
+
+
+def entries_on_dequantized(x: Tensor, delta: Tensor, sparse_index: SparseIndex, dequantize, bias: Optional[Tensor],
+                           backend: str = "auto") -> Tensor:
+    """``x (W0 + Δ)ᵀ + b`` for scattered entries over a base that dequantizes its weight on
+    request (``dequantize()``: a new dense W0 in the compute dtype), see ``_EntriesOnDequantized``."""
     stored, block_ends = sparse_index.stored()
     metadata = _metadata_for(sparse_index, "split", backend, x.device)
-    return _EntriesTerm.apply(y0, x, delta, stored, block_ends, metadata, sparse_index.shape, backend)
+    return _EntriesOnDequantized.apply(x, delta, dequantize, bias, stored, block_ends, metadata, sparse_index.shape,
+                                       backend)
 
 
 class _RowsTerm(torch.autograd.Function):
