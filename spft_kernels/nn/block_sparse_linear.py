@@ -11,9 +11,8 @@ from typing import Optional
 
 import torch
 
-from ..ops.block_delta_linear import block_delta_linear, gather_blocks, write_blocks_
+from ..ops.block_delta_linear import block_delta_linear, block_gradient, gather_blocks, write_blocks_
 from ..ops.block_index import BlockIndex, SlotGroups, block_entries, check_block_size
-from ..ops.delta_term import blocks_term
 from .base import trainable_count
 from .delta_layer import DeltaLayer
 from .registry import register_kind
@@ -127,8 +126,8 @@ class BlockSparseLinear(DeltaLayer):
             x, self.weight, self.delta, self.block_index(), None, self.bias, backend=self.backend, merged=self._computes_merged()
         )
 
-    def _delta_term(self, y0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return blocks_term(y0, x, self.delta, self.block_index())
+    def _delta_gradient(self, x2d: torch.Tensor, dy2d: torch.Tensor) -> torch.Tensor:
+        return block_gradient(x2d, dy2d, self.block_index())
 
     def _describe(self) -> str:
         total = self.in_features * self.out_features

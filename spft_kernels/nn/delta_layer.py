@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from ..ops._guards import builds_state, is_inference
+from ..ops.delta_term import DequantizedDelta, on_dequantized
 from .base import SpftLayer, check_sizes
 from .frozen_base import contiguity_refusal, INFERENCE_WEIGHT
 from .w0_loan import W0Loans
@@ -77,8 +78,8 @@ class DeltaLayer(SpftLayer):
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
-        if "_delta_term" in cls.__dict__ or "_quantized_forward" in cls.__dict__:
-            cls.dense_w0_reason = None  # it can train over a base that computes its own product
+        if "_delta_gradient" in cls.__dict__:
+            cls.dense_w0_reason = None  # it can train over a base that stores W0 in another form
 
     def __init__(
         self,
@@ -591,16 +592,17 @@ class DeltaLayer(SpftLayer):
         raise NotImplementedError
 
     def _quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The forward over a base that computes its own product (``weight_for_ops`` None): the
-        base's ``base_forward`` plus the kind's delta term (a kind may do better: entries merge
-        into the dense W0 the base makes for its GEMM anyway)."""
-        return self._delta_term(self.base_kind.base_forward(self, x), x)
+        """The forward over a base that stores W0 in another form (``weight_for_ops`` None: a
+        quantized base): Δ added into the dense W0 the base makes for its GEMM, one layer at a time
+        (``ops/delta_term.py``)."""
+        ops = DequantizedDelta(lambda: self.base_kind.dense(self), lambda weight, delta: self._write(weight, None, delta),
+                               self._delta_gradient)
+        return on_dequantized(x, self.delta, self.bias, ops)
 
-    def _delta_term(self, y0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``y0 + x Δᵀ`` for a base that computes ``y0`` itself (a quantized base's
-        ``base_forward``): each kind that can train over such a base adds its own term
-        (``ops/delta_term.py``); defining it makes the kind buildable there."""
-        raise NotImplementedError(f"{type(self).__name__} has no delta-only term")
+    def _delta_gradient(self, x2d: torch.Tensor, dy2d: torch.Tensor) -> torch.Tensor:
+        """The delta's gradient from 2-D x and dy (fp32 / fp64), for ``_quantized_forward``; a kind
+        that defines it can train over a quantized base."""
+        raise NotImplementedError(f"{type(self).__name__} cannot train over a quantized base")
 
     def extra_repr(self) -> str:
         described = self.base_kind.describe(self)

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from ..ops import naive
-from ..ops.delta_term import rows_term
+from ..ops.row_gather import row_gather
 from ..ops.index import canonical_rows
 from ..ops.row_delta_linear import row_delta_linear
 from .base import trainable_count
@@ -73,8 +73,10 @@ class RowSparseLinear(DeltaLayer):
             x, self.weight, self.delta, self.rows, self.bias, backend=self.backend, merged=self._computes_merged(), validate=False
         )
 
-    def _delta_term(self, y0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return rows_term(y0, x, self.delta, self.rows, self.backend)
+    def _delta_gradient(self, x2d: torch.Tensor, dy2d: torch.Tensor) -> torch.Tensor:
+        # dWf = dy[:, rows]ᵀ x, accumulated in fp32 (fp64 for fp64 inputs)
+        gathered = row_gather(dy2d, self.rows, self.backend, validate=False)
+        return naive.mm_tn_acc(gathered, x2d, naive.accumulate_dtype(x2d, dy2d))
 
     def _describe(self) -> str:
         fraction = self.num_rows / self.out_features if self.out_features else 0.0

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from ..ops._guards import builds_state
 from ..ops.compact_index import BLOCK, block_count, compact_index, expand_index
-from ..ops.delta_term import entries_on_dequantized
+from ..ops.delta_term import masked_gradient
 from ..ops.index import DERIVED, SparseIndex, index_dtype_for
 from ..ops.scatter_delta import scatter_delta_
 from ..ops.sparse_delta_linear import sparse_delta_linear
@@ -174,10 +174,9 @@ class SparseDeltaLinear(DeltaLayer):
             fused=self.mode == "fused" and not self._computes_merged(),
         )
 
-    def _quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Δ added into the dense W0 the base makes for its own GEMM (ops/delta_term.py).
-        return entries_on_dequantized(x, self.delta, self.sparse_index(), lambda: self.base_kind.dense(self),
-                                      self.bias, self.backend)
+    def _delta_gradient(self, x2d: torch.Tensor, dy2d: torch.Tensor) -> torch.Tensor:
+        index = self.sparse_index()
+        return masked_gradient(x2d, dy2d, index.flat, index.shape, None, self.backend)
 
     def _describe(self) -> str:
         total = self.in_features * self.out_features

@@ -201,14 +201,8 @@ def _backward(ctx, dy):
     acc = naive.accumulate_dtype(x2d, dy2d, delta)
     dx = dweight = ddelta = dbias = None
     if need_ddelta:
-        if gdy is None:
-            ddelta = torch.zeros_like(delta)
-        else:
-            # The one batched GEMM: [nb, bh, T] x [nb, T, bw]. Computed before dx, so that the
-            # gathered x is freed before dx is allocated.
-            gx = _gather(x2d, cols, bw)
-            ddelta = _bmm_acc(gdy.permute(1, 2, 0), gx.permute(1, 0, 2), acc).to(delta.dtype)
-            del gx
+        # Computed before dx, so that the gathered x is freed before dx is allocated.
+        ddelta = torch.zeros_like(delta) if gdy is None else _block_gradient(gdy, x2d, cols, bw, acc).to(delta.dtype)
     if need_dx:
         dx2d = dy2d.mm(weight)
         if not ctx.merged and gdy is not None:
@@ -224,6 +218,24 @@ def _backward(ctx, dy):
 
 
 _block_delta_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _block_gradient(gdy: Tensor, x2d: Tensor, cols: Tensor, bw: int, acc: torch.dtype) -> Tensor:
+    """The one batched GEMM ``d Δ_k = dy[:, rows_k]ᵀ x[:, cols_k]``: [nb, bh, T] x [nb, T, bw], from
+    the gathered dy [T, nb, bh]."""
+    return _bmm_acc(gdy.permute(1, 2, 0), _gather(x2d, cols, bw).permute(1, 0, 2), acc)
+
+
+def block_gradient(x2d: Tensor, dy2d: Tensor, block_index: BlockIndex) -> Tensor:
+    """The delta gradient of dense blocks from 2-D x [T, in] and dy [T, out], [nb, bh, bw] in the
+    accumulate dtype (fp32; fp64 for fp64 inputs)."""
+    shape = (block_index.out_features, block_index.in_features)
+    bh, bw = block_index.block_size
+    acc = naive.accumulate_dtype(x2d, dy2d)
+    if block_index.num_blocks == 0:
+        return torch.zeros(0, bh, bw, dtype=acc, device=x2d.device)
+    rows, cols = _rows_cols(block_index.blocks, shape, (bh, bw))
+    return _block_gradient(_gather(dy2d, rows, bh), x2d, cols, bw, acc)
 
 
 # --- merge writes --------------------------------------------------------------------------------
