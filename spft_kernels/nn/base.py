@@ -77,8 +77,8 @@ class SpftLayer(nn.Linear):
     shira_kind: ClassVar[Optional[str]] = None
     shira_refusal: ClassVar[str] = "its trained values are not a set of weight entries, so peft's SHiRA format cannot express it"
     dynamic_masks: ClassVar[bool] = False
-    # Why the kind needs a dense W0 (None: it can add its term to a base that computes its own,
-    # e.g. a quantized one; a delta kind that defines ``_delta_term`` gets None).
+    # Why the kind needs a dense W0 of its own (None: it can train over a base that stores W0 in
+    # another form, e.g. quantized; a delta kind that defines ``_delta_gradient`` gets None).
     dense_w0_reason: ClassVar[Optional[str]] = "its forward computes with a dense W0"
     _MERGE_NEEDS_CONTIGUOUS_WEIGHT: ClassVar[bool] = False
 

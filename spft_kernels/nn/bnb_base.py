@@ -9,13 +9,13 @@ that QLoRA users train on. Two parts:
 
 What such a base lets a layer do with W0:
 
-- the forward is bitsandbytes' own matmul (``base_forward``: bias included, a gradient for x only),
-  and the layer adds its delta-only term ``x Δᵀ`` to it (split mode). The delta gradient needs
-  only x and dy, so it is the same as over a dense base;
+- a dense W0 for one GEMM: ``dequantize`` (what bitsandbytes makes for its own GEMM), into which
+  a delta layer adds Δ for the call (``ops/delta_term.py``); ``base_forward`` is bitsandbytes'
+  own matmul (bias included, a gradient for x only), for a layer that adds a term to it;
 - merged mode is impossible: it writes ``W0 + Δ`` into the weight, and 4 or 8 bits a value cannot
-  hold it (``merge_refusal``); a kind without a delta-only term (PST) is refused (``refusal_for``);
+  hold it (``merge_refusal``); a kind that needs a dense W0 (PST) is refused (``refusal_for``);
 - a dense W0 exists only on request (``dequantize``: the whole weight or a band of rows, a new
-  tensor in the compute dtype, for ``to_linear`` and selection), never kept;
+  tensor in the compute dtype, for a layer's GEMM, ``to_linear`` and selection), never kept;
 - ``read`` gives W0 at flat positions (the exact fp32 products, for fingerprints) without
   dequantizing anything else (O(positions));
 - ``describe`` is what an adapter records so that it is not loaded onto a base quantized another

@@ -13,11 +13,13 @@ asks its base kind, a ``FrozenBase`` subclass, everything that depends on what t
   W0 as a new dense tensor (export);
 - ``describe(layer)``: what an adapter records about the base beyond shape and dtype.
 
-A base that computes its own term (``weight_for_ops`` None: a quantized weight, ``bnb_base.py``)
-also gives ``base_forward(layer, x)`` (its matmul, bias included, a gradient for x only), and may
+A base that stores W0 in another form (``weight_for_ops`` None: a quantized weight,
+``bnb_base.py``) makes a dense W0 on request (``dense``), into which a delta layer adds Δ for one
+GEMM, and gives its own matmul (``base_forward``: bias included, a gradient for x only); it may
 refuse a layer kind or mode before anything is built (``refusal_for``), keep per-layer state on the
-layer when it is built (``adopt``) and add its own keys to the layer's state dict
-(``state_dict_extras``, ``load_problem``).
+layer when it is built (``adopt``), add its own keys to the layer's state dict
+(``state_dict_extras``, ``load_problem``), check an adapter's recorded base (``check_compatible``)
+and store a merged dense weight its own way again (``requantize``).
 
 Base kinds register with ``@register_base_kind``; ``base_kind_for(linear)`` picks the last
 registered kind that ``matches`` it, so a specific kind (a quantized weight) wins over the dense
