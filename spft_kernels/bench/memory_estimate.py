@@ -116,19 +116,25 @@ def fake_tensors():
 def accelerator_paths():
     """The reference ops as they run on an accelerator: an op with a ``sync_free`` switch
     (reading the index on the host is free on the CPU only, so the CPU takes another path) takes
-    the path a GPU run takes, in fake and real runs alike."""
+    the path a GPU run takes, in fake and real runs alike, and so does the masked gradient over a
+    quantized base (the sddmm op, not torch.sparse's CPU ``sampled_addmm``)."""
     import inspect
 
     from ..ops import naive
 
+    from ..ops import delta_term
+
     real = {name: getattr(naive, name) for name in ("sddmm", "spmm_add", "spmm_t_add") if hasattr(naive, name)}
     patched = {name: _with_defaults(fn, sync_free=True) for name, fn in real.items()
                if "sync_free" in inspect.signature(fn).parameters}
+    sampled = delta_term.CPU_SAMPLED_ADDMM
     try:
         for name, fn in patched.items():
             setattr(naive, name, fn)
+        delta_term.CPU_SAMPLED_ADDMM = False  # (a masked gradient over a quantized base: the sddmm op)
         yield
     finally:
+        delta_term.CPU_SAMPLED_ADDMM = sampled
         for name, fn in real.items():
             setattr(naive, name, fn)
 

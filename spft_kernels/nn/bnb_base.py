@@ -192,6 +192,10 @@ class Bnb4bitBase(QuantizedBase):
                 f"{type(self.module).__name__}: the weight is not quantized yet (no quant_state); move the layer to "
                 "its device (which quantizes it) before wrapping it"
             )
+        if state.absmax.device != self.weight.device:
+            # The layer was moved: Module._apply moves the weight Parameter's data, not the state
+            # bitsandbytes hangs on it (its own Linear4bit repairs this in its forward too).
+            state.to(self.weight.device)
         return state
 
     @property

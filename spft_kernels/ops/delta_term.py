@@ -28,6 +28,10 @@ from .sddmm import sddmm
 
 Tensor = torch.Tensor
 
+# Whether the masked gradient may take torch.sparse's CPU path (``masked_gradient``); the memory
+# estimate turns it off to follow the path a GPU takes (bench/memory_estimate.py).
+CPU_SAMPLED_ADDMM = True
+
 
 class DequantizedDelta(NamedTuple):
     """What a layer gives: ``dequantize()`` -> a new dense W0 (compute dtype); ``add_delta(weight,
@@ -74,10 +78,9 @@ def masked_gradient(x2d: Tensor, dy2d: Tensor, flat: Tensor, shape: tuple, tile_
     """``(dyᵀ x)[flat]`` for a canonical flat index. On the CPU in fp32/fp64, torch.sparse's
     ``sampled_addmm`` (MKL): at 2048 x 2048, 1,024 tokens it took 17 ms at 1.6% and 63 ms at 6.25%
     density, where the row-block GEMMs of the reference sddmm took 216 and 236 ms (a GEMM: 175
-    ms), which decides whether entries keep up with QLoRA there. Elsewhere (and on fake tensors,
-    which stand for a GPU's step) the sddmm op."""
-    if x2d.device.type == "cpu" and x2d.dtype in (torch.float32, torch.float64) and dy2d.dtype == x2d.dtype \
-            and not _is_fake(x2d) and flat.numel():
+    ms), which decides whether entries keep up with QLoRA there. Elsewhere the sddmm op."""
+    if CPU_SAMPLED_ADDMM and x2d.device.type == "cpu" and x2d.dtype in (torch.float32, torch.float64) \
+            and dy2d.dtype == x2d.dtype and flat.numel():
         out_features, in_features = shape
         flat = flat.long()
         rows = torch.div(flat, in_features, rounding_mode="floor")
@@ -90,8 +93,3 @@ def masked_gradient(x2d: Tensor, dy2d: Tensor, flat: Tensor, shape: tuple, tile_
             return torch.sparse.sampled_addmm(mask, dy2d.t().contiguous(), x2d.contiguous(), beta=0.0).values()
     return sddmm(x2d, dy2d, flat, tile_ptr, backend)
 
-
-def _is_fake(tensor: Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-
-    return is_fake(tensor)
