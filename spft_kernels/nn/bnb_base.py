@@ -57,7 +57,6 @@ class QuantizedBase:
     """What the two bitsandbytes kinds share. ``module`` is the bitsandbytes layer; its weight and
     bias Parameters are the ones the spft layer holds (shared, never copied), read at each call."""
 
-    kind = ""
     _CLASS = ""
 
     def __init__(self, module: nn.Linear) -> None:
@@ -161,7 +160,6 @@ class Bnb4bitBase(QuantizedBase):
     values of the row-major weight share one absmax scale, itself 8-bit quantized with double
     quantization)."""
 
-    kind = "bnb-4bit"
     _CLASS = "Linear4bit"
 
     def __init__(self, module: nn.Linear) -> None:
@@ -276,7 +274,6 @@ class Bnb8bitBase(QuantizedBase):
     """A ``bitsandbytes.nn.Linear8bitLt`` base with int8 weights (``has_fp16_weights=False``):
     ``W0 = CB * SCB[:, None] / 127`` (one scale a row)."""
 
-    kind = "bnb-8bit"
     _CLASS = "Linear8bitLt"
 
     def __init__(self, module: nn.Linear, compute_dtype: Optional[torch.dtype] = None) -> None:
