@@ -32,8 +32,10 @@ def _scatter_delta_reference(weight, index, base, delta, alpha):
     flat = weight.view(-1)
     values = (base if base is not None else flat.index_select(0, index)).to(naive.accumulate_dtype(weight, delta))
     if delta is not None:
-        values = values + alpha * delta.to(values.dtype)
-    flat.index_copy_(0, index.long(), values.to(weight.dtype))
+        values = torch.add(values, delta.to(values.dtype), alpha=alpha)  # one op (a merged step's re-sync)
+    # index_put_ takes the int32 index as it is (index_copy_ wants int64: one more op a step);
+    # positions are unique, so the write is deterministic.
+    flat.index_put_((index,), values.to(weight.dtype))
 
 
 @register("scatter_delta", "cuda")
