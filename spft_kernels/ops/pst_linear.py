@@ -59,7 +59,6 @@ Tensor = torch.Tensor
 
 _FACTORS = ("U", "V", "A", "B", "R", "C")
 _OPS = ("pst_threshold", "pst_linear", "pst_linear_backward")
-_INT64 = torch.iinfo(torch.int64)
 
 
 # --- schedule and sizes -------------------------------------------------------------------------
@@ -129,10 +128,13 @@ def _pst_threshold_op(
 ) -> Tensor:
     """int64 [2]: (t, p) such that ``key > t or (key == t and position < p)`` keeps exactly ``keep``."""
     numel = weight.numel()
+    # "Keep all" / "keep none": the smallest / largest key of the scores' dtype (fp32 scores have
+    # int32 keys, which the reference then compares without widening them).
+    sentinel = torch.iinfo(torch.int64 if naive.accumulate_dtype(weight, U, V, A, B, R, C) == torch.float64 else torch.int32)
     if keep >= numel:
-        return torch.tensor([_INT64.min, numel], dtype=torch.int64, device=weight.device)
+        return torch.tensor([sentinel.min, numel], dtype=torch.int64, device=weight.device)
     if keep <= 0:
-        return torch.tensor([_INT64.max, 0], dtype=torch.int64, device=weight.device)
+        return torch.tensor([sentinel.max, 0], dtype=torch.int64, device=weight.device)
     return _run("pst_threshold", backend, weight.device, weight, U, V, A, B, R, C, beta, alpha1, alpha2, keep)
 
 
