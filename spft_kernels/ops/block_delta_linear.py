@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import naive
+from ._eager import TensorList, eager_autograd, runs_eagerly
 from ._linear_args import check_x_and_weight, prepare_operands, weight_for_dx
 from .backends import check_backend_name, implementation, register, resolve_backend
 from .block_index import BlockIndex, block_grid
@@ -154,6 +155,11 @@ def _block_delta_linear_op(
     merged: bool,
     backend: str,
 ) -> Tensor:
+    return _linear_impl(x, weight, bias, delta, index, index_form=index_form, row_slots=row_slots,
+                        col_slots=col_slots, out_features=out_features, merged=merged, backend=backend)
+
+
+def _linear_impl(x, weight, bias, delta, index, *, index_form, row_slots, col_slots, out_features, merged, backend):
     chosen = resolve_backend("block_delta_linear", backend, x.device)
     named = _named(index, index_form)
     row_groups = (named["row_order"], named["row_targets"], named["row_target_of"], row_slots)
@@ -200,7 +206,7 @@ def _setup_context(ctx, inputs, keyword_only_inputs, output):
 
 def _backward(ctx, dy):
     x, weight, delta, *index = ctx.saved_tensors
-    need_x, need_weight, need_bias, need_delta, need_index = ctx.needs_input_grad
+    need_x, need_weight, need_bias, need_delta = ctx.needs_input_grad[:4]  # x, weight, bias, delta
     options = ctx.options
     named = _named(index, options["index_form"])
     rows, cols = named["block_rows"], named["block_cols"]
@@ -235,10 +241,12 @@ def _backward(ctx, dy):
         dweight = dy2d.t().mm(x2d)
     if need_bias:
         dbias = dy2d.sum(dim=0, dtype=naive.accumulate_dtype(dy2d)).to(ctx.bias_dtype)
-    return dx, dweight, dbias, ddelta, [None] * len(need_index)
+    return dx, dweight, dbias, ddelta, [None] * (len(ctx.saved_tensors) - 3)  # saved: x, weight, delta, *index
 
 
 _block_delta_linear_op.register_autograd(_backward, setup_context=_setup_context)
+# Plain tensors in eager mode skip the custom op's wrapper (ops/_eager.py).
+_EagerBlockDeltaLinear = eager_autograd(_linear_impl, _setup_context, _backward, keyword_setup=True)
 
 
 # --- merge writes --------------------------------------------------------------------------------
@@ -381,7 +389,8 @@ def block_delta_linear(
         out_features=out_features,
     )
     tensors, form, row_slots, col_slots = index_form_for(block_index)
-    return _block_delta_linear_op(
-        x, weight, bias, delta, tensors, index_form=form, row_slots=row_slots, col_slots=col_slots,
-        out_features=out_features, merged=merged, backend=backend,
-    )
+    options = dict(index_form=form, row_slots=row_slots, col_slots=col_slots, out_features=out_features,
+                   merged=merged, backend=backend)
+    if runs_eagerly(x, weight, bias, delta, *tensors):
+        return _EagerBlockDeltaLinear.apply(x, weight, bias, delta, TensorList(tensors), options)
+    return _block_delta_linear_op(x, weight, bias, delta, tensors, **options)

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 
 from . import naive
 from ._linear_args import check_x_and_weight, prepare_operands, weight_for_dx
+from ._eager import eager_autograd, runs_eagerly
 from ._guards import as_int
-from .backends import check_backend_name
+from .backends import check_backend_name, implementation, resolve_backend
 from .index import canonical_rows
 from .row_gather import row_gather
 from .row_scatter_add import _row_scatter_add_op
@@ -40,6 +41,10 @@ def _row_delta_linear_op(
     merged: bool,
     backend: str,
 ) -> Tensor:
+    return _linear_impl(x, weight, bias, delta, rows, out_features=out_features, merged=merged, backend=backend)
+
+
+def _linear_impl(x, weight, bias, delta, rows, *, out_features, merged, backend):
     if weight is not None:
         y = F.linear(x, weight, bias)
     else:  # the base term is computed elsewhere: x Wfᵀ scattered into zeros (+ b)
@@ -53,7 +58,11 @@ def _row_delta_linear_op(
     y2d = y.view(num_tokens, out_features)
     x2d = x.reshape(num_tokens, in_features)
     # x Wfᵀ in one GEMM accumulated in fp32/fp64 (naive.mm_acc: tensor cores for half inputs on CUDA)
-    _row_scatter_add_op(y2d, naive.mm_acc(x2d, delta.t(), naive.accumulate_dtype(x, delta)), rows, backend)
+    z = naive.mm_acc(x2d, delta.t(), naive.accumulate_dtype(x, delta))
+    if runs_eagerly(y2d, z, rows):  # the body without the custom op's wrapper (ops/_eager.py)
+        implementation("row_scatter_add", resolve_backend("row_scatter_add", backend, y2d.device))(y2d, z, rows)
+    else:
+        _row_scatter_add_op(y2d, z, rows, backend)
     return y
 
 
@@ -71,7 +80,7 @@ def _setup_context(ctx, inputs, keyword_only_inputs, output):
 
 def _backward(ctx, dy):
     x, weight, delta, rows = ctx.saved_tensors
-    need_x, need_weight, need_bias, need_delta, _ = ctx.needs_input_grad
+    need_x, need_weight, need_bias, need_delta = ctx.needs_input_grad[:4]  # x, weight, bias, delta
     merged, backend = ctx.options["merged"], ctx.options["backend"]
     out_features, in_features = ctx.options["out_features"], x.shape[-1]
     num_tokens = math.prod(x.shape[:-1])
@@ -99,6 +108,8 @@ def _backward(ctx, dy):
 
 
 _row_delta_linear_op.register_autograd(_backward, setup_context=_setup_context)
+# Plain tensors in eager mode skip the custom op's wrapper (ops/_eager.py).
+_EagerRowDeltaLinear = eager_autograd(_linear_impl, _setup_context, _backward, keyword_setup=True)
 
 
 # --- functional entry point ------------------------------------------------------------------
@@ -165,4 +176,7 @@ def row_delta_linear(
         "row_delta_linear", x, weight, bias, (delta_rows, rows), _MERGED_OPS if merged else _SPLIT_OPS, backend,
         out_features=out_features,
     )
-    return _row_delta_linear_op(x, weight, bias, delta_rows, rows, out_features=out_features, merged=merged, backend=backend)
+    options = dict(out_features=out_features, merged=merged, backend=backend)
+    if runs_eagerly(x, weight, bias, delta_rows, rows):
+        return _EagerRowDeltaLinear.apply(x, weight, bias, delta_rows, rows, options)
+    return _row_delta_linear_op(x, weight, bias, delta_rows, rows, **options)

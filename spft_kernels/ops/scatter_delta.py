@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from . import naive
+from ._eager import runs_eagerly
 from .backends import register, resolve_backend, implementation
 
 Tensor = torch.Tensor
@@ -70,5 +71,10 @@ def scatter_delta_(
     if index.device != weight.device:
         raise ValueError(f"scatter_delta_: index is on {index.device}, weight on {weight.device}")
     if nnz and (base is not None or delta is not None):
-        _scatter_delta_op(weight, index, base, delta, float(alpha), backend)
+        if runs_eagerly(weight, index, base, delta):  # the body without the custom op's wrapper (_eager.py)
+            implementation("scatter_delta", resolve_backend("scatter_delta", backend, weight.device))(
+                weight, index, base, delta, float(alpha)
+            )
+        else:
+            _scatter_delta_op(weight, index, base, delta, float(alpha), backend)
     return weight

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import library_sparse, naive
+from ._eager import TensorList, eager_autograd, runs_eagerly
 from ._linear_args import check_x_and_weight, prepare_operands, weight_for_dx
 from .backends import check_backend_name, resolve_backend
 from .csr_index import CsrIndex
@@ -72,7 +73,7 @@ class _IndexForm:
 def _kernel(op: str, backend: str, device: torch.device) -> bool:
     """Whether ``op`` runs a custom kernel (cuda, triton: asked for by name) instead of the
     library's sparse products."""
-    return resolve_backend(op, backend, device) != "reference"
+    return backend != "reference" and resolve_backend(op, backend, device) != "reference"
 
 
 def _x_delta_t(y2d: Optional[Tensor], x2d: Tensor, delta: Tensor, index: _IndexForm, dtype, backend: str) -> Tensor:
@@ -111,6 +112,11 @@ def _sparse_delta_linear_op(
     mode: str,
     backend: str,
 ) -> Tensor:
+    return _linear_impl(x, weight, bias, delta, index, index_form=index_form, out_features=out_features, mode=mode,
+                        backend=backend)
+
+
+def _linear_impl(x, weight, bias, delta, index, *, index_form, out_features, mode, backend) -> Tensor:
     in_features = x.shape[-1]
     num_tokens = math.prod(x.shape[:-1])  # explicit: reshape(-1, 0) cannot infer it for a zero-width layer
     x2d = x.reshape(num_tokens, in_features)
@@ -163,6 +169,10 @@ def _sparse_delta_linear_backward_op(
 ) -> tuple[Tensor, Tensor]:
     """``(dx, d delta)`` for 2-D ``dy``, ``x``; an output not asked for is empty. One op for the
     tracer: the sparse tensors the library's products build inside are not traceable."""
+    return _backward_impl(dy2d, x2d, weight, delta, index, index_form, mode, backend, need_dx, need_delta)
+
+
+def _backward_impl(dy2d, x2d, weight, delta, index, index_form, mode, backend, need_dx, need_delta):
     out_features, in_features = dy2d.shape[1], x2d.shape[1]
     form = _IndexForm(index, index_form, out_features, in_features)
     has_delta = mode != "merged" and form.csr.nnz > 0
@@ -185,28 +195,40 @@ def _(dy2d, x2d, weight, delta, index, *, index_form, mode, backend, need_dx, ne
 
 
 def _backward(ctx, dy):
+    """``(dx, dweight, dbias, ddelta)``; the callers add the index's (no) gradient."""
     x, weight, delta, *index = ctx.saved_tensors
-    need_x, need_weight, need_bias, need_delta, need_index = ctx.needs_input_grad
+    need_x, need_weight, need_bias, need_delta = ctx.needs_input_grad[:4]  # x, weight, bias, delta
     options = ctx.options
     num_tokens = math.prod(x.shape[:-1])  # explicit: reshape(-1, 0) cannot infer it for a zero-width layer
     dy2d = dy.reshape(num_tokens, options["out_features"])
     x2d = x.reshape(num_tokens, x.shape[-1])
     dx = dweight = ddelta = dbias = None
     if need_x or need_delta:
-        dx2d, ddelta = _sparse_delta_linear_backward_op(
-            dy2d, x2d, weight, delta, index, index_form=options["index_form"], mode=options["mode"],
-            backend=options["backend"], need_dx=need_x, need_delta=need_delta,
-        )
+        arguments = dict(index_form=options["index_form"], mode=options["mode"], backend=options["backend"],
+                         need_dx=need_x, need_delta=need_delta)
+        if runs_eagerly(dy2d, x2d, weight, delta, *index):
+            dx2d, ddelta = _backward_impl(dy2d, x2d, weight, delta, index, **arguments)
+        else:
+            dx2d, ddelta = _sparse_delta_linear_backward_op(dy2d, x2d, weight, delta, index, **arguments)
         dx = dx2d.reshape(x.shape) if need_x else None
         ddelta = ddelta if need_delta else None
     if need_weight:
         dweight = dy2d.t().mm(x2d)
     if need_bias:
         dbias = dy2d.sum(dim=0, dtype=naive.accumulate_dtype(dy2d)).to(ctx.bias_dtype)
-    return dx, dweight, dbias, ddelta, [None] * len(need_index)
+    return dx, dweight, dbias, ddelta
 
 
-_sparse_delta_linear_op.register_autograd(_backward, setup_context=_setup_context)
+def _op_backward(ctx, dy):
+    return (*_backward(ctx, dy), [None] * (len(ctx.saved_tensors) - 3))  # saved: x, weight, delta, *index
+
+
+_sparse_delta_linear_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+_EagerSparseDeltaLinear = eager_autograd(
+    _linear_impl, _setup_context, _op_backward, keyword_setup=True
+)
 
 
 # --- functional entry point ------------------------------------------------------------------
@@ -309,6 +331,9 @@ def sparse_delta_linear(
         name, x, weight, bias, (delta, csr.crow, csr.col_bytes), _KERNEL_OPS[mode], backend, out_features=out_features
     )
     tensors, form = index_form_for(sparse_index, mode, backend, x.device)
+    options = dict(index_form=form, out_features=out_features, mode=mode, backend=backend)
+    if runs_eagerly(x, weight, bias, delta, *tensors):
+        return _EagerSparseDeltaLinear.apply(x, weight, bias, delta, TensorList(tensors), options)
     return _sparse_delta_linear_op(
-        x, weight, bias, delta, tensors, index_form=form, out_features=out_features, mode=mode, backend=backend
+        x, weight, bias, delta, tensors, **options
     )
