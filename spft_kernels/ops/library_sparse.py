@@ -35,6 +35,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from . import naive
 from .csr_index import CsrIndex
@@ -53,6 +54,12 @@ def uses_library(csr: CsrIndex) -> bool:
     return total > 0 and csr.nnz <= LIBRARY_MAX_DENSITY * total
 
 
+def _shapes_only(t: Tensor) -> bool:
+    """Fake or meta tensors (torch.compile's tracing, ``spft-bench --memory``): torch cannot build
+    a sparse tensor from them, so the products are then modelled by what they allocate."""
+    return t.device.type == "meta" or is_fake(t)
+
+
 def _operand(t: Tensor, acc: torch.dtype) -> Tensor:
     return t if t.dtype == acc else t.to(acc)
 
@@ -65,7 +72,12 @@ def sddmm(x2d: Tensor, dy2d: Tensor, csr: CsrIndex, columns: Optional[Tensor] = 
     if not uses_library(csr):
         return naive.sddmm(x2d, dy2d, csr.flat(_flat_dtype(csr)))
     # The pattern's values are read (beta * values): zeros, or a NaN in them would leak through.
-    pattern = csr.tensor(torch.zeros(csr.nnz, dtype=acc, device=x2d.device), columns)
+    values = torch.zeros(csr.nnz, dtype=acc, device=x2d.device)
+    if _shapes_only(x2d):  # sampled_addmm returns a new CSR: its values and a copy of the indices
+        result_indices = (csr.crow.clone(), (csr.columns() if columns is None else columns).clone())
+        del result_indices
+        return torch.empty_like(values)
+    pattern = csr.tensor(values, columns)
     return torch.sparse.sampled_addmm(pattern, _operand(dy2d, acc).t(), _operand(x2d, acc), beta=0.0).values()
 
 
@@ -75,6 +87,8 @@ def x_delta_t(x2d: Tensor, delta: Tensor, csr: CsrIndex, columns: Optional[Tenso
     if not uses_library(csr):
         zeros = torch.zeros(x2d.shape[0], csr.out_features, dtype=acc, device=x2d.device)
         return naive.spmm_add(zeros, x2d, delta, csr.flat(_flat_dtype(csr)))
+    if _shapes_only(x2d):
+        return x2d.new_empty((csr.out_features, x2d.shape[0]), dtype=acc).t()
     return torch.mm(csr.tensor(_operand(delta, acc), columns), _operand(x2d, acc).t()).t()
 
 
@@ -84,6 +98,8 @@ def dy_delta(dy2d: Tensor, delta: Tensor, csr: CsrIndex, columns: Optional[Tenso
     if not uses_library(csr):
         zeros = torch.zeros(dy2d.shape[0], csr.in_features, dtype=acc, device=dy2d.device)
         return naive.spmm_t_add(zeros, dy2d, delta, csr.flat(_flat_dtype(csr)))
+    if _shapes_only(dy2d):
+        return dy2d.new_empty((csr.in_features, dy2d.shape[0]), dtype=acc).t()
     return torch.mm(csr.tensor(_operand(delta, acc), columns).t(), _operand(dy2d, acc).t()).t()
 
 

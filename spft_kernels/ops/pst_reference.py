@@ -1,19 +1,19 @@
 """PST's reference backend (pure PyTorch, any device, fp32 or fp64): the math of
 ``pst_linear.py`` as a handful of whole-tensor ops per step.
 
-A training step (forward + backward) is ~40 launched ops for any weight of up to
-``CHUNK_ENTRIES`` entries: the scores, the mask and the masked weight each a few elementwise
+A training step (forward + backward) is ~40 launched ops per chunk of ``CHUNK_ENTRIES``
+entries: the scores, the mask and the masked weight each a few elementwise
 ops over the whole weight, the GEMMs ``x (W_eff ⊙ M)ᵀ``, ``dy (W_eff ⊙ M)``, ``G = dyᵀx`` and
 the six factor gradients. Before, every function walked row blocks of 1/16 of the weight and
 ran ~58 ops per block (921 ops a step at 2048x2048, 25.7x LoRA's time at 64x64).
 
 The memory bound that motivated the blocks (about 20 n x k temporaries, 1.3 GiB transient at
 Llama-2-7B, when everything was built whole) is kept by a fixed size instead of a fraction:
-a call works on row chunks of at most ``CHUNK_ENTRIES`` = 2^24 entries (every 4096x4096
-projection of a 7B model in one chunk; 11008x4096 in 3), with the temporaries reused in place:
-the step's transient peak is under 30 bytes an entry of a chunk (W_eff, |W_eff|, the keys
-written over S, the positions, G, dW_eff, the masks: measured 22-28), ≤ 0.47 GiB at the cap
-whatever the weight's size (test_pst_reference.py checks the bound). Only W0's own dtype copy of the masked weight spans the whole weight in the
+a call works on row chunks of at most ``CHUNK_ENTRIES`` = 2^22 entries (a 2048x2048 weight in
+one chunk; 4096x4096 in 4, 11008x4096 in 11), with the temporaries reused in place: the step's
+transient peak is under 30 bytes an entry of a chunk (W_eff, |W_eff|, the keys written over S,
+the positions, G, dW_eff, the masks: measured 22-28), ≤ 0.12 GiB whatever the weight's size
+(test_pst_reference.py checks the bound). Only W0's own dtype copy of the masked weight spans the whole weight in the
 forward (the one n x k temporary before too), so that the forward is one GEMM exactly as
 ``F.linear`` runs it (at sparsity 0 the layer computes exactly what the plain linear did).
 The ops grow with ``ceil(n·k / CHUNK_ENTRIES)``, never with the tokens.
@@ -40,12 +40,13 @@ Tensor = torch.Tensor
 _DIGIT_BITS = 11
 
 
-# Entries of one chunk of the forward and backward (see the module docstring): 2^24 = 16.8M, a
-# 4096x4096 weight; their peak is under 30 bytes an entry of a chunk (0.47 GiB at the cap).
-CHUNK_ENTRIES = 1 << 24
+# Entries of one chunk of the forward and backward (see the module docstring): 2^22 = 4.2M, a
+# 2048x2048 weight; their peak is under 30 bytes an entry of a chunk (0.12 GiB at the cap). At
+# 2^24 (4096x4096 in one chunk, 4x fewer ops there) the 7B estimate's peak rose by 0.27 GiB
+# (17.10 -> 17.37 GiB, spft-bench --memory --rank 64): the memory target decided.
+CHUNK_ENTRIES = 1 << 22
 # The threshold's chunks: its radix passes hold int64 keys, digits and counts (~58 bytes an
-# entry, measured), so they stay at the old 2^22 entries (0.23 GiB); it runs once per optimizer
-# step (2048x2048: one chunk, ~40 ops a pass group; 4096x4096: 4).
+# entry, measured): 2^22 entries (0.23 GiB); it runs once per optimizer step.
 THRESHOLD_CHUNK_ENTRIES = 1 << 22
 
 
