@@ -73,10 +73,12 @@ def sddmm(x2d: Tensor, dy2d: Tensor, csr: CsrIndex, columns: Optional[Tensor] = 
         return naive.sddmm(x2d, dy2d, csr.flat(_flat_dtype(csr)))
     # The pattern's values are read (beta * values): zeros, or a NaN in them would leak through.
     values = torch.zeros(csr.nnz, dtype=acc, device=x2d.device)
-    if _shapes_only(x2d):  # sampled_addmm returns a new CSR: its values and a copy of the indices
-        result_indices = (csr.crow.clone(), (csr.columns() if columns is None else columns).clone())
-        del result_indices
-        return torch.empty_like(values)
+    if _shapes_only(x2d):  # sampled_addmm returns a new CSR: its values and int64 copies of the indices
+        cols = csr.columns() if columns is None else columns
+        result_indices = (csr.crow.to(torch.int64, copy=True), cols.to(torch.int64, copy=True))
+        result_values = torch.empty_like(values)
+        del result_indices  # freed with the CSR result, once its values are taken
+        return result_values
     pattern = csr.tensor(values, columns)
     return torch.sparse.sampled_addmm(pattern, _operand(dy2d, acc).t(), _operand(x2d, acc), beta=0.0).values()
 
