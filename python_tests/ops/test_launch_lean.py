@@ -274,3 +274,16 @@ def test_library_products_match_the_dense_definition_and_repeat_bitwise(dtype):
     torch.testing.assert_close(library_sparse.dy_delta(dy, delta, csr).double(), dy.double() @ dense, **tolerance)
     assert torch.equal(grad, library_sparse.sddmm(x, dy, csr))
     assert grad.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+@pytest.mark.parametrize("kind", sorted(BUDGET) + ["blocks split"])
+def test_activation_checkpointing_unpacks_saved_tensors_once(kind):
+    # torch.utils.checkpoint (non-reentrant) refuses a second read of ctx.saved_tensors.
+    layer = make_layer(kind, 32, 32)
+    x = torch.randn(4, 32, requires_grad=True)
+    dy = torch.randn(4, 32)
+    torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False).backward(dy)
+    expected = x.grad.clone()
+    x.grad = None
+    layer(x).backward(dy)
+    torch.testing.assert_close(x.grad, expected)

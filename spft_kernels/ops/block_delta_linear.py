@@ -241,7 +241,7 @@ def _backward(ctx, dy):
         dweight = dy2d.t().mm(x2d)
     if need_bias:
         dbias = dy2d.sum(dim=0, dtype=naive.accumulate_dtype(dy2d)).to(ctx.bias_dtype)
-    return dx, dweight, dbias, ddelta, [None] * (len(ctx.saved_tensors) - 3)  # saved: x, weight, delta, *index
+    return dx, dweight, dbias, ddelta, [None] * len(index)
 
 
 _block_delta_linear_op.register_autograd(_backward, setup_context=_setup_context)
