@@ -143,6 +143,10 @@ def _forward(x2d, weight, bias, delta, form, num_tokens, out_features, has_delta
     if mode == "fused" and has_delta and weight is not None and _kernel("fused_delta_linear", backend, x2d.device):
         return fused_delta_linear(x2d, weight, delta, form.flat(), form.get("row_ptr"), bias, backend)
     if weight is not None:
+        if has_delta and not _kernel("spmm_add", backend, x2d.device):
+            y2d = library_sparse.linear_with_delta(x2d, weight, bias, delta, form.csr, form.columns())
+            if y2d is not None:
+                return y2d
         y2d = F.linear(x2d, weight, bias)
         return _x_delta_t(y2d, x2d, delta, form, x2d.dtype, backend) if has_delta else y2d
     if has_delta:
@@ -190,9 +194,13 @@ def _backward_impl(dy2d, x2d, weight, delta, index, index_form, mode, backend, n
     dx2d = ddelta = None
     with torch.autocast(x2d.device.type, enabled=False):
         if need_dx:
-            dx2d = dy2d.mm(weight) if weight is not None else None
-            if has_delta:
-                dx2d = _dy_delta(dx2d, dy2d, delta, form, x2d.dtype, backend)
+            dx2d = None
+            if has_delta and weight is not None and not _kernel("spmm_t_add", backend, dy2d.device):
+                dx2d = library_sparse.dx_with_delta(dy2d, weight, delta, form.csr, form.columns())
+            if dx2d is None:
+                dx2d = dy2d.mm(weight) if weight is not None else None
+                if has_delta:
+                    dx2d = _dy_delta(dx2d, dy2d, delta, form, x2d.dtype, backend)
             elif dx2d is None:
                 dx2d = x2d.new_zeros(x2d.shape)
         if need_delta:
