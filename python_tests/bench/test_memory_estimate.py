@@ -42,10 +42,11 @@ def test_memory_command_writes_the_table_and_json(tmp_path, capsys):
     records = {r["method"]: r for r in json.loads((out / "memory.json").read_text())}
     assert "peak_bytes" in records["block"]  # BlockSparseLinear, built without the data-reading selection
     base = records["lora"]["weights_bytes"] - records["lora"]["trainable_bytes"]
-    # value + grad + Adam (16 B), + the compact index (2 B, compact_index.py) + W0 at the
-    # positions in fp32 here (4 B); an int32 index would make it 24
+    # value + grad + Adam (16 B), + the stored index (2 B, csr_index.py) + W0 at the positions in
+    # fp32 here (4 B), + the CSR row pointers, 4 (out + 1) bytes a layer: 0.55 B an entry at this
+    # tiny rank (0.03 at Llama-2-7B r64); an int32 index would make it 24 and more
     assert memory_estimate.entry_bytes(records["lora"], base) == pytest.approx(16, abs=0.05)  # + step counters
-    assert memory_estimate.entry_bytes(records["sparta"], base) == pytest.approx(22, abs=0.05)
+    assert 22 <= memory_estimate.entry_bytes(records["sparta"], base) < 22.6
     # No copy of W0: spruft allocates next to nothing; sparta the canonical int32 index its state
     # dict holds (4 B an entry, expanded from the 2-byte form the layers keep) plus one layer's
     # O(nnz) temporaries, under half of the largest target weight (160 x 64 fp32).

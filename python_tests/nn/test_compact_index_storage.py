@@ -1,4 +1,5 @@
-"""SparseDeltaLinear keeps its index in 2 bytes an entry (ops/compact_index.py) while everything a
+"""SparseDeltaLinear keeps its index in 2 bytes an entry (CSR with 16-bit columns,
+ops/csr_index.py) while everything a
 user sees stays canonical: ``layer.index``, the state dict (same keys, dtype and values as
 before), loading state dicts saved before, and what autograd keeps between forward and backward
 (the compact form, never an expanded copy: that would undo the saving at the step's peak)."""
@@ -7,9 +8,9 @@ import pytest
 import torch
 
 import spft_kernels as spft
-from spft_kernels.ops.compact_index import block_count
+from spft_kernels.ops.csr_index import stored_bytes
 
-OUT, IN = 300, 400  # 120,000 entries: two 65,536-position blocks
+OUT, IN = 300, 400  # 120,000 entries
 
 
 def _layer(mode="merged", density=0.05, seed=0):
@@ -26,7 +27,7 @@ def test_the_layer_stores_two_bytes_an_entry():
     layer(torch.randn(2, IN))
     index_buffers = {name: t for name, t in layer.named_buffers() if name.startswith("_index")}
     stored = sum(t.numel() * t.element_size() for t in index_buffers.values())
-    assert stored == 2 * index.numel() + 4 * block_count(OUT, IN)
+    assert stored == stored_bytes(index.numel(), OUT, IN) == 2 * index.numel() + 4 * (OUT + 1)
     # What DDP broadcasts must be a type NCCL has (it has no 16-bit integers).
     assert all(t.dtype in (torch.uint8, torch.int32, torch.int64) for t in index_buffers.values())
     assert torch.equal(layer.index, index) and layer.index.dtype == torch.int32
@@ -87,6 +88,6 @@ def test_autograd_keeps_only_the_compact_index(mode):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         y = layer(torch.randn(4, IN, requires_grad=True))
     integer_bytes = sum(t.numel() * t.element_size() for t in saved if not t.is_floating_point())
-    assert integer_bytes == 2 * index.numel() + 4 * block_count(OUT, IN)
+    assert integer_bytes == 2 * index.numel() + 4 * (OUT + 1)
     y.square().sum().backward()
     assert layer.delta.grad.shape == index.shape

@@ -105,10 +105,11 @@ def test_derived_index_metadata_is_built_only_for_kernels_that_read_it():
     for mode, backend, expected in (
         ("merged", "reference", set()),
         ("split", "reference", set()),
-        ("split", "triton", {"_row_ptr", "_col_ptr", "_csc_perm", "_tile_ptr"}),
+        # (row_ptr is the stored crow itself: named_buffers lists the tensor once)
+        ("split", "triton", {"_col_ptr", "_csc_perm", "_tile_ptr"}),
     ):
         layer = spft.SparseDeltaLinear.from_linear(torch.nn.Linear(IN, OUT), index, mode=mode, backend=backend)
-        stored = {"_index_low_bytes", "_index_block_ends"}  # the compact index (ops/compact_index.py)
+        stored = {"_index_crow", "_index_col_bytes"}  # the stored CSR (ops/csr_index.py)
         assert {name for name, _ in layer.named_buffers()} == stored
         layer(x).sum().backward()
         derived = {name for name, _ in layer.named_buffers()} - stored - {"_w0_at_index"}

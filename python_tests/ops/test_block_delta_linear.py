@@ -8,7 +8,7 @@ import torch
 import spft_kernels as spft
 from helpers import assert_within_budget, dense_oracle, plain_pytorch
 from spft_kernels.bench.memory import TensorMemoryTracker
-from spft_kernels.ops.block_delta_linear import gather_blocks, write_blocks_
+from spft_kernels.ops.block_delta_linear import gather_blocks, index_form_for, write_blocks_
 from spft_kernels.ops.block_index import BlockIndex, SlotGroups, block_entries, block_grid, random_block_ids
 
 # (out, in, leading dims of x, block size, number of blocks (None: all), bias)
@@ -172,15 +172,19 @@ def test_a_step_allocates_no_out_by_in_tensor(merged):
 @pytest.mark.parametrize("merged", [False, True])
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_opcheck_layer_op(merged, requires_grad, dtype):
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_opcheck_layer_op(merged, requires_grad, dtype, with_weight):
+    if merged and not with_weight:
+        pytest.skip("merged needs the weight")
     x, weight, delta, blocks, bias, _ = random_block_problem(24, 19, (2, 5), (8, 5), 5, True, seed=13, dtype=dtype)
     index, order = BlockIndex.build(blocks, 24, 19, (8, 5))
     delta = delta[order].float().requires_grad_(requires_grad)
-    r, c = index.by_row, index.by_col
-    args = (x.requires_grad_(requires_grad), weight, delta, index.blocks, r.order, r.targets, r.target_of,
-            list(r.slot_ptr), c.order, c.targets, c.target_of, list(c.slot_ptr), bias.requires_grad_(requires_grad),
-            merged, "reference")
-    torch.library.opcheck(torch.ops.spft.block_delta_linear.default, args)
+    tensors, form, row_slots, col_slots = index_form_for(index)
+    args = (x.requires_grad_(requires_grad), weight if with_weight else None, bias.requires_grad_(requires_grad),
+            delta, tensors)
+    kwargs = dict(index_form=form, row_slots=row_slots, col_slots=col_slots, out_features=24, merged=merged,
+                  backend="reference")
+    torch.library.opcheck(torch.ops.spft.block_delta_linear.default, args, kwargs)
 
 
 @pytest.mark.parametrize("merged", [False, True])

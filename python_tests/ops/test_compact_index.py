@@ -1,6 +1,7 @@
-"""The 2-bytes-an-entry index layers store (ops/compact_index.py): exact round trip on awkward
-positions, the canonical dtype back, static shapes (it runs on fake tensors, so no host sync and
-no data-dependent size), a fixed number of ops whatever nnz, and the SparseIndex built on it."""
+"""The split flat index (ops/compact_index.py, the adapter file's ``split16`` form): exact round
+trip on awkward positions, the canonical dtype back, static shapes (it runs on fake tensors, so no
+host sync and no data-dependent size) and a fixed number of ops whatever nnz. (Layers store the
+CSR form instead: test_csr_index.py.)"""
 
 import pytest
 import torch
@@ -72,16 +73,3 @@ def test_no_data_dependent_shape_and_a_fixed_op_count():
             fake = expand_index(mode.from_tensor(low_bytes), mode.from_tensor(block_ends), torch.int32)
         assert fake.shape == flat.shape
     assert counts[0] == counts[1] <= 8
-
-
-def test_sparse_index_on_the_compact_form():
-    flat = spft.random_index(40, 3000, 0.02, torch.Generator().manual_seed(5))
-    compact = compact_index(flat, 40, 3000)
-    sparse_index = spft.SparseIndex(None, 40, 3000, compact=compact)
-    assert sparse_index.nnz == flat.numel() and sparse_index.stored() == compact
-    assert torch.equal(sparse_index.flat, flat)
-    assert torch.equal(sparse_index.row_ptr, spft.SparseIndex(flat, 40, 3000).row_ptr)
-    with pytest.raises(TypeError, match="exactly one"):
-        spft.SparseIndex(flat, 40, 3000, compact=compact)
-    with pytest.raises(TypeError, match="exactly one"):
-        spft.SparseIndex(None, 40, 3000)

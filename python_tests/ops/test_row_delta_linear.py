@@ -200,12 +200,17 @@ def test_bf16_autocast_on_cpu():
 @pytest.mark.parametrize("merged", [False, True])
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_opcheck_layer_op(merged, requires_grad, dtype):
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_opcheck_layer_op(merged, requires_grad, dtype, with_weight):
+    if merged and not with_weight:
+        pytest.skip("merged needs the weight")
     x, weight, delta, rows, bias, _ = random_row_problem(19, 23, (2, 5), 6, True, seed=13, dtype=dtype)
     rows = rows.sort().values
     delta = delta.float().requires_grad_(requires_grad)
-    args = (x.requires_grad_(requires_grad), weight, delta, rows, bias.requires_grad_(requires_grad), merged, "reference")
-    torch.library.opcheck(torch.ops.spft.row_delta_linear.default, args)
+    args = (x.requires_grad_(requires_grad), weight if with_weight else None, bias.requires_grad_(requires_grad),
+            delta, rows)
+    kwargs = dict(out_features=19, merged=merged, backend="reference")
+    torch.library.opcheck(torch.ops.spft.row_delta_linear.default, args, kwargs)
 
 
 @pytest.mark.parametrize("y_dtype, z_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)])

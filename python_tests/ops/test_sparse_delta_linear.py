@@ -185,16 +185,24 @@ def _opcheck_args(requires_grad):
     return x, weight, delta, sparse_index, bias
 
 
-@pytest.mark.parametrize("compact", [False, True])
+@pytest.mark.parametrize("with_kernel_forms", [False, True])
 @pytest.mark.parametrize("mode", ["split", "merged", "fused"])
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck_layer_op(mode, requires_grad, compact):
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_opcheck_layer_op(mode, requires_grad, with_kernel_forms, with_weight):
+    if mode == "merged" and not with_weight:
+        pytest.skip("merged needs the weight")
     x, weight, delta, si, bias = _opcheck_args(requires_grad)
     assert si.tile_ptr is not None  # density 0.2: the tile metadata rides along
-    # A layer passes its compact index (low bytes + block ends); the functional API the flat one.
-    index, block_ends = si.compact() if compact else (si.flat, None)
-    args = (x, weight, delta, index, block_ends, si.row_ptr, si.col_ptr, si.csc_perm, si.tile_ptr, bias, mode, "reference")
-    torch.library.opcheck(torch.ops.spft.sparse_delta_linear.default, args)
+    # The op takes the stored CSR (what layers keep) and, for a custom kernel, the derived forms
+    # it reads, named by index_form.
+    csr = si.csr()
+    named = {"crow": csr.crow, "col_bytes": csr.col_bytes}
+    if with_kernel_forms:
+        named.update(row_ptr=si.row_ptr, col_ptr=si.col_ptr, csc_perm=si.csc_perm, tile_ptr=si.tile_ptr)
+    args = (x, weight if with_weight else None, bias, delta, list(named.values()))
+    kwargs = dict(index_form=",".join(named), out_features=19, mode=mode, backend="reference")
+    torch.library.opcheck(torch.ops.spft.sparse_delta_linear.default, args, kwargs)
 
 
 def test_opcheck_kernel_ops():

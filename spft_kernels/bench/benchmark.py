@@ -511,6 +511,7 @@ def run_case(case: dict, device: torch.device, repeats: int, warmup: int, env: d
 
 def _kernel_providers(case: dict, device: torch.device) -> dict[str, tuple[str, Callable[[], object]]]:
     """name -> (op, call) for the kernel ops of ``case``."""
+    from ..ops import library_sparse
     from ..ops.sddmm import sddmm
     from ..ops.spmm import spmm_add, spmm_t_add
 
@@ -536,6 +537,13 @@ def _kernel_providers(case: dict, device: torch.device) -> dict[str, tuple[str, 
             providers[f"spft-{variant}-{backend}"] = ("sddmm", lambda b=backend: sddmm(x, dy, si.flat, None, b))
             if backend != "reference":  # the tensor-core variant; the reference ignores tile_ptr
                 providers[f"spft-tensor-core-{backend}"] = ("sddmm", lambda b=backend: sddmm(x, dy, si.flat, si.tile_ptr, b))
+        if backend == "reference":  # the default path: the library's sparse ops on the stored CSR
+            csr = si.csr()
+            if "sddmm" in case["ops"]:
+                providers["spft-library-reference"] = ("sddmm", lambda: library_sparse.sddmm(x, dy, csr))
+            if "spmm" in case["ops"]:
+                providers["spft-library-csr-reference"] = ("spmm", lambda: library_sparse.x_delta_t(x, delta, csr))
+                providers["spft-library-csc-reference"] = ("spmm", lambda: library_sparse.dy_delta(dy, delta, csr))
         if "spmm" in case["ops"]:
             if backend in implemented_backends("spmm_add"):
                 providers[f"spft-csr-{backend}"] = ("spmm", lambda b=backend: spmm_add(y, x, delta, si.flat, si.row_ptr, b))
@@ -606,10 +614,32 @@ def load_records(path: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+# A tiny layer, where a step's time is all per-op overhead (host time per launched op on a GPU):
+# every --quick run shows it, so a method whose ops per step grow shows in every CI run.
+HOST_OVERHEAD_CASE = dict(out_features=64, in_features=64, tokens=16, density=0.05, dtype="float32",
+                          ops=["linear_fwd_bwd"], label="host overhead")
+
+
+def format_host_overhead(records: list[dict]) -> str:
+    """The host-overhead case in a few lines: each method's ops per step and time vs LoRA."""
+    case = HOST_OVERHEAD_CASE
+    rows = [r for r in records if r["op"] == "linear_fwd_bwd" and r["tokens"] == case["tokens"]
+            and (r["out_features"], r["in_features"]) == (case["out_features"], case["in_features"])]
+    if not rows:
+        return ""
+    lora = next((r for r in rows if r["provider"] in ("lora-peft", "lora-torch")), None)
+    lines = [f"host overhead ({case['out_features']}x{case['in_features']}, {case['tokens']} tokens, fwd+bwd: "
+             f"per-op overhead on a GPU):"]
+    for r in sorted(rows, key=lambda r: r["median_ms"]):
+        ratio = f"{r['median_ms'] / lora['median_ms']:.2f}x {lora['provider']}" if lora and lora["median_ms"] else ""
+        lines.append(f"  {r['provider']:<24} {r.get('ops_per_call', '-'):>5} ops  {r['median_ms']:8.3f} ms  {ratio}")
+    return "\n".join(lines)
+
+
 def default_cases(quick: bool, device: torch.device) -> list[dict]:
     if quick:
         return [dict(out_features=1024, in_features=1024, tokens=256, density=0.01, dtype="float32",
-                     ops=list(OPS + KERNEL_OPS))]
+                     ops=list(OPS + KERNEL_OPS)), dict(HOST_OVERHEAD_CASE)]
     if device.type == "cuda":
         shapes = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]
         return [
@@ -734,6 +764,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         progress.close()
     if records:
         print(bench_report.format_table(records))
+        overhead = format_host_overhead(records)
+        if overhead:
+            print(overhead)
     if args.e2e or args.e2e_only:
         from .e2e import format_e2e, run_e2e
 

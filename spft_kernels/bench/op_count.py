@@ -2,8 +2,11 @@
 
 On a GPU every launched op costs microseconds of host time whatever its size, so a path whose
 number of ops grows with the number of tokens is slow there even when a CPU hides it. This
-dispatch mode counts the ATen ops that do work (views and other aliasing ops launch nothing and
-are not counted), looking inside spft's custom ops as :class:`TensorMemoryTracker` does.
+dispatch mode counts the ATen ops that do work, looking inside spft's custom ops as
+:class:`TensorMemoryTracker` does. An op does no work when every tensor it returns lives in the
+storage of one of its inputs and it writes none (a view, ``.to`` or ``.contiguous()`` that had nothing to do, a
+sparse tensor built around given index and value tensors); one that allocates does, aliasing
+schema or not: ``aten::to`` is declared aliasing but copies when it casts.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
+from torch.utils._pytree import tree_flatten
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .memory import _custom_op_python_impl
+from .memory import _custom_op_python_impl, _dense_parts
 
 # Ops that only describe or alias memory (no kernel runs).
 _NO_WORK = {"aten::detach", "aten::lift_fresh", "aten::alias", "aten::_to_copy_meta"}
@@ -34,10 +38,21 @@ class OpCounter(TorchDispatchMode):
             with self, torch.no_grad():
                 return body(*args, **kwargs)
         name = func._schema.name
-        if not func.is_view and name not in _NO_WORK:
+        out = func(*args, **kwargs)
+        if name not in _NO_WORK and (func._schema.is_mutable or not _aliases_inputs(out, args, kwargs)):
             self.count += 1
             self.by_op[name] += 1
-        return func(*args, **kwargs)
+        return out
+
+
+def _aliases_inputs(out, args, kwargs) -> bool:
+    """Whether every tensor ``out`` holds lives in an input's storage (an op with no tensor
+    output, e.g. an in-place op returning None, does work)."""
+    outputs = _dense_parts(tree_flatten(out)[0])
+    if not outputs:
+        return False
+    inputs = {t.untyped_storage()._cdata for t in _dense_parts(tree_flatten((args, kwargs))[0])}
+    return all(t.untyped_storage()._cdata in inputs for t in outputs)
 
 
 def count_ops(fn) -> int:

@@ -83,6 +83,9 @@ class BlockSparseLinear(DeltaLayer):
     def _adopt(self, block_index: BlockIndex) -> None:
         object.__setattr__(self, "block_size", block_index.block_size)
         self.register_buffer("blocks", block_index.blocks, persistent=False)  # the base writes the state dict's key
+        rows, cols = block_index.rows_and_cols()
+        self.register_buffer("_block_rows", rows, persistent=False)
+        self.register_buffer("_block_cols", cols, persistent=False)
         # Derived once per mask; non-persistent so they follow .to() but never reach a state dict.
         for axis, groups in (("row", block_index.by_row), ("col", block_index.by_col)):
             self.register_buffer(f"_{axis}_order", groups.order, persistent=False)
@@ -103,6 +106,7 @@ class BlockSparseLinear(DeltaLayer):
             self.blocks, self.out_features, self.in_features, self.block_size,
             SlotGroups(self._row_order, self._row_slot_ptr, self._row_targets, self._row_target_of),
             SlotGroups(self._col_order, self._col_slot_ptr, self._col_targets, self._col_target_of),
+            self._block_rows, self._block_cols,
         )
 
     @property

@@ -243,8 +243,17 @@ class PSTLinear(SpftLayer):
     # --- forward ------------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            # The cache's key (version counters, inference flags) cannot be traced: a compiled graph
+            # computes the threshold itself, one custom op (no graph break, no host sync).
+            threshold = pst_threshold(
+                self.weight, *self.factors(), self.sparsity, beta=self.beta, alpha1=self.alpha1,
+                alpha2=self.alpha2, backend=self.backend,
+            )
+        else:
+            threshold = self.threshold()
         return pst_linear(
-            x, self.weight, *self.factors(), self.bias, threshold=self.threshold(), beta=self.beta,
+            x, self.weight, *self.factors(), self.bias, threshold=threshold, beta=self.beta,
             alpha1=self.alpha1, alpha2=self.alpha2, abs_score_grad=self.abs_score_grad, backend=self.backend,
         )
 

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from ..ops._guards import builds_state
 from ..ops.compact_index import BLOCK, block_count, compact_index, expand_index
+from ..ops.csr_index import CsrIndex, column_bytes
 from ..ops.delta_term import masked_gradient
 from ..ops.index import DERIVED, SparseIndex, index_dtype_for
 from ..ops.scatter_delta import scatter_delta_
@@ -62,13 +63,14 @@ class SparseDeltaLinear(DeltaLayer):
         return SparseIndex.build(index, out_features, in_features, device=device, name=name)
 
     def _adopt(self, sparse_index: SparseIndex) -> None:
-        # Stored compact (2 bytes an entry instead of 4: 0.30 GiB at SpaRTA r64 on Llama-2-7B,
-        # what takes merged mode from 0.962x to 0.946x LoRA's peak; compact_index.py). The state
-        # dict still holds the canonical index (_current_positions). Non-persistent buffers: they
-        # follow .to() and DDP's buffer broadcast (bytes: NCCL has no 16-bit integers).
-        low_bytes, block_ends = sparse_index.compact()
-        self.register_buffer("_index_low_bytes", low_bytes, persistent=False)
-        self.register_buffer("_index_block_ends", block_ends, persistent=False)
+        # Stored as CSR with 16-bit columns (2 bytes an entry instead of 4: 0.30 GiB at SpaRTA r64
+        # on Llama-2-7B; ops/csr_index.py): the form the step's sparse products read, so a step
+        # casts the columns once instead of expanding a flat index. The state dict still holds
+        # the canonical index (_current_positions). Non-persistent buffers: they follow .to() and
+        # DDP's buffer broadcast (bytes: NCCL has no 16-bit integers).
+        csr = sparse_index.csr()
+        self.register_buffer("_index_crow", csr.crow, persistent=False)
+        self.register_buffer("_index_col_bytes", csr.col_bytes, persistent=False)
         # The derived forms (CSR/CSC pointers, tile pointers) are built when a kernel that reads
         # them first runs (SparseIndex), then kept as non-persistent buffers: they follow .to()
         # but never reach a state dict. The default (reference) path never builds them.
@@ -92,10 +94,8 @@ class SparseDeltaLinear(DeltaLayer):
         """The validated index with the derived forms built so far (no validation or rebuild:
         O(1)); a derived form read from it for the first time is built then and kept."""
         cached = {name: self._buffers.get(_metadata_buffer(name)) for name in DERIVED}
-        compact = (self._index_low_bytes, self._index_block_ends)
-        return SparseIndex(
-            None, self.out_features, self.in_features, compact=compact, on_build=self._keep_metadata, **cached
-        )
+        csr = CsrIndex(self._index_crow, self._index_col_bytes, self.out_features, self.in_features)
+        return SparseIndex(None, self.out_features, self.in_features, csr=csr, on_build=self._keep_metadata, **cached)
 
     @property
     def index(self) -> torch.Tensor:
@@ -105,7 +105,7 @@ class SparseDeltaLinear(DeltaLayer):
 
     @property
     def nnz(self) -> int:
-        return self._index_low_bytes.numel() // 2
+        return self._index_col_bytes.numel() // column_bytes(self.in_features)
 
     def _current_positions(self) -> torch.Tensor:
         # The state dict's index: canonical, as the index format (docs/architecture.md) and every earlier state dict

@@ -35,30 +35,37 @@ def check_x_and_weight(op: str, x, weight, delta, delta_name: str) -> tuple[int,
 def prepare_operands(
     op: str,
     x: Tensor,
-    weight: Tensor,
+    weight: Optional[Tensor],
     bias: Optional[Tensor],
     others: Sequence[Tensor],
     ops: Sequence[str],
     backend: str,
-) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    *,
+    out_features: Optional[int] = None,
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """Bias shape, one device for everything, autocast, one dtype for the GEMM operands, and every
     kernel op of the step resolved now (so that a missing kernel fails here, not in backward).
-    Returns ``(x, weight, bias)`` in the dtype the GEMMs run in."""
-    out_features = weight.shape[0]
+    Returns ``(x, weight, bias)`` in the dtype the GEMMs run in. ``weight=None`` (the base term
+    is computed elsewhere) needs ``out_features``."""
+    if weight is not None:
+        out_features = weight.shape[0]
     if bias is not None and bias.shape != (out_features,):
         raise ValueError(f"{op}: bias must have shape ({out_features},), got {tuple(bias.shape)}")
-    devices = {t.device for t in (x, weight, *others) + ((bias,) if bias is not None else ())}
+    present = [t for t in (x, weight, bias) if t is not None]
+    devices = {t.device for t in (*present, *others)}
     if len(devices) > 1:
         raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
     if torch.is_autocast_enabled(x.device.type):
         # Mirror F.linear under autocast: the matmul operands run in the autocast dtype.
         autocast_dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(autocast_dtype), weight.to(autocast_dtype)
+        x = x.to(autocast_dtype)
+        weight = None if weight is None else weight.to(autocast_dtype)
         bias = None if bias is None else bias.to(autocast_dtype)
-    if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
+    if (weight is not None and x.dtype != weight.dtype) or (bias is not None and bias.dtype != x.dtype):
         raise ValueError(
-            f"{op}: x, weight and bias must share a dtype, got x {x.dtype}, weight "
-            f"{weight.dtype}" + ("" if bias is None else f", bias {bias.dtype}")
+            f"{op}: x, weight and bias must share a dtype, got x {x.dtype}"
+            + ("" if weight is None else f", weight {weight.dtype}")
+            + ("" if bias is None else f", bias {bias.dtype}")
         )
     for kernel_op in ops:
         resolve_backend(kernel_op, backend, x.device)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import naive
+from ._eager import TensorList, eager_autograd, runs_eagerly
 from ._linear_args import check_x_and_weight, prepare_operands, weight_for_dx
 from .backends import check_backend_name, implementation, register, resolve_backend
 from .block_index import BlockIndex, block_grid
@@ -102,17 +103,15 @@ def _add_blocks(out2d: Tensor, z: Tensor, targets: Tensor, target_of: Tensor, or
     out2d.index_copy_(1, flat, values.to(out2d.dtype))
 
 
-def _live_delta(delta: Tensor, blocks: Tensor, shape: tuple, block_size: tuple) -> Tensor:
+def _live_delta(delta: Tensor, rows: Tensor, cols: Tensor, shape: tuple, block_size: tuple) -> Tensor:
     """``delta`` with the dead entries of clipped edge blocks zeroed (the ops never use them)."""
     out_features, in_features = shape
     bh, bw = block_size
     if out_features % bh == 0 and in_features % bw == 0:
         return delta
-    columns = block_grid(out_features, in_features, block_size)[1]
-    rows = torch.div(blocks, columns, rounding_mode="floor")
     _, row_valid, _ = _spans(rows, bh, out_features)
-    _, col_valid, _ = _spans(blocks - rows * columns, bw, in_features)
-    live = torch.ones(blocks.numel(), bh, bw, dtype=torch.bool, device=delta.device)
+    _, col_valid, _ = _spans(cols, bw, in_features)
+    live = torch.ones(rows.numel(), bh, bw, dtype=torch.bool, device=delta.device)
     if row_valid is not None:
         live &= row_valid.unsqueeze(2)
     if col_valid is not None:
@@ -120,104 +119,131 @@ def _live_delta(delta: Tensor, blocks: Tensor, shape: tuple, block_size: tuple) 
     return delta.masked_fill(~live, 0)
 
 
-def _rows_cols(blocks: Tensor, shape: tuple, block_size: tuple) -> tuple[Tensor, Tensor]:
-    columns = block_grid(shape[0], shape[1], block_size)[1]
-    rows = torch.div(blocks, max(columns, 1), rounding_mode="floor")
-    return rows, blocks - rows * columns
-
-
 # --- the layer op --------------------------------------------------------------------------------
+
+# The index form the op reads, by name (``index_form``): each block's block row and column, and
+# the slot groups of both axes (split mode's deterministic adds, block_index.py).
+_INDEX_FORM = ("block_rows", "block_cols", "row_order", "row_targets", "row_target_of",
+               "col_order", "col_targets", "col_target_of")
+
+
+def index_form_for(block_index: BlockIndex) -> tuple[list, str, list, list]:
+    """``(tensors, names, row_slots, col_slots)``: what the op reads of ``block_index``."""
+    rows, cols = block_index.rows_and_cols()
+    by_row, by_col = block_index.by_row, block_index.by_col
+    tensors = [rows, cols, by_row.order, by_row.targets, by_row.target_of, by_col.order, by_col.targets,
+               by_col.target_of]
+    return tensors, ",".join(_INDEX_FORM), list(by_row.slot_ptr), list(by_col.slot_ptr)
+
+
+def _named(index: list, index_form: str) -> dict:
+    return dict(zip(index_form.split(","), index))
 
 
 @torch.library.custom_op("spft::block_delta_linear", mutates_args=())
 def _block_delta_linear_op(
     x: Tensor,
-    weight: Tensor,
-    delta: Tensor,
-    blocks: Tensor,
-    row_order: Tensor,
-    row_targets: Tensor,
-    row_target_of: Tensor,
-    row_slots: list[int],
-    col_order: Tensor,
-    col_targets: Tensor,
-    col_target_of: Tensor,
-    col_slots: list[int],
+    weight: Optional[Tensor],
     bias: Optional[Tensor],
+    delta: Tensor,
+    index: list[Tensor],
+    *,
+    index_form: str,
+    row_slots: list[int],
+    col_slots: list[int],
+    out_features: int,
     merged: bool,
     backend: str,
 ) -> Tensor:
+    return _linear_impl(x, weight, bias, delta, index, index_form=index_form, row_slots=row_slots,
+                        col_slots=col_slots, out_features=out_features, merged=merged, backend=backend)
+
+
+def _linear_impl(x, weight, bias, delta, index, *, index_form, row_slots, col_slots, out_features, merged, backend):
     chosen = resolve_backend("block_delta_linear", backend, x.device)
+    named = _named(index, index_form)
+    row_groups = (named["row_order"], named["row_targets"], named["row_target_of"], row_slots)
     return implementation("block_delta_linear", chosen)(
-        x, weight, delta, blocks, (row_order, row_targets, row_target_of, row_slots), bias, merged
+        x, weight, bias, delta, named["block_rows"], named["block_cols"], row_groups, out_features, merged
     )
 
 
 @register("block_delta_linear", "reference")
-def _forward_reference(x, weight, delta, blocks, row_groups, bias, merged):
-    y = F.linear(x, weight, bias)
-    if merged or blocks.numel() == 0:
+def _forward_reference(x, weight, bias, delta, block_rows, block_cols, row_groups, out_features, merged):
+    in_features = x.shape[-1]
+    tokens = math.prod(x.shape[:-1])
+    if weight is not None:
+        y = F.linear(x, weight, bias)
+    else:
+        y = x.new_zeros((*x.shape[:-1], out_features))
+        if bias is not None:
+            y.add_(bias)
+    if merged or block_rows.numel() == 0:
         return y
-    shape = tuple(weight.shape)
+    shape = (out_features, in_features)
     bh, bw = delta.shape[1:]
     if not y.is_contiguous():
         y = y.contiguous()
-    tokens = math.prod(x.shape[:-1])
-    _, cols = _rows_cols(blocks, shape, (bh, bw))
-    gx = _gather(x.reshape(tokens, shape[1]), cols, bw)
-    live = _live_delta(delta, blocks, shape, (bh, bw))
+    gx = _gather(x.reshape(tokens, in_features), block_cols, bw)
+    live = _live_delta(delta, block_rows, block_cols, shape, (bh, bw))
     z = _bmm_acc(gx.permute(1, 0, 2), live.transpose(1, 2), naive.accumulate_dtype(x, delta))  # [nb, T, bh]
     order, targets, target_of, slots = row_groups
-    _add_blocks(y.view(tokens, shape[0]), z, targets, target_of, order, slots, bh)
+    _add_blocks(y.view(tokens, out_features), z, targets, target_of, order, slots, bh)
     return y
 
 
 @_block_delta_linear_op.register_fake
-def _(x, weight, delta, blocks, row_order, row_targets, row_target_of, row_slots, col_order, col_targets,
-      col_target_of, col_slots, bias, merged, backend):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+def _(x, weight, bias, delta, index, *, index_form, row_slots, col_slots, out_features, merged, backend):
+    return x.new_empty((*x.shape[:-1], out_features))
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, delta, blocks, _, _, _, _, col_order, col_targets, col_target_of, col_slots, bias, merged, _ = inputs
-    ctx.save_for_backward(x, weight_for_dx(ctx, weight), delta, blocks, col_order, col_targets, col_target_of)
-    ctx.weight_shape = tuple(weight.shape)
-    ctx.col_slots = col_slots
-    ctx.merged = merged
+def _setup_context(ctx, inputs, keyword_only_inputs, output):
+    x, weight, bias, delta, index = inputs
+    ctx.save_for_backward(x, None if weight is None else weight_for_dx(ctx, weight), delta, *index)
+    ctx.options = keyword_only_inputs
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, dy):
-    x, weight, delta, blocks, col_order, col_targets, col_target_of = ctx.saved_tensors
-    shape = ctx.weight_shape
+    x, weight, delta, *index = ctx.saved_tensors
+    need_x, need_weight, need_bias, need_delta = ctx.needs_input_grad[:4]  # x, weight, bias, delta
+    options = ctx.options
+    named = _named(index, options["index_form"])
+    rows, cols = named["block_rows"], named["block_cols"]
+    shape = (options["out_features"], x.shape[-1])
+    merged = options["merged"]
     bh, bw = delta.shape[1:]
     num_tokens = math.prod(x.shape[:-1])  # explicit: reshape(-1, 0) fails for a zero-width layer
     dy2d = dy.reshape(num_tokens, shape[0])
     x2d = x.reshape(num_tokens, shape[1])
-    need_dx, need_ddelta = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-    rows, cols = _rows_cols(blocks, shape, (bh, bw))
-    use_blocks = blocks.numel() > 0 and (need_ddelta or (need_dx and not ctx.merged))
+    use_blocks = rows.numel() > 0 and (need_delta or (need_x and not merged))
     gdy = _gather(dy2d, rows, bh) if use_blocks else None  # [T, nb, bh]
     acc = naive.accumulate_dtype(x2d, dy2d, delta)
     dx = dweight = ddelta = dbias = None
-    if need_ddelta:
-        # Computed before dx, so that the gathered x is freed before dx is allocated.
-        ddelta = torch.zeros_like(delta) if gdy is None else _block_gradient(gdy, x2d, cols, bw, acc).to(delta.dtype)
-    if need_dx:
-        dx2d = dy2d.mm(weight)
-        if not ctx.merged and gdy is not None:
-            live = _live_delta(delta, blocks, shape, (bh, bw))
+    if need_delta:
+        if gdy is None:
+            ddelta = torch.zeros_like(delta)
+        else:
+            # Computed before dx, so that the gathered x is freed before dx is allocated.
+            ddelta = _block_gradient(gdy, x2d, cols, bw, acc).to(delta.dtype)
+    if need_x:
+        dx2d = dy2d.mm(weight) if weight is not None else x2d.new_zeros(x2d.shape)
+        if not merged and gdy is not None:
+            live = _live_delta(delta, rows, cols, shape, (bh, bw))
             z = _bmm_acc(gdy.permute(1, 0, 2), live, acc)  # [nb, T, bw]
-            _add_blocks(dx2d, z, col_targets, col_target_of, col_order, ctx.col_slots, bw)
+            col_order, col_targets, col_target_of = named["col_order"], named["col_targets"], named["col_target_of"]
+            _add_blocks(dx2d, z, col_targets, col_target_of, col_order, options["col_slots"], bw)
         dx = dx2d.reshape(x.shape)
-    if ctx.needs_input_grad[1]:
+    if need_weight:
         dweight = dy2d.t().mm(x2d)
-    if ctx.needs_input_grad[12]:
+    if need_bias:
         dbias = dy2d.sum(dim=0, dtype=naive.accumulate_dtype(dy2d)).to(ctx.bias_dtype)
-    return (dx, dweight, ddelta) + (None,) * 9 + (dbias, None, None)
+    return dx, dweight, dbias, ddelta, [None] * len(index)
 
 
 _block_delta_linear_op.register_autograd(_backward, setup_context=_setup_context)
+# Plain tensors in eager mode skip the custom op's wrapper (ops/_eager.py).
+_EagerBlockDeltaLinear = eager_autograd(_linear_impl, _setup_context, _backward, keyword_setup=True)
 
 
 def _block_gradient(gdy: Tensor, x2d: Tensor, cols: Tensor, bw: int, acc: torch.dtype) -> Tensor:
@@ -229,12 +255,11 @@ def _block_gradient(gdy: Tensor, x2d: Tensor, cols: Tensor, bw: int, acc: torch.
 def block_gradient(x2d: Tensor, dy2d: Tensor, block_index: BlockIndex) -> Tensor:
     """The delta gradient of dense blocks from 2-D x [T, in] and dy [T, out], [nb, bh, bw] in the
     accumulate dtype (fp32; fp64 for fp64 inputs)."""
-    shape = (block_index.out_features, block_index.in_features)
     bh, bw = block_index.block_size
     acc = naive.accumulate_dtype(x2d, dy2d)
     if block_index.num_blocks == 0:
         return torch.zeros(0, bh, bw, dtype=acc, device=x2d.device)
-    rows, cols = _rows_cols(block_index.blocks, shape, (bh, bw))
+    rows, cols = block_index.rows_and_cols()
     return _block_gradient(_gather(dy2d, rows, bh), x2d, cols, bw, acc)
 
 
@@ -251,11 +276,26 @@ def _entry_indices(block_index: BlockIndex) -> tuple[Tensor, Tensor, Optional[Te
     return row_indices, col_indices, row_local, col_local
 
 
+def _grid_view(weight: Tensor, block_index: BlockIndex) -> Optional[Tensor]:
+    """The weight as [block rows, bh, block cols, bw] (a view), where the blocks tile it exactly:
+    block k is then ``view[rows[k], :, cols[k], :]``, one gather or one write for all blocks
+    (the merged mode's re-sync: 2 ops instead of 10 building per-entry indices)."""
+    bh, bw = block_index.block_size
+    if block_index.clipped or not weight.is_contiguous():
+        return None
+    grid_rows, grid_cols = block_index.grid
+    return weight.view(grid_rows, bh, grid_cols, bw)
+
+
 def gather_blocks(weight: Tensor, block_index: BlockIndex) -> Tensor:
     """``weight`` at every block entry, [nb, bh, bw] in the weight's dtype (any layout; a clipped
     block's dead entries repeat the edge values). O(nnz)."""
     if block_index.num_blocks == 0:  # as in write_blocks_: nothing of the block's bh + bw indices
         return weight.new_empty((0, *block_index.block_size))
+    grid = _grid_view(weight, block_index)
+    if grid is not None:
+        rows, cols = block_index.rows_and_cols()
+        return grid[rows, :, cols, :]
     row_indices, col_indices, _, _ = _entry_indices(block_index)
     return weight[row_indices.unsqueeze(2), col_indices.unsqueeze(1)]
 
@@ -271,6 +311,15 @@ def write_blocks_(
     of clipped blocks are never written. Merge, unmerge and the merged mode's re-sync; O(nnz), any
     weight layout. Returns ``weight``."""
     if (base is None and delta is None) or block_index.num_blocks == 0:
+        return weight
+    grid = _grid_view(weight, block_index)
+    if grid is not None:
+        rows, cols = block_index.rows_and_cols()
+        values = base if base is not None else grid[rows, :, cols, :]
+        if delta is not None:
+            acc = naive.accumulate_dtype(weight, delta)
+            values = torch.add(values.to(acc), delta.to(acc))
+        grid[rows, :, cols, :] = values.to(weight.dtype)
         return weight
     row_indices, col_indices, row_local, col_local = _entry_indices(block_index)
     where = (row_indices.unsqueeze(2), col_indices.unsqueeze(1))
@@ -295,7 +344,7 @@ def write_blocks_(
 
 def block_delta_linear(
     x: Tensor,
-    weight: Tensor,
+    weight: Optional[Tensor],
     delta: Tensor,
     blocks: Union[Tensor, BlockIndex],
     block_size=None,
@@ -312,10 +361,20 @@ def block_delta_linear(
     of block ids with ``block_size`` = (bh, bw) (validated on every call, a host sync; unsorted
     ids are sorted together with ``delta``, differentiably). ``merged=True`` declares that
     ``weight`` already holds W0 + Δ: the forward is then a plain GEMM and only the delta gradient
-    involves the blocks.
+    involves the blocks. ``weight=None``: the base term is computed elsewhere (a quantized base's
+    own matmul): the result is ``x Δᵀ + b`` alone (``blocks`` must then be a :class:`BlockIndex`,
+    which gives the weight's shape; ``merged`` is refused).
     """
     check_backend_name(backend)
-    out_features, in_features = check_x_and_weight("block_delta_linear", x, weight, delta, "delta")
+    if weight is None:
+        if merged:
+            raise ValueError("block_delta_linear: merged=True needs the weight that holds W0 + Δ, got weight=None")
+        if not isinstance(blocks, BlockIndex):
+            raise ValueError("block_delta_linear: with weight=None give blocks as a BlockIndex (it carries the shape)")
+        shape_only = torch.empty(blocks.out_features, blocks.in_features, device="meta")
+        out_features, in_features = check_x_and_weight("block_delta_linear", x, shape_only, delta, "delta")
+    else:
+        out_features, in_features = check_x_and_weight("block_delta_linear", x, weight, delta, "delta")
     if isinstance(blocks, BlockIndex):
         block_index = blocks
         if (block_index.out_features, block_index.in_features) != (out_features, in_features):
@@ -342,12 +401,12 @@ def block_delta_linear(
     if not delta.is_floating_point():
         raise ValueError(f"block_delta_linear: delta must be floating point, got {delta.dtype}")
     x, weight, bias = prepare_operands(
-        "block_delta_linear", x, weight, bias, (delta, block_index.blocks), ("block_delta_linear",), backend
+        "block_delta_linear", x, weight, bias, (delta, block_index.blocks), ("block_delta_linear",), backend,
+        out_features=out_features,
     )
-    by_row, by_col = block_index.by_row, block_index.by_col
-    return _block_delta_linear_op(
-        x, weight, delta, block_index.blocks,
-        by_row.order, by_row.targets, by_row.target_of, list(by_row.slot_ptr),
-        by_col.order, by_col.targets, by_col.target_of, list(by_col.slot_ptr),
-        bias, merged, backend,
-    )
+    tensors, form, row_slots, col_slots = index_form_for(block_index)
+    options = dict(index_form=form, row_slots=row_slots, col_slots=col_slots, out_features=out_features,
+                   merged=merged, backend=backend)
+    if runs_eagerly(x, weight, bias, delta, *tensors):
+        return _EagerBlockDeltaLinear.apply(x, weight, bias, delta, TensorList(tensors), options)
+    return _block_delta_linear_op(x, weight, bias, delta, tensors, **options)

@@ -2,24 +2,23 @@
 
 Canonical form: 1-D sorted unique flat positions ``row * in_features + col``, int32 when
 ``out * in < 2**31`` else int64, on the weight's device. Validation happens once, here, when an
-index is built or loaded; kernels then trust it. Layers store it compactly, 2 bytes an entry
-(compact_index.py), and a :class:`SparseIndex` on that form expands the canonical one only when
-an op reads it. Derived forms are built lazily, the first time
-an op that reads them runs, and then cached (on the layer as non-persistent buffers):
+index is built or loaded; kernels then trust it. Layers store it as CSR with 16-bit columns, 2
+bytes an entry (csr_index.py): the form the library's sparse products read, so a training step
+gets its index with one cast; a :class:`SparseIndex` on that form expands the canonical one only
+when something reads it (merge, the state dict, the custom kernels). Derived forms for the
+custom kernels (cuda, triton; opt-in) are built lazily, the first time an op that reads them
+runs, and then cached (on the layer as non-persistent buffers):
 
-- ``row_ptr`` [out + 1]: CSR row pointers into the canonical order (entries are already
-  row-major, so the canonical order *is* the CSR order; a column is ``flat - row * in``); read by
-  the CSR SpMM and the fused GEMM kernels;
+- ``row_ptr`` [out + 1]: CSR row pointers into the canonical order (the stored ``crow``);
 - ``col_ptr`` [in + 1] and ``csc_perm`` [nnz]: the CSC view used by the kernels of ``dy @ Δ``;
   ``csc_perm[j]`` is the canonical position of the j-th entry in column-major order;
 - ``tile_ptr`` [out, ceil(in / TILE_K) + 1], only at densities where the tensor-core SDDMM runs:
   where each row's entries of every TILE_K-column range start (see :func:`tile_pointers`).
 
-The reference path (the default, ``auto``, on every device until a kernel is measured) reads
-none of them, and merged mode never needs the CSC view: built eagerly they cost 4-8 bytes per
+The default path reads none of the kernel forms: built eagerly they would cost 4-8 bytes per
 trainable entry (0.98 GiB at SpaRTA rank 64 on Llama-2-7B), as much as the index itself.
-No per-entry row or column array is kept: each would cost 4 bytes per trainable parameter, as
-much as the fp32 value itself.
+No per-entry row array is kept: it would cost 4 bytes per trainable parameter, as much as the
+fp32 value itself.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from typing import Callable, Optional
 import torch
 
 from ._guards import as_float, as_int, describe, outside_inference_mode
-from .compact_index import compact_index, expand_index
+from .csr_index import CsrIndex
 
 INT32_LIMIT = 2**31
 # Column granularity of ``tile_ptr``; the tensor-core SDDMM's BLOCK_K is a multiple of it.
@@ -61,7 +60,7 @@ class SparseIndex:
         out_features: int,
         in_features: int,
         *,
-        compact: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        csr: Optional[CsrIndex] = None,
         tile_metadata: Optional[bool] = None,
         on_build: Optional[Callable[[str, torch.Tensor], None]] = None,
         **derived: Optional[torch.Tensor],
@@ -69,10 +68,10 @@ class SparseIndex:
         unknown = set(derived) - set(DERIVED)
         if unknown:
             raise TypeError(f"SparseIndex: unknown derived forms {sorted(unknown)}")
-        if (flat is None) == (compact is None):
-            raise TypeError("SparseIndex: give the canonical flat index or its compact form, exactly one")
+        if (flat is None) == (csr is None):
+            raise TypeError("SparseIndex: give the canonical flat index or its CSR form, exactly one")
         self._flat = flat
-        self._compact = compact
+        self._csr = csr
         self.out_features = out_features
         self.in_features = in_features
         total = out_features * in_features
@@ -84,28 +83,23 @@ class SparseIndex:
 
     @property
     def flat(self) -> torch.Tensor:
-        """The canonical flat positions; from a compact index, expanded on first read (O(nnz), no
-        host sync) and kept by this object only, which an op holds for one call."""
+        """The canonical flat positions; from the stored CSR form, expanded on first read (O(nnz),
+        3 ops, no host sync) and kept by this object only, which an op holds for one call."""
         if self._flat is None:
-            low_bytes, block_ends = self._compact
-            self._flat = expand_index(low_bytes, block_ends, index_dtype_for(self.out_features, self.in_features))
+            self._flat = self._csr.flat(index_dtype_for(self.out_features, self.in_features))
         return self._flat
 
-    def compact(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(low_bytes, block_ends)``, the 2-bytes-an-entry form layers store (compact_index.py)."""
-        if self._compact is None:
-            return compact_index(self._flat, self.out_features, self.in_features)
-        return self._compact
-
-    def stored(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """What an op takes to carry the index through a call without expanding it:
-        ``(low_bytes, block_ends)`` for a compact index, ``(flat, None)`` otherwise."""
-        return (self._flat, None) if self._compact is None else self._compact
+    def csr(self) -> CsrIndex:
+        """The CSR form with 16-bit columns, 2 bytes an entry: what layers store and what the
+        default path's ops read (csr_index.py); built from the flat index once and kept."""
+        if self._csr is None:
+            self._csr = CsrIndex.from_flat(self._flat, self.out_features, self.in_features)
+        return self._csr
 
     @property
     def nnz(self) -> int:
-        if self._compact is not None:
-            return self._compact[0].numel() // 2
+        if self._csr is not None:
+            return self._csr.nnz
         return self._flat.numel()
 
     @property
@@ -166,7 +160,7 @@ class SparseIndex:
 
     @property
     def row_ptr(self) -> torch.Tensor:
-        return self._get("row_ptr", lambda: _pointers(self.rows_and_cols()[0], self.out_features, self._pointer_dtype))
+        return self._get("row_ptr", lambda: self.csr().crow)  # the same tensor: no bytes added
 
     @property
     def col_ptr(self) -> torch.Tensor:
@@ -192,18 +186,20 @@ class SparseIndex:
         return rows, wide - rows * self.in_features
 
     def to(self, device: torch.device) -> "SparseIndex":
-        # One form moves: the compact one where it exists (an expanded flat is only a cache).
-        compact = None if self._compact is None else tuple(tensor.to(device) for tensor in self._compact)
-        flat = None if compact is not None else self._flat.to(device)
+        # One form moves: the CSR one where it exists (an expanded flat is only a cache).
+        csr = None if self._csr is None else CsrIndex(
+            self._csr.crow.to(device), self._csr.col_bytes.to(device), self.out_features, self.in_features
+        )
+        flat = None if csr is not None else self._flat.to(device)
         return SparseIndex(
-            flat, self.out_features, self.in_features, compact=compact, tile_metadata=self.tile_metadata,
+            flat, self.out_features, self.in_features, csr=csr, tile_metadata=self.tile_metadata,
             **{name: tensor.to(device) for name, tensor in self._derived.items()},
         )
 
     def __repr__(self) -> str:
         return (
             f"SparseIndex(shape={self.shape}, nnz={self.nnz}, dtype={index_dtype_for(*self.shape)}, "
-            f"compact={self._compact is not None}, "
+            f"stored_csr={self._csr is not None}, "
             f"derived={sorted(self._derived)})"
         )
 

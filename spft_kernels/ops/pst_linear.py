@@ -53,13 +53,13 @@ import torch.nn.functional as F
 from . import naive
 from . import pst_kernels  # noqa: F401  (registers the Triton implementations)
 from . import pst_reference
+from ._eager import eager_autograd, runs_eagerly
 from .backends import check_backend_name, implementation, register, resolve_backend
 
 Tensor = torch.Tensor
 
 _FACTORS = ("U", "V", "A", "B", "R", "C")
 _OPS = ("pst_threshold", "pst_linear", "pst_linear_backward")
-_INT64 = torch.iinfo(torch.int64)
 
 
 # --- schedule and sizes -------------------------------------------------------------------------
@@ -129,10 +129,13 @@ def _pst_threshold_op(
 ) -> Tensor:
     """int64 [2]: (t, p) such that ``key > t or (key == t and position < p)`` keeps exactly ``keep``."""
     numel = weight.numel()
+    # "Keep all" / "keep none": the smallest / largest key of the scores' dtype (fp32 scores have
+    # int32 keys, which the reference then compares without widening them).
+    sentinel = torch.iinfo(torch.int64 if naive.accumulate_dtype(weight, U, V, A, B, R, C) == torch.float64 else torch.int32)
     if keep >= numel:
-        return torch.tensor([_INT64.min, numel], dtype=torch.int64, device=weight.device)
+        return torch.tensor([sentinel.min, numel], dtype=torch.int64, device=weight.device)
     if keep <= 0:
-        return torch.tensor([_INT64.max, 0], dtype=torch.int64, device=weight.device)
+        return torch.tensor([sentinel.max, 0], dtype=torch.int64, device=weight.device)
     return _run("pst_threshold", backend, weight.device, weight, U, V, A, B, R, C, beta, alpha1, alpha2, keep)
 
 
@@ -162,6 +165,10 @@ def _pst_linear_op(
     bias: Optional[Tensor], threshold: Tensor, beta: float, alpha1: float, alpha2: float,
     abs_score_grad: bool, backend: str,
 ) -> Tensor:
+    return _pst_linear_impl(x, weight, U, V, A, B, R, C, bias, threshold, beta, alpha1, alpha2, abs_score_grad, backend)
+
+
+def _pst_linear_impl(x, weight, U, V, A, B, R, C, bias, threshold, beta, alpha1, alpha2, abs_score_grad, backend):
     out_features, in_features = weight.shape
     y2d = _run(
         "pst_linear", backend, x.device, x.reshape(-1, in_features), weight, U, V, A, B, R, C, bias, threshold,
@@ -182,6 +189,12 @@ def _pst_linear_backward_op(
     needs_dx: bool, needs_params: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dU, dV, dA, dB, dR, dC) for 2-D dy, x; an output that was not asked for is empty."""
+    return _pst_backward_impl(dy2d, x2d, weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2, abs_score_grad,
+                              needs_dx, needs_params, backend)
+
+
+def _pst_backward_impl(dy2d, x2d, weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2, abs_score_grad,
+                       needs_dx, needs_params, backend):
     dx, grads = _run(
         "pst_linear_backward", backend, x2d.device, dy2d, x2d, weight, U, V, A, B, R, C, threshold, beta, alpha1,
         alpha2, abs_score_grad, needs_dx, needs_params,
@@ -214,7 +227,8 @@ def _backward(ctx, dy):
     out_features, in_features = weight.shape
     dy2d, x2d = dy.reshape(-1, out_features), x.reshape(-1, in_features)
     needs_params = any(needs[2:8])
-    dx, *factor_grads = _pst_linear_backward_op(
+    backward = _pst_backward_impl if runs_eagerly(dy2d, x2d, weight, U, V, A, B, R, C) else _pst_linear_backward_op
+    dx, *factor_grads = backward(
         dy2d, x2d, weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2, abs_score_grad,
         needs[0], needs_params, ctx.backend,
     )
@@ -231,6 +245,8 @@ def _backward(ctx, dy):
 
 
 _pst_linear_op.register_autograd(_backward, setup_context=_setup_context)
+# Plain tensors in eager mode skip the custom op's wrapper (ops/_eager.py).
+_EagerPstLinear = eager_autograd(_pst_linear_impl, _setup_context, _backward, keyword_setup=False)
 
 
 # --- functional entry points ---------------------------------------------------------------------
@@ -348,6 +364,7 @@ def pst_linear(
         threshold = pst_threshold(
             weight, *factors, sparsity, beta=beta, alpha1=alpha1, alpha2=alpha2, backend=backend
         )
-    return _pst_linear_op(
-        x, weight, U, V, A, B, R, C, bias, threshold, beta, alpha1, alpha2, bool(abs_score_grad), backend
-    )
+    args = (x, weight, U, V, A, B, R, C, bias, threshold, beta, alpha1, alpha2, bool(abs_score_grad), backend)
+    if runs_eagerly(x, weight, U, V, A, B, R, C, bias, threshold):
+        return _EagerPstLinear.apply(*args, {})
+    return _pst_linear_op(*args)

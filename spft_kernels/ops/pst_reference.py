@@ -1,20 +1,28 @@
 """PST's reference backend (pure PyTorch, any device, fp32 or fp64): the math of
-``pst_linear.py`` computed by row blocks of the weight, so that no n x k temporary exists in a
-training step (only the export, ``pst_dense``, returns n x k tensors, by nature).
+``pst_linear.py`` as a handful of whole-tensor ops per step.
 
-Before, the reference built W_eff, S, the keys, the positions, M, the masked weight and G whole
-(about 20 n x k temporaries per layer, 1.3 GiB transient at Llama-2-7B) and sorted all n*k keys.
-Now every function walks the same row blocks (:func:`row_blocks`: at most
-``naive.CHUNK_ELEMENTS`` entries and 1/``naive.WEIGHT_FRACTION`` of the weight per block), so a
-block's score is computed the same way, bit for bit, by the threshold, the forward, the backward
-and the export; the temporaries are a few blocks, plus one n x k: the forward's masked weight,
-so that the forward is one GEMM (exactly the plain linear's at sparsity 0). The GEMMs are dense GEMMs per block (their
-number grows with n / rows-per-block, never with tokens).
+A training step (forward + backward) is ~40 launched ops per chunk of ``CHUNK_ENTRIES``
+entries: the scores, the mask and the masked weight each a few elementwise
+ops over the whole weight, the GEMMs ``x (W_eff ⊙ M)ᵀ``, ``dy (W_eff ⊙ M)``, ``G = dyᵀx`` and
+the six factor gradients. Before, every function walked row blocks of 1/16 of the weight and
+ran ~58 ops per block (921 ops a step at 2048x2048, 25.7x LoRA's time at 64x64).
+
+The memory bound that motivated the blocks (about 20 n x k temporaries, 1.3 GiB transient at
+Llama-2-7B, when everything was built whole) is kept by a fixed size instead of a fraction:
+a call works on row chunks of at most ``CHUNK_ENTRIES`` = 2^22 entries (a 2048x2048 weight in
+one chunk; 4096x4096 in 4, 11008x4096 in 11), with the temporaries reused in place: the step's
+transient peak is under 30 bytes an entry of a chunk (W_eff, |W_eff|, the keys written over S,
+the positions, G, dW_eff, the masks: measured 22-28), ≤ 0.12 GiB whatever the weight's size
+(test_pst_reference.py checks the bound). Only W0's own dtype copy of the masked weight spans the whole weight in the
+forward (the one n x k temporary before too), so that the forward is one GEMM exactly as
+``F.linear`` runs it (at sparsity 0 the layer computes exactly what the plain linear did).
+The ops grow with ``ceil(n·k / CHUNK_ENTRIES)``, never with the tokens.
 
 The threshold is a radix select over the int64 order keys, 11 bits per pass (3 passes for fp32
 scores, 6 for fp64), then a pass that finds the tie cut in position order: each pass recomputes
-the block scores (two rank-r GEMMs per block), counts with ``bincount`` and keeps every
-intermediate on the device (no host sync, no sort, no n*k buffer).
+the chunk scores (two rank-r GEMMs per chunk), counts with ``scatter_add`` and keeps every
+intermediate on the device (no host sync, no sort, no n*k buffer). It runs once per optimizer
+step (``PSTLinear.threshold`` caches it).
 """
 
 from __future__ import annotations
@@ -32,10 +40,20 @@ Tensor = torch.Tensor
 _DIGIT_BITS = 11
 
 
-def row_blocks(n: int, k: int):
-    """``(start, stop)`` row ranges covering [0, n) with at most the budget of entries each."""
-    budget = max(k, min(naive.CHUNK_ELEMENTS, (n * k) // naive.WEIGHT_FRACTION))
-    rows = max(1, budget // max(k, 1))
+# Entries of one chunk of the forward and backward (see the module docstring): 2^22 = 4.2M, a
+# 2048x2048 weight; their peak is under 30 bytes an entry of a chunk (0.12 GiB at the cap). At
+# 2^24 (4096x4096 in one chunk, 4x fewer ops there) the 7B estimate's peak rose by 0.27 GiB
+# (17.10 -> 17.37 GiB, spft-bench --memory --rank 64): the memory target decided.
+CHUNK_ENTRIES = 1 << 22
+# The threshold's chunks: its radix passes hold int64 keys, digits and counts (~58 bytes an
+# entry, measured): 2^22 entries (0.23 GiB); it runs once per optimizer step.
+THRESHOLD_CHUNK_ENTRIES = 1 << 22
+
+
+def row_blocks(n: int, k: int, entries: int = None):
+    """``(start, stop)`` row ranges covering [0, n) with at most ``entries`` (default
+    ``CHUNK_ENTRIES``) entries each (at least one row)."""
+    rows = max(1, (CHUNK_ENTRIES if entries is None else entries) // max(k, 1))
     return [(start, min(n, start + rows)) for start in range(0, n, rows)]
 
 
@@ -70,14 +88,15 @@ def keep_mask(keys: Tensor, positions: Tensor, threshold: Tensor) -> Tensor:
 class _Blocks:
     """The factors of one call and their row blocks; yields (start, stop, W_eff, S)."""
 
-    def __init__(self, weight, U, V, A, B, R, C, beta, alpha1, alpha2):
+    def __init__(self, weight, U, V, A, B, R, C, beta, alpha1, alpha2, entries=None):
         self.args = (weight, U, V, A, B, R, C, beta, alpha1, alpha2)
+        self.entries = entries
         self.acc = naive.accumulate_dtype(weight, U, V, A, B, R, C)
         self.n, self.k = weight.shape
         self.device = weight.device
 
     def __iter__(self):
-        for start, stop in row_blocks(self.n, self.k):
+        for start, stop in row_blocks(self.n, self.k, self.entries):
             yield (start, stop, *block_weight_and_score(*self.args, start, stop, self.acc))
 
     def masks(self, threshold):
@@ -90,7 +109,7 @@ class _Blocks:
 def threshold(weight, U, V, A, B, R, C, beta, alpha1, alpha2, keep: int) -> Tensor:
     """int64 [2] ``(t, p)``: ``key > t or (key == t and position < p)`` keeps exactly ``keep``
     (0 < keep < n*k) entries; the same pair a stable descending sort of the keys gives."""
-    blocks = _Blocks(weight, U, V, A, B, R, C, beta, alpha1, alpha2)
+    blocks = _Blocks(weight, U, V, A, B, R, C, beta, alpha1, alpha2, THRESHOLD_CHUNK_ENTRIES)
     device = blocks.device
     bits = 64 if blocks.acc == torch.float64 else 32
     prefix = None  # the key's bits above the current digit, chosen so far (a device scalar)
@@ -141,20 +160,52 @@ def dense(weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2):
     return effective, mask
 
 
-def _masked(effective, mask, dtype, acc):
-    # The weight the GEMM sees, as in the fused kernel: W_eff ⊙ M rounded to x's dtype.
-    return torch.where(mask, effective, 0.0).to(dtype).to(acc)
+def _chunk(weight, U, V, A, B, R, C, beta, alpha1, alpha2, threshold, start, stop, acc):
+    """(W_eff, |W_eff|, M) of rows [start, stop) in 12 ops: the same scores as
+    :func:`block_weight_and_score` (bit for bit) and the same mask as :func:`keep_mask` on
+    :func:`order_keys`. Two steps of those are dropped because they cannot change the result
+    here: S is never -0.0 (|W_eff| >= +0, and a sum is -0.0 only when both terms are), so the
+    keys need no -0.0 fix; fp32 keys are compared as int32."""
+    effective = torch.addmm(weight[start:stop].to(acc), U[start:stop].to(acc), V.to(acc), alpha=beta)
+    magnitude = effective.abs()
+    score = torch.addmm(magnitude, A[start:stop].to(acc), B.to(acc), alpha=alpha1)
+    score += alpha2 * (R[start:stop].to(acc) + C.to(acc)) if alpha2 != 1.0 else R[start:stop].to(acc) + C.to(acc)
+    if acc == torch.float32 and stop * score.shape[1] < 2**31:
+        # key > t or (key == t and position < p)  <=>  key + (position < p) > t, in 3 ops instead
+        # of 5 (int32 cannot overflow here: only a NaN with an all-ones payload has the key 2^31-1).
+        # The sentinels of "keep all" / "keep none" are int32's extremes for fp32 scores
+        # (pst_linear._pst_threshold_op), so t compares as int32 without a clamp.
+        bits = score.view(torch.int32)
+        keys = bits.bitwise_xor_((bits >> 31) & torch.iinfo(torch.int32).max)  # in place: S is not needed after
+        positions = torch.arange(start * score.shape[1], stop * score.shape[1], dtype=torch.int32,
+                                 device=score.device).view(score.shape)
+        mask = keys.add_(positions < threshold[1]) > threshold[0]
+    else:
+        keys = order_keys(score)
+        mask = keep_mask(keys, _positions(start, stop, score.shape[1], score.device), threshold)
+    return effective, magnitude, mask
+
+
+def _chunks(weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2, acc):
+    n, k = weight.shape
+    for start, stop in row_blocks(n, k):
+        yield (start, stop, *_chunk(weight, U, V, A, B, R, C, beta, alpha1, alpha2, threshold, start, stop, acc))
 
 
 def forward(x2d, weight, U, V, A, B, R, C, bias, threshold, beta, alpha1, alpha2):
-    """``y = x (W_eff ⊙ M)ᵀ + b``: the masked weight is assembled block by block, in x's dtype,
-    into the one n x k temporary of the step (the size of W0 itself for a bf16 model), then one
-    GEMM as F.linear runs it, so that at sparsity 0 the layer computes exactly what the plain
-    linear did (a GEMM split by rows rounds differently, so the row blocks stop here)."""
-    blocks = _Blocks(weight, U, V, A, B, R, C, beta, alpha1, alpha2)
-    masked = torch.empty(weight.shape, dtype=x2d.dtype, device=weight.device)
-    for start, stop, effective, _, mask in blocks.masks(threshold):
-        masked[start:stop] = torch.where(mask, effective, 0.0)
+    """``y = x (W_eff ⊙ M)ᵀ + b``: the masked weight in x's dtype (the one n x k temporary of the
+    step, W0's size for a bf16 model), assembled chunk by chunk, then one GEMM as F.linear runs
+    it, so that at sparsity 0 the layer computes exactly what the plain linear did."""
+    acc = naive.accumulate_dtype(weight, U, V, A, B, R, C)
+    chunks = list(row_blocks(*weight.shape))
+    if len(chunks) == 1:
+        _, _, effective, _, mask = next(_chunks(weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2, acc))
+        masked = torch.where(mask, effective, 0.0).to(x2d.dtype)
+    else:
+        masked = torch.empty(weight.shape, dtype=x2d.dtype, device=weight.device)
+        for start, stop, effective, _, mask in _chunks(weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2, acc):
+            masked[start:stop] = torch.where(mask, effective, 0.0)
+            del effective, mask  # before the next chunk's buffers are made
     return F.linear(x2d, masked, bias)
 
 
@@ -164,32 +215,46 @@ def effective_weight_grad(g, mask, effective, abs_score_grad):
 
 
 def backward(dy2d, x2d, weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2, abs_score_grad, needs_dx, needs_params):
-    """(dx or None, (dU, dV, dA, dB, dR, dC) or None) in the accumulate dtype; G = dyᵀx is
-    formed one row block at a time and folded into the factor gradients."""
-    blocks = _Blocks(weight, U, V, A, B, R, C, beta, alpha1, alpha2)
+    """(dx or None, (dU, dV, dA, dB, dR, dC) or None) in the accumulate dtype: per chunk (one
+    chunk up to ``CHUNK_ENTRIES``) G = dyᵀx is formed once and folded into the factor gradients."""
     acc = naive.accumulate_dtype(dy2d, x2d, weight, U, V, A, B, R, C)
     wide_dy, wide_x = dy2d.to(acc), x2d.to(acc)
-    dx = torch.zeros(x2d.shape, dtype=acc, device=x2d.device) if needs_dx else None
-    if needs_params:
-        U, V, A, B = (t.to(acc) for t in (U, V, A, B))
-        dU, dA = torch.empty(U.shape, dtype=acc, device=U.device), torch.empty(A.shape, dtype=acc, device=A.device)
-        dV, dB = torch.zeros(V.shape, dtype=acc, device=V.device), torch.zeros(B.shape, dtype=acc, device=B.device)
-        dR = torch.empty(R.shape, dtype=acc, device=R.device)
-        dC = torch.zeros(C.shape, dtype=acc, device=C.device)
-    for start, stop, effective, _, mask in blocks.masks(threshold):
+    dx = None
+    chunks = list(row_blocks(*weight.shape))
+    grads = [] if needs_params else None
+    U, V, A, B = (t.to(acc) for t in (U, V, A, B))
+    for start, stop, effective, magnitude, mask in _chunks(weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2, acc):
         dy_block = wide_dy[:, start:stop]
         if needs_dx:
-            dx.addmm_(dy_block, _masked(effective, mask, x2d.dtype, acc))
+            # W_eff ⊙ M rounded to x's dtype, as the forward's GEMM saw it.
+            masked = torch.where(mask, effective, 0.0)
+            if x2d.dtype != acc:
+                masked = masked.to(x2d.dtype).to(acc)
+            dx = torch.mm(dy_block, masked) if dx is None else dx.addmm_(dy_block, masked)
+            del masked
         if not needs_params:
+            del effective, magnitude, mask
             continue
-        g = dy_block.t() @ wide_x
-        d_effective = effective_weight_grad(g, mask, effective, abs_score_grad)
+        g = torch.mm(dy_block.t(), wide_x)
+        d_effective = g * (magnitude + mask) if abs_score_grad else g * mask
         d_score = g.mul_(effective)
-        dU[start:stop] = beta * d_effective @ V.t()
-        dV.addmm_(U[start:stop].t(), d_effective, alpha=beta)
-        dA[start:stop] = alpha1 * d_score @ B.t()
-        dB.addmm_(A[start:stop].t(), d_score, alpha=alpha1)
-        dR[start:stop] = alpha2 * d_score.sum(1, keepdim=True)
-        dC += alpha2 * d_score.sum(0, keepdim=True)
+        del effective, magnitude, mask
+        grads.append((
+            _scaled(torch.mm(d_effective, V.t()), beta), _scaled(torch.mm(U[start:stop].t(), d_effective), beta),
+            _scaled(torch.mm(d_score, B.t()), alpha1), _scaled(torch.mm(A[start:stop].t(), d_score), alpha1),
+            _scaled(d_score.sum(1, keepdim=True), alpha2), _scaled(d_score.sum(0, keepdim=True), alpha2),
+        ))
+        del g, d_effective, d_score  # before the next chunk's buffers are made
+    if dx is None and needs_dx:
+        dx = torch.zeros(x2d.shape, dtype=acc, device=x2d.device)
     dx = None if dx is None else dx.to(x2d.dtype)
-    return dx, ((dU, dV, dA, dB, dR, dC) if needs_params else None)
+    if not needs_params:
+        return dx, None
+    if len(chunks) == 1:
+        return dx, grads[0]
+    dU, dV, dA, dB, dR, dC = zip(*grads)
+    return dx, (torch.cat(dU), sum(dV[1:], dV[0]), torch.cat(dA), sum(dB[1:], dB[0]), torch.cat(dR), sum(dC[1:], dC[0]))
+
+
+def _scaled(t: Tensor, factor: float) -> Tensor:
+    return t if factor == 1.0 else t.mul_(factor)

@@ -1,18 +1,23 @@
-"""``y = x (W0 + Δ)ᵀ + b`` with a trainable sparse ``Δ``: the ops, their autograd and the
+"""``y = x (W0 + Δ)ᵀ + b`` with a trainable sparse ``Δ``: the op, its autograd and the
 functional entry point.
 
-The op ``spft::sparse_delta_linear`` (with a fake implementation, so torch.compile traces
-through it) is built from ``spmm_add`` / ``spmm_t_add`` (spmm.py), ``sddmm`` (sddmm.py) and, in
-the fused mode, ``fused_delta_linear`` (fused_delta_linear.py). Its ``mode`` is the layer's:
-``split`` (GEMM + SpMM), ``merged`` (the weight already holds W0 + Δ: a plain GEMM) or ``fused``
-(one GEMM adding Δ into the weight tiles).
+The op ``spft::sparse_delta_linear(x, weight, bias, delta, index, *, index_form, mode, backend)``
+takes five tensors and named options (with a fake implementation, so torch.compile traces
+through it). ``index`` is the index form the step reads, decided once per index change (the
+layer keeps it): ``crow`` and ``col_bytes``, the stored CSR with 16-bit columns
+(csr_index.py), plus, for a custom kernel backend asked for by name, the derived forms it reads;
+``index_form`` names them, in order. ``mode`` is the layer's: ``split`` (GEMM + SpMM),
+``merged`` (the weight already holds W0 + Δ: a plain GEMM) or ``fused`` (one GEMM adding Δ into
+the weight tiles: the cuda kernel; elsewhere computed as split). ``weight=None``: the base term
+is computed elsewhere (a quantized base's own matmul): the op returns ``x Δᵀ (+ b)`` only.
+
+The default path (backend ``reference``, what ``auto`` runs on every device) is the library's
+sparse products, one op each (library_sparse.py): a step is the GEMMs plus a cast of the
+columns, the CSR products and the bias sum, whatever the tokens and the size of the weight.
 
 Backward: ``dx = dy W + dy Δ`` (``dy W`` alone in merged mode, where W already holds W0 + Δ),
-``d delta = SDDMM(x, dy)``, ``db = Σ dy``; only ``x`` is saved (W, delta and the index are the
-layer's own tensors). ``dW = dyᵀ x`` is computed only if the weight itself requires grad.
-A layer's index arrives compact (``index`` = its low bytes, ``index_block_ends`` given,
-compact_index.py) and is expanded inside the op, in the forward only where the forward reads it
-(not in merged mode) and again in backward: what stays saved between them is the 2-byte form.
+``d delta = SDDMM(x, dy)``, ``db = Σ dy``; only ``x`` is saved besides the layer's own tensors
+(W, delta and the 2-byte index). ``dW = dyᵀ x`` only if the weight itself requires grad.
 """
 
 from __future__ import annotations
@@ -23,102 +28,227 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from . import naive
+from . import library_sparse, naive
+from ._eager import TensorList, eager_autograd, runs_eagerly
 from ._linear_args import check_x_and_weight, prepare_operands, weight_for_dx
 from .backends import check_backend_name, resolve_backend
+from .csr_index import CsrIndex
 from .fused_delta_linear import fused_delta_linear
-from .compact_index import expand_index
-from .index import DERIVED, SparseIndex, index_dtype_for
+from .index import SparseIndex, index_dtype_for
 from .sddmm import sddmm
 from .spmm import spmm_add, spmm_t_add
 
 Tensor = torch.Tensor
 
+STORED = ("crow", "col_bytes")
+
+
+# --- the index form an op reads ----------------------------------------------------------------
+
+
+class _IndexForm:
+    """The op's ``index`` list by name (``index_form``: the names, comma-separated)."""
+
+    def __init__(self, tensors, names: str, out_features: int, in_features: int):
+        self.tensors = dict(zip(names.split(","), tensors))
+        self.csr = CsrIndex(self.tensors["crow"], self.tensors["col_bytes"], out_features, in_features)
+        self._columns = self._flat = None
+
+    def columns(self) -> Tensor:
+        """int32 CSR columns, cast once per call and shared by the call's products."""
+        if self._columns is None:
+            self._columns = self.csr.columns()
+        return self._columns
+
+    def flat(self) -> Tensor:
+        """The canonical flat index, for the custom kernels only (3 ops)."""
+        if self._flat is None:
+            self._flat = self.csr.flat(index_dtype_for(self.csr.out_features, self.csr.in_features))
+        return self._flat
+
+    def get(self, name: str) -> Optional[Tensor]:
+        return self.tensors.get(name)
+
+
+_KERNEL_CHOICES: dict = {}
+
+
+def _kernel(op: str, backend: str, device: torch.device) -> bool:
+    """Whether ``op`` runs a custom kernel (cuda, triton: asked for by name) instead of the
+    library's sparse products. Resolved once per (op, backend, device type) and process: the
+    registry does not change after import, and resolving costs ~10 µs, 2-4 times a step."""
+    if backend == "reference":
+        return False
+    key = (op, backend, device.type)
+    choice = _KERNEL_CHOICES.get(key)
+    if choice is None:
+        choice = _KERNEL_CHOICES[key] = resolve_backend(op, backend, device) != "reference"
+    return choice
+
+
+def _x_delta_t(y2d: Optional[Tensor], x2d: Tensor, delta: Tensor, index: _IndexForm, dtype, backend: str) -> Tensor:
+    if _kernel("spmm_add", backend, x2d.device):
+        base = y2d if y2d is not None else x2d.new_zeros(x2d.shape[0], index.csr.out_features)
+        return spmm_add(base, x2d, delta, index.flat(), index.get("row_ptr"), backend)
+    return library_sparse.add_rounded_(y2d, library_sparse.x_delta_t(x2d, delta, index.csr, index.columns()), dtype)
+
+
+def _dy_delta(dx2d: Optional[Tensor], dy2d: Tensor, delta: Tensor, index: _IndexForm, dtype, backend: str) -> Tensor:
+    if _kernel("spmm_t_add", backend, dy2d.device):
+        base = dx2d if dx2d is not None else dy2d.new_zeros(dy2d.shape[0], index.csr.in_features)
+        return spmm_t_add(base, dy2d, delta, index.flat(), index.get("col_ptr"), index.get("csc_perm"), backend)
+    return library_sparse.add_rounded_(dx2d, library_sparse.dy_delta(dy2d, delta, index.csr, index.columns()), dtype)
+
+
+def _delta_grad(x2d: Tensor, dy2d: Tensor, index: _IndexForm, backend: str) -> Tensor:
+    if _kernel("sddmm", backend, x2d.device):
+        return sddmm(x2d, dy2d, index.flat(), index.get("tile_ptr"), backend)
+    return library_sparse.sddmm(x2d, dy2d, index.csr, index.columns())
+
 
 # --- the layer op ------------------------------------------------------------------------------
-
-
-def _or_empty(metadata: Optional[Tensor], index: Tensor) -> Tensor:
-    # Derived index metadata is passed only to backends that read it (see _metadata_for); the
-    # reference implementations take an empty placeholder.
-    return index[:0] if metadata is None else metadata
-
-
-def _canonical(index: Tensor, block_ends: Optional[Tensor], weight_shape) -> Tensor:
-    """The flat index an op reads: ``index`` itself, or expanded from its compact form."""
-    return index if block_ends is None else expand_index(index, block_ends, index_dtype_for(*weight_shape))
 
 
 @torch.library.custom_op("spft::sparse_delta_linear", mutates_args=())
 def _sparse_delta_linear_op(
     x: Tensor,
-    weight: Tensor,
-    delta: Tensor,
-    index: Tensor,
-    index_block_ends: Optional[Tensor],
-    row_ptr: Optional[Tensor],
-    col_ptr: Optional[Tensor],
-    csc_perm: Optional[Tensor],
-    tile_ptr: Optional[Tensor],
+    weight: Optional[Tensor],
     bias: Optional[Tensor],
+    delta: Tensor,
+    index: list[Tensor],
+    *,
+    index_form: str,
+    out_features: int,
     mode: str,
     backend: str,
 ) -> Tensor:
-    out_features, in_features = weight.shape
-    if mode != "merged" and index.numel() > 0:
-        index = _canonical(index, index_block_ends, weight.shape)
-    if mode == "fused" and index.numel() > 0:
-        y2d = fused_delta_linear(x.reshape(-1, in_features), weight, delta, index, _or_empty(row_ptr, index), bias, backend)  # nnz > 0: in > 0
-        return y2d.reshape(*x.shape[:-1], out_features)
-    y = F.linear(x, weight, bias)
-    if mode == "merged" or index.numel() == 0:
-        return y
-    y2d = spmm_add(y.reshape(-1, out_features), x.reshape(-1, in_features), delta, index, _or_empty(row_ptr, index), backend)
-    return y2d.reshape(y.shape)
+    return _linear_impl(x, weight, bias, delta, index, index_form=index_form, out_features=out_features, mode=mode,
+                        backend=backend)
+
+
+def _linear_impl(x, weight, bias, delta, index, *, index_form, out_features, mode, backend) -> Tensor:
+    in_features = x.shape[-1]
+    num_tokens = math.prod(x.shape[:-1])  # explicit: reshape(-1, 0) cannot infer it for a zero-width layer
+    x2d = x.reshape(num_tokens, in_features)
+    form = _IndexForm(index, index_form, out_features, in_features)
+    has_delta = mode != "merged" and form.csr.nnz > 0
+    # The op chooses its own precision (prepare_operands cast x for autocast already): under
+    # autocast the sparse products would otherwise be cast to a dtype the library lacks.
+    with torch.autocast(x.device.type, enabled=False):
+        y2d = _forward(x2d, weight, bias, delta, form, num_tokens, out_features, has_delta, mode, backend)
+    return y2d.reshape(*x.shape[:-1], out_features)
+
+
+def _forward(x2d, weight, bias, delta, form, num_tokens, out_features, has_delta, mode, backend) -> Tensor:
+    if mode == "fused" and has_delta and weight is not None and _kernel("fused_delta_linear", backend, x2d.device):
+        return fused_delta_linear(x2d, weight, delta, form.flat(), form.get("row_ptr"), bias, backend)
+    if weight is not None:
+        if has_delta and not _kernel("spmm_add", backend, x2d.device):
+            y2d = library_sparse.linear_with_delta(x2d, weight, bias, delta, form.csr, form.columns())
+            if y2d is not None:
+                return y2d
+        y2d = F.linear(x2d, weight, bias)
+        return _x_delta_t(y2d, x2d, delta, form, x2d.dtype, backend) if has_delta else y2d
+    if has_delta:
+        y2d = _x_delta_t(None, x2d, delta, form, x2d.dtype, backend)
+        return y2d if bias is None else y2d.add_(bias)
+    return x2d.new_zeros(num_tokens, out_features) if bias is None else bias.expand(num_tokens, out_features).clone()
 
 
 @_sparse_delta_linear_op.register_fake
-def _(x, weight, delta, index, index_block_ends, row_ptr, col_ptr, csc_perm, tile_ptr, bias, mode, backend):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+def _(x, weight, bias, delta, index, *, index_form, out_features, mode, backend):
+    return x.new_empty((*x.shape[:-1], out_features))
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, delta, index, index_block_ends, row_ptr, col_ptr, csc_perm, tile_ptr, bias, mode, backend = inputs
-    ctx.save_for_backward(x, weight_for_dx(ctx, weight), delta, index, index_block_ends, col_ptr, csc_perm, tile_ptr)
-    ctx.weight_shape = weight.shape
-    ctx.merged = mode == "merged"
-    ctx.backend = backend
+def _setup_context(ctx, inputs, keyword_only_inputs, output):
+    x, weight, bias, delta, index = inputs
+    ctx.save_for_backward(x, weight_for_dx(ctx, weight) if weight is not None else None, delta, *index)
+    ctx.options = keyword_only_inputs
+    ctx.index_count = len(index)
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
+@torch.library.custom_op("spft::sparse_delta_linear_backward", mutates_args=())
+def _sparse_delta_linear_backward_op(
+    dy2d: Tensor,
+    x2d: Tensor,
+    weight: Optional[Tensor],
+    delta: Tensor,
+    index: list[Tensor],
+    *,
+    index_form: str,
+    mode: str,
+    backend: str,
+    need_dx: bool,
+    need_delta: bool,
+) -> tuple[Tensor, Tensor]:
+    """``(dx, d delta)`` for 2-D ``dy``, ``x``; an output not asked for is empty. One op for the
+    tracer: the sparse tensors the library's products build inside are not traceable."""
+    return _backward_impl(dy2d, x2d, weight, delta, index, index_form, mode, backend, need_dx, need_delta)
+
+
+def _backward_impl(dy2d, x2d, weight, delta, index, index_form, mode, backend, need_dx, need_delta):
+    out_features, in_features = dy2d.shape[1], x2d.shape[1]
+    form = _IndexForm(index, index_form, out_features, in_features)
+    has_delta = mode != "merged" and form.csr.nnz > 0
+    dx2d = ddelta = None
+    with torch.autocast(x2d.device.type, enabled=False):
+        if need_dx:
+            dx2d = None
+            if has_delta and weight is not None and not _kernel("spmm_t_add", backend, dy2d.device):
+                dx2d = library_sparse.dx_with_delta(dy2d, weight, delta, form.csr, form.columns())
+            if dx2d is None:
+                dx2d = dy2d.mm(weight) if weight is not None else None
+                if has_delta:
+                    dx2d = _dy_delta(dx2d, dy2d, delta, form, x2d.dtype, backend)
+            elif dx2d is None:
+                dx2d = x2d.new_zeros(x2d.shape)
+        if need_delta:
+            ddelta = _delta_grad(x2d, dy2d, form, backend).to(delta.dtype)
+    return (x2d.new_empty(0) if dx2d is None else dx2d), (delta.new_empty(0) if ddelta is None else ddelta)
+
+
+@_sparse_delta_linear_backward_op.register_fake
+def _(dy2d, x2d, weight, delta, index, *, index_form, mode, backend, need_dx, need_delta):
+    return x2d.new_empty(x2d.shape if need_dx else (0,)), delta.new_empty(delta.shape if need_delta else (0,))
+
+
 def _backward(ctx, dy):
-    x, weight, delta, index, index_block_ends, col_ptr, csc_perm, tile_ptr = ctx.saved_tensors
-    out_features, in_features = ctx.weight_shape
-    reads_index = ctx.needs_input_grad[2] or (ctx.needs_input_grad[0] and not ctx.merged)
-    if reads_index and index.numel() > 0:
-        index = _canonical(index, index_block_ends, ctx.weight_shape)
-    # Explicit token counts: reshape(-1, 0) cannot infer them for a zero-width layer.
-    num_tokens = math.prod(x.shape[:-1])
-    dy2d = dy.reshape(num_tokens, out_features)
-    x2d = x.reshape(num_tokens, in_features)
+    """``(dx, dweight, dbias, ddelta)``; the callers add the index's (no) gradient."""
+    x, weight, delta, *index = ctx.saved_tensors
+    need_x, need_weight, need_bias, need_delta = ctx.needs_input_grad[:4]  # x, weight, bias, delta
+    options = ctx.options
+    num_tokens = math.prod(x.shape[:-1])  # explicit: reshape(-1, 0) cannot infer it for a zero-width layer
+    dy2d = dy.reshape(num_tokens, options["out_features"])
+    x2d = x.reshape(num_tokens, x.shape[-1])
     dx = dweight = ddelta = dbias = None
-    if ctx.needs_input_grad[0]:
-        dx2d = dy2d.mm(weight)
-        if not ctx.merged and index.numel() > 0:
-            dx2d = spmm_t_add(
-                dx2d, dy2d, delta, index, _or_empty(col_ptr, index), _or_empty(csc_perm, index), ctx.backend
-            )
-        dx = dx2d.reshape(x.shape)
-    if ctx.needs_input_grad[1]:
+    if need_x or need_delta:
+        arguments = dict(index_form=options["index_form"], mode=options["mode"], backend=options["backend"],
+                         need_dx=need_x, need_delta=need_delta)
+        if runs_eagerly(dy2d, x2d, weight, delta, *index):
+            dx2d, ddelta = _backward_impl(dy2d, x2d, weight, delta, index, **arguments)
+        else:
+            dx2d, ddelta = _sparse_delta_linear_backward_op(dy2d, x2d, weight, delta, index, **arguments)
+        dx = dx2d.reshape(x.shape) if need_x else None
+        ddelta = ddelta if need_delta else None
+    if need_weight:
         dweight = dy2d.t().mm(x2d)
-    if ctx.needs_input_grad[2]:
-        ddelta = sddmm(x2d, dy2d, index, tile_ptr, ctx.backend).to(delta.dtype)
-    if ctx.needs_input_grad[9]:
+    if need_bias:
         dbias = dy2d.sum(dim=0, dtype=naive.accumulate_dtype(dy2d)).to(ctx.bias_dtype)
-    return dx, dweight, ddelta, None, None, None, None, None, None, dbias, None, None
+    return dx, dweight, dbias, ddelta
 
 
-_sparse_delta_linear_op.register_autograd(_backward, setup_context=_setup_context)
+def _op_backward(ctx, dy):
+    # ctx.saved_tensors is read once (activation checkpointing allows no second unpack)
+    return (*_backward(ctx, dy), [None] * ctx.index_count)
+
+
+_sparse_delta_linear_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+_EagerSparseDeltaLinear = eager_autograd(
+    _linear_impl, _setup_context, _op_backward, keyword_setup=True
+)
 
 
 # --- functional entry point ------------------------------------------------------------------
@@ -139,19 +269,26 @@ _METADATA = {
 }
 
 
-def _metadata_for(sparse_index: SparseIndex, mode: str, backend: str, device: torch.device) -> dict:
-    """``{name: tensor or None}`` for the four derived forms: built (lazily, cached by the index's
-    owner) only where the backend that will run an op of this mode reads it."""
-    needed = set()
-    for op in _KERNEL_OPS[mode]:
-        if resolve_backend(op, backend, device) != "reference":
-            needed.update(_METADATA[op])
-    return {name: getattr(sparse_index, name) if name in needed else None for name in DERIVED}
+def index_form_for(sparse_index: SparseIndex, mode: str, backend: str, device: torch.device) -> tuple[list, str]:
+    """``(tensors, names)``: what the op reads of ``sparse_index`` in ``mode`` on ``backend``
+    (the op's ``index`` and ``index_form``): the stored CSR, plus the derived forms a custom
+    kernel of this mode reads (built on first use and kept by the index's owner). Decided once
+    per index change by a layer; the library path reads the stored CSR only."""
+    csr = sparse_index.csr()
+    named = {"crow": csr.crow, "col_bytes": csr.col_bytes}
+    if sparse_index.nnz:
+        for op in _KERNEL_OPS[mode]:
+            if _kernel(op, backend, device):
+                for name in _METADATA[op]:
+                    tensor = getattr(sparse_index, name)
+                    if tensor is not None:
+                        named[name] = tensor
+    return list(named.values()), ",".join(named)
 
 
 def sparse_delta_linear(
     x: Tensor,
-    weight: Tensor,
+    weight: Optional[Tensor],
     delta: Tensor,
     index: Union[Tensor, SparseIndex],
     bias: Optional[Tensor] = None,
@@ -164,58 +301,59 @@ def sparse_delta_linear(
 
     ``x``: [..., in]; ``weight``: [out, in] (frozen W0); ``delta``: [nnz] (fp32 master);
     ``index``: a :class:`SparseIndex`, or a 1-D integer tensor of flat positions, which is then
-    validated and its metadata built on every call (a host sync: layers cache a SparseIndex).
+    validated and its CSR form built on every call (a host sync: layers cache a SparseIndex).
     An unsorted index tensor is sorted and ``delta`` permuted with it (differentiably).
     ``merged=True`` declares that ``weight`` already holds ``W0 + Δ``: the forward is then a plain
     GEMM and only the delta gradient is sparse (the layer's merged mode). ``fused=True`` computes
     the forward as one GEMM that adds Δ into the weight tiles (the layer's fused mode; the cuda
     backend has the kernel, the reference computes the split form).
+
+    ``weight=None``: the base term ``x W0ᵀ`` is computed elsewhere (e.g. by a quantized base's own
+    matmul); the result is then ``x Δᵀ + b`` alone, its backward ``dx = dy Δ`` and the same delta
+    gradient. ``index`` must then be a :class:`SparseIndex` (it gives the weight's shape) and
+    ``merged`` is refused (there is no weight to hold Δ).
     """
+    name = "sparse_delta_linear"
     check_backend_name(backend)
     if merged and fused:
-        raise ValueError("sparse_delta_linear: merged and fused are exclusive (a merged weight already holds Δ)")
+        raise ValueError(f"{name}: merged and fused are exclusive (a merged weight already holds Δ)")
     mode = "merged" if merged else "fused" if fused else "split"
-    out_features, in_features = check_x_and_weight("sparse_delta_linear", x, weight, delta, "delta")
+    if weight is None:
+        if merged:
+            raise ValueError(f"{name}: merged=True needs the weight that holds W0 + Δ, got weight=None")
+        if not isinstance(index, SparseIndex):
+            raise ValueError(f"{name}: with weight=None give index as a SparseIndex (it carries the weight's shape)")
+        out_features, in_features = index.shape
+        check_x_and_weight(name, x, torch.empty(out_features, in_features, device="meta"), delta, "delta")
+    else:
+        out_features, in_features = check_x_and_weight(name, x, weight, delta, "delta")
     if isinstance(index, SparseIndex):
         sparse_index = index
         if sparse_index.shape != (out_features, in_features):
             raise ValueError(
-                f"sparse_delta_linear: index was built for shape {sparse_index.shape}, weight is "
-                f"{(out_features, in_features)}"
+                f"{name}: index was built for shape {sparse_index.shape}, weight is {(out_features, in_features)}"
             )
     else:
-        sparse_index, order = SparseIndex.build(
-            index, out_features, in_features, device=weight.device, name="sparse_delta_linear"
-        )
+        sparse_index, order = SparseIndex.build(index, out_features, in_features, device=weight.device, name=name)
         if order is not None:
             if delta.shape != order.shape:
-                raise ValueError(
-                    f"sparse_delta_linear: delta has shape {tuple(delta.shape)}, expected ({order.numel()},)"
-                )
+                raise ValueError(f"{name}: delta has shape {tuple(delta.shape)}, expected ({order.numel()},)")
             delta = delta[order.to(delta.device)]
     if delta.dim() != 1 or delta.numel() != sparse_index.nnz:
         raise ValueError(
-            f"sparse_delta_linear: delta must be 1-D with one value per index entry ({sparse_index.nnz}), "
+            f"{name}: delta must be 1-D with one value per index entry ({sparse_index.nnz}), "
             f"got shape {tuple(delta.shape)}"
         )
     if not delta.is_floating_point():
-        raise ValueError(f"sparse_delta_linear: delta must be floating point, got {delta.dtype}")
-    index_tensor, index_block_ends = sparse_index.stored()
+        raise ValueError(f"{name}: delta must be floating point, got {delta.dtype}")
+    csr = sparse_index.csr()
     x, weight, bias = prepare_operands(
-        "sparse_delta_linear", x, weight, bias, (delta, index_tensor), _KERNEL_OPS[mode], backend
+        name, x, weight, bias, (delta, csr.crow, csr.col_bytes), _KERNEL_OPS[mode], backend, out_features=out_features
     )
-    metadata = _metadata_for(sparse_index, mode, backend, weight.device) if sparse_index.nnz else dict.fromkeys(DERIVED)
+    tensors, form = index_form_for(sparse_index, mode, backend, x.device)
+    options = dict(index_form=form, out_features=out_features, mode=mode, backend=backend)
+    if runs_eagerly(x, weight, bias, delta, *tensors):
+        return _EagerSparseDeltaLinear.apply(x, weight, bias, delta, TensorList(tensors), options)
     return _sparse_delta_linear_op(
-        x,
-        weight,
-        delta,
-        index_tensor,
-        index_block_ends,
-        metadata["row_ptr"],
-        metadata["col_ptr"],
-        metadata["csc_perm"],
-        metadata["tile_ptr"],
-        bias,
-        mode,
-        backend,
+        x, weight, bias, delta, tensors, **options
     )
