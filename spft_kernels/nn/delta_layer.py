@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import types
+import warnings
 from typing import Optional
 
 import torch
@@ -108,6 +109,11 @@ class DeltaLayer(SpftLayer):
         # (the weight Parameter merge() wrote W0 + Δ into,) while merged; see _check_weight_kept.
         self._merged_into = None
         self._merge_disabled = False  # mode 'auto' after the weight was swapped out (FSDP2)
+        # Whether the weight holds W0 + Δ at the positions now (merged and written); a merged
+        # layer whose weight holds W0 (lent to a state dict, or seen by another tensor) computes
+        # the split form.
+        self._holds_delta = False
+        self._split_said = False  # the warning of mode 'auto' computing split, once per layer
         # Live state-dict views of the weight while it holds W0 for them (w0_loan.py).
         self._w0_loans = W0Loans()
         self.register_buffer("_w0_at_index", None, persistent=False)
@@ -240,9 +246,11 @@ class DeltaLayer(SpftLayer):
     def merge(self) -> None:
         """Make the weight hold ``W0 + Δ`` (W0 at the positions kept aside); later forwards re-sync it
         when ``delta`` changes. Idempotent. Refused for a weight another module shares
-        (``weight_shared_with``) and for an inference tensor weight: both stay in the split form.
-        Raises ``RuntimeError`` while a state dict of this layer that shares its weight (holding
-        W0) is still alive (``w0_loan.py``)."""
+        (``weight_shared_with``), a sharded weight and an inference tensor weight: they stay in
+        the split form. A weight something else observes (another model or module on the same
+        tensors, a view of it) is first copied: the layer then merges into its own copy and the
+        others keep W0. Raises ``RuntimeError`` while a state dict of this layer that shares its
+        weight (holding W0) is still alive (``w0_loan.py``)."""
         self._refuse_while_lent("merge()")
         self._merge()
 
@@ -270,11 +278,48 @@ class DeltaLayer(SpftLayer):
         refusal = self.base_kind.merge_refusal(self)
         if refusal is not None:
             raise ValueError(refusal)
+        # (While the layer's own state dict holds W0 the layer merges without writing, see
+        # _resync_if_stale; anyone else seeing the weight now would see the write: a copy then.)
+        observed = None if self._w0_loans.settled() else self.base_kind.observers(self, parameter=True)
+        if observed is not None:  # merged on request (mode 'merged', merge()): into a copy of its own
+            self._take_private_weight(observed)
         self._w0_at_index = self._gather_w0()
         self._merged = True
         self._merged_into = (self.weight,)
         self._synced_delta_key = None
+        self._holds_delta = False
         self._resync_if_stale()
+
+    @builds_state
+    def _take_private_weight(self, observed: str) -> None:
+        """Copy-on-write: the layer's weight becomes a copy only it holds (one out x in tensor), so
+        that merging never changes what others see (``observed``: who they are). Said once."""
+        warnings.warn(
+            f"{self.layer_name}: {observed}; merging would change it there, so this layer merges into a copy of "
+            f"its own ({self.out_features} x {self.in_features}, {self.weight.dtype}). Mode 'auto' computes the "
+            "split form instead, with no copy",
+            stacklevel=4,
+        )
+        self.weight = nn.Parameter(self.weight.detach().clone(memory_format=torch.contiguous_format), requires_grad=False)
+        if self._merged:
+            self._merged_into = (self.weight,)
+
+    def _write_w0_back(self) -> None:
+        """W0 back at the positions of a merged weight. When the weight holds W0 already the write
+        changes no value (a compiled forward may have written W0 + Δ without telling the eager
+        flags, so it is written anyway; it also bumps the version counter, which makes a backward
+        that saved W0 + Δ fail loudly)."""
+        weight = self._writable_weight() if self._holds_delta else self.weight
+        self._write(weight, base=self._w0_at_index, delta=None)
+        self._holds_delta = False
+
+    def _writable_weight(self) -> torch.Tensor:
+        """The weight, to write into: copied first if a tensor outside the layer sees it now (only
+        a view of the merged weight itself can: nothing else held it when the layer merged)."""
+        observed = self.base_kind.observers(self, parameter=False)
+        if observed is not None:
+            self._take_private_weight(observed)
+        return self.weight
 
     @builds_state
     @torch.no_grad()
@@ -283,31 +328,57 @@ class DeltaLayer(SpftLayer):
         the next forward merges again."""
         if not self._merged:
             return
-        self._write(self.weight, base=self._w0_at_index, delta=None)
+        self._write_w0_back()
         self._w0_at_index = None
         self._merged = False
         self._merged_into = None
         self._synced_delta_key = None
+        self._holds_delta = False
 
     @builds_state
     @torch.no_grad()
     def _resync_if_stale(self) -> None:
+        """Write ``W0 + Δ`` at the positions when Δ changed since the last write, only into a weight
+        nothing else sees: while a state dict, a view, a numpy array or a storage object of the
+        weight holding W0 is alive the layer leaves it alone (and computes the split form)."""
         if self._w0_loans.settled():
             return  # the weight holds W0 for a live state dict
         key = self._delta_key()
-        if key != self._synced_delta_key:
-            self._write(self.weight, base=self._w0_at_index, delta=self.delta)
-            self._synced_delta_key = key
+        if key == self._synced_delta_key and self._holds_delta:
+            return
+        if not self._holds_delta and self.base_kind.observers(self, parameter=False) is not None:
+            return  # W0 in the weight, seen from outside: split until they are gone
+        self._write(self._writable_weight(), base=self._w0_at_index, delta=self.delta)
+        self._synced_delta_key = key
+        self._holds_delta = True
 
     def _computes_merged(self) -> bool:
-        """Whether the weight holds ``W0 + Δ`` for this forward (merged and W0 not lent): the
-        subclasses' ``_functional`` computes the merged form then, else the split form."""
-        return self._merged and not self._w0_loans.settled()
+        """Whether the weight holds ``W0 + Δ`` for this forward: the subclasses' ``_functional``
+        computes the merged form then, else the split form. Traced (torch.compile), the eager
+        checks are not available: merged unless W0 is lent to a state dict (a counter Dynamo
+        guards on), and the traced forward writes W0 + Δ itself."""
+        if torch.compiler.is_compiling():
+            return self._merged and not self._w0_loans.settled()
+        return self._merged and self._holds_delta and not self._w0_loans.settled()
 
-    def _wants_merged(self) -> bool:
+    def _wants_merged(self, say: bool = False) -> bool:
+        """Whether this layer should merge now. Mode 'auto' merges only a weight its base allows
+        (``merge_refusal``) that nothing outside the layer sees (``observers``); otherwise it
+        computes the split form, and with ``say`` (a forward) warns once naming the reason."""
         if self.mode == "merged":
-            return True  # merge() raises when it cannot (a shared or an inference tensor weight)
-        return self.mode == "auto" and not self._merge_disabled and self.base_kind.merge_refusal(self) is None
+            return True  # merge() raises when it cannot, and copies a weight others see
+        if self.mode != "auto" or self._merge_disabled:
+            return False
+        reason = self.base_kind.merge_refusal(self) or self.base_kind.observers(self, parameter=True)
+        if reason is not None and say and not self._split_said:
+            self._split_said = True
+            warnings.warn(
+                f"{self.layer_name}: mode 'auto' computes the split form (exact, W0 never written) because {reason}; "
+                "it merges once nothing else holds the weight. Pass mode='split' to silence this, or give the model "
+                "its own copy of the base weights for merged speed",
+                stacklevel=3,
+            )
+        return reason is None
 
     def mark_weight_shared(self, other: str) -> None:
         """Record that module ``other`` holds this layer's weight too (e.g. a tied LM head and the
@@ -364,7 +435,7 @@ class DeltaLayer(SpftLayer):
         if torch.compiler.is_compiling():
             return self._traced_forward(x)
         self._check_weight_kept()
-        if not self._merged and self._wants_merged():
+        if not self._merged and self._wants_merged(say=True):
             self._merge()
         if self._merged:
             self._resync_if_stale()
@@ -394,22 +465,22 @@ class DeltaLayer(SpftLayer):
     # --- state dict, dtype and device -------------------------------------------------------
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self._merged:
+            # Save W0, never W_eff: the state dict must not depend on the mode. W0 is written back
+            # into the trained positions (O(nnz), exact; before the state dict holds the weight)
+            # and lent, never copied (w0_loan.py).
+            with torch.no_grad():
+                self._write_w0_back()
+            self._synced_delta_key = None
         super()._save_to_state_dict(destination, prefix, keep_vars)
         # The canonical positions, whatever form the layer stores them in (SparseDeltaLinear: 2
         # bytes an entry, expanded here to the int32 index while the state dict lives).
         positions = self._current_positions()
         destination[prefix + self.positions_key] = positions if keep_vars else positions.detach()
-        if self._merged:
-            # Save W0, never W_eff: the state dict must not depend on the mode. W0 is written back
-            # into the trained positions (O(nnz), exact) and lent, never copied (w0_loan.py).
-            with torch.no_grad():
-                self._write(self.weight, base=self._w0_at_index, delta=None)
-            self._synced_delta_key = None
-            destination[prefix + "weight"] = self._w0_loans.lend(self.weight)
-        elif not keep_vars and self._wants_merged():
-            # The weight holds W0 now, but the next forward would merge W0 + Δ into it under a
-            # state dict still held (weight W0 + Δ next to delta Δ: Δ counted twice on load).
-            # Lent, the layer computes the split form until the state dict is freed.
+        if self._merged or (not keep_vars and self.mode in ("auto", "merged")):
+            # The weight holds W0 now; the state dict's tensor shares its storage, so the layer
+            # writes no W0 + Δ into it while it lives (``observers``). Lent as well, so that a
+            # compiled forward (which cannot ask the storage) keeps the split form too.
             destination[prefix + "weight"] = self._w0_loans.lend(self.weight)
 
     @builds_state
@@ -464,7 +535,7 @@ class DeltaLayer(SpftLayer):
                 with torch.no_grad():
                     self.delta.data = self.delta.data[order.to(self.delta.device)]
             self._adopt(validated)
-        if was_merged:
+        if was_merged and self._wants_merged():
             self._merge()
 
     def _load_problem(self, validated, incoming_delta, positions_key, delta_key, state_dict, prefix) -> Optional[str]:
