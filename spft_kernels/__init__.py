@@ -22,6 +22,7 @@ from .integration.adapter.save import save_adapter
 from .integration.config import SpftConfig
 from .integration.conversion import get_spft_model, make_dynamic_mask, set_pst_sparsity
 from .integration.merge import merge_and_unload, unload
+from .integration.modes import set_mode
 from .integration.surgery import print_trainable_parameters
 from .masks.dynamic_mask import DynamicMask
 from .masks.row_importance import row_importance, select_rows
@@ -62,6 +63,7 @@ def __getattr__(name):
 
 
 __all__ = [
+    "set_mode",
     "BlockSparseLinear",
     "DeltaLayer",
     "DenseBase",

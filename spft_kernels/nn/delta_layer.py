@@ -91,14 +91,7 @@ class DeltaLayer(SpftLayer):
         name: Optional[str] = None,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype, backend=backend, name=name)
-        if mode not in MODES:
-            raise ValueError(f"{self.layer_name}: unknown mode {mode!r}; choose one of {MODES}")
-        if mode == "fused" and not self._HAS_FUSED_MODE:
-            raise NotImplementedError(
-                f"{type(self).__name__} has no mode='fused' (the fused GEMM is SparseDeltaLinear's); "
-                "use 'merged' (fastest) or 'split'"
-            )
-        self.mode = mode
+        self.mode = self.check_mode(mode, self.layer_name)
         self.delta_dtype = _check_delta_dtype(delta_dtype, self.layer_name)
         # The qualified name of another module that holds this layer's weight too (a tied LM head's
         # input embedding), set by get_spft_model / load_adapter via ``mark_weight_shared``: such
@@ -380,6 +373,38 @@ class DeltaLayer(SpftLayer):
             )
         return reason is None
 
+    @classmethod
+    def check_mode(cls, mode, layer_name: str) -> str:
+        """``mode`` if this kind has it, else a ``ValueError`` (``NotImplementedError`` for 'fused')."""
+        if mode not in MODES:
+            raise ValueError(f"{layer_name}: unknown mode {mode!r}; choose one of {MODES}")
+        if mode == "fused" and not cls._HAS_FUSED_MODE:
+            raise NotImplementedError(
+                f"{cls.__name__} has no mode='fused' (the fused GEMM is SparseDeltaLinear's); "
+                "use 'merged' (fastest) or 'split'"
+            )
+        return mode
+
+    def mode_refusal(self, mode: str) -> Optional[str]:
+        """Why this layer cannot run in ``mode`` now (mode 'merged' on a base that refuses it), or None."""
+        self.check_mode(mode, self.layer_name)
+        return self.base_kind.merge_refusal(self) if mode == "merged" else None
+
+    @builds_state
+    def set_mode(self, mode: str) -> None:
+        """Switch the mode (``spft.set_mode``). Leaving merged mode unmerges now (W0 back, exactly),
+        so that the weight holds W0 before the model is sharded (FSDP2, ZeRO-3: call
+        ``set_mode(model, 'split')`` before ``fully_shard``); 'merged' and 'auto' merge at the
+        next forward."""
+        refusal = self.mode_refusal(mode)
+        if refusal is not None:
+            raise ValueError(refusal)
+        if mode != "merged":
+            self.unmerge()
+        self.mode = mode
+        self._merge_disabled = False
+        self._split_said = False
+
     def mark_weight_shared(self, other: str) -> None:
         """Record that module ``other`` holds this layer's weight too (e.g. a tied LM head and the
         input embedding): the layer is unmerged (W0 back in the shared weight) and from now on
@@ -406,8 +431,9 @@ class DeltaLayer(SpftLayer):
             return
         raise RuntimeError(
             f"{self.layer_name}: the weight Parameter of this merged layer was replaced (FSDP swaps gathered "
-            "parameters in for every forward), so W0 + delta cannot persist in it; use mode='split' with "
-            "FSDP, or unmerge() before replacing the weight"
+            "parameters in for every forward) while it held W0 + delta, so the shards hold W0 + delta and "
+            "training would count delta twice; call spft.set_mode(model, 'split') (or unmerge()) before "
+            "sharding, or load the adapter with load_adapter(..., mode='split')"
         )
 
     @builds_state
