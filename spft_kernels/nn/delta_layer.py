@@ -27,6 +27,8 @@ dict until it is freed (``w0_loan.py``).
 from __future__ import annotations
 
 import contextlib
+import gc
+import time
 import types
 import warnings
 from typing import Optional
@@ -51,6 +53,20 @@ def _check_delta_dtype(delta_dtype, layer_name: str) -> torch.dtype:
             f"default), got {delta_dtype!r}"
         )
     return delta_dtype
+
+
+_last_collection = [float("-inf")]
+
+
+def _collect_cycles() -> None:
+    """Run the garbage collector, at most once a second: a module replaced in the model (peft's
+    unloaded wrappers, a linear a conversion replaced) may live on in a reference cycle and hold
+    the weight until the collector runs; without it mode 'auto' would compute split for good. Only
+    when a layer is about to say so, so a model's first forward costs one collection at most."""
+    now = time.monotonic()
+    if now - _last_collection[0] > 1.0:
+        gc.collect()
+        _last_collection[0] = time.monotonic()
 
 
 def _count_gradient(delta: torch.Tensor) -> None:
@@ -319,6 +335,7 @@ class DeltaLayer(SpftLayer):
     def unmerge(self) -> None:
         """Restore W0 exactly (the saved W0 values are written back). Idempotent. In mode 'merged'
         the next forward merges again."""
+        self._check_weight_kept()
         if not self._merged:
             return
         self._write_w0_back()
@@ -363,6 +380,9 @@ class DeltaLayer(SpftLayer):
         if self.mode != "auto" or self._merge_disabled:
             return False
         reason = self.base_kind.merge_refusal(self) or self.base_kind.observers(self, parameter=True)
+        if reason is not None and say and not self._split_said:
+            _collect_cycles()  # a module gone from the model but left in a reference cycle
+            reason = self.base_kind.merge_refusal(self) or self.base_kind.observers(self, parameter=True)
         if reason is not None and say and not self._split_said:
             self._split_said = True
             warnings.warn(
@@ -420,14 +440,24 @@ class DeltaLayer(SpftLayer):
         FSDP2 (and FSDP1) swap a gathered copy in for every forward and gather it again from the
         shards for backward, so W0 + Δ would be lost between forward and backward (dx would use
         the shards' weight). Mode 'auto' then falls back to split for good, which is exact when
-        the shards hold W0, i.e. the delta was still zero when the model was sharded (one host
-        sync, once); otherwise, and for mode 'merged', this is an error."""
+        the shards hold W0, i.e. the weight held W0 when the model was sharded (lent to a state
+        dict, or the delta was still zero, as right after get_spft_model: one host sync, once);
+        otherwise, and for mode 'merged', this is an error. Checked by the forward, the state
+        dict and unmerge (none of them may write into the replaced weight: a DTensor)."""
         if not self._weight_swapped():
             return
-        if self.mode == "auto" and not bool(self.delta.detach().any()):
+        shards_hold_w0 = not self._holds_delta or not bool(self.delta.detach().any())
+        if self.mode == "merged":
+            raise RuntimeError(
+                f"{self.layer_name}: mode 'merged' under FSDP: the weight Parameter was replaced by the sharding "
+                "library, which gathers it again for backward, so W0 + delta cannot persist in it; call "
+                "spft.set_mode(model, 'split') (or 'auto') before sharding"
+            )
+        if shards_hold_w0:
             self._merged, self._merged_into, self._merge_disabled = False, None, True
             self._w0_at_index = None
             self._synced_delta_key = None
+            self._holds_delta = False
             return
         raise RuntimeError(
             f"{self.layer_name}: the weight Parameter of this merged layer was replaced (FSDP swaps gathered "
@@ -441,6 +471,7 @@ class DeltaLayer(SpftLayer):
     def merged_weight(self) -> torch.Tensor:
         """A new tensor holding ``W0 + Δ`` in the weight's dtype (fp32 sum, rounded once), bitwise
         equal to the merged mode's weight."""
+        self._check_weight_kept()
         if self._merged:
             self._resync_if_stale()
         if self._computes_merged():
@@ -491,6 +522,7 @@ class DeltaLayer(SpftLayer):
     # --- state dict, dtype and device -------------------------------------------------------
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self._check_weight_kept()  # sharded since the merge (FSDP2): nothing to write back, or an error
         if self._merged:
             # Save W0, never W_eff: the state dict must not depend on the mode. W0 is written back
             # into the trained positions (O(nnz), exact; before the state dict holds the weight)

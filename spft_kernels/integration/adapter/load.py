@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from ...masks.targets import weight_reading_parent, weight_sharers
-from ...nn.frozen_base import contiguity_refusal
+from ...nn.frozen_base import contiguity_refusal, sharding
 from ...nn.registry import is_spft_layer, kind_class, plain_linear_type
 from ...nn.stored import dtype_name, StoredLayer
 from ...ops._guards import is_inference, outside_inference_mode
@@ -27,7 +27,7 @@ from ..surgery import (
 )
 from .files import PathLike
 from .folder import read_any_adapter
-from .format import _is_dtensor, fingerprint
+from .format import fingerprint
 from .read import _Adapter
 
 _BASE_DIFFERS = (
@@ -62,8 +62,12 @@ def _check_against(root: nn.Module, adapter: _Adapter, check_base: bool, mode: O
         if shape != record.shape:
             raise ValueError(f"{where}: the adapter is for a weight of shape {record.shape}, the model's is {shape}")
         weight = module.weight
-        if _is_dtensor(weight):
-            raise ValueError(f"{where}: the model is sharded (FSDP2); load the adapter before fully_shard")
+        how = sharding(weight)
+        if how is not None:
+            raise ValueError(
+                f"{where}: the model's weight is sharded ({how}); load the adapter before sharding (fully_shard, "
+                "deepspeed.initialize), with mode='split' or 'auto'"
+            )
         if weight.device.type == "meta":
             raise ValueError(f"{where}: the model's weight is on the meta device; materialise the model first")
         if check_base and dtype_name(weight.dtype) != record.weight_dtype:
