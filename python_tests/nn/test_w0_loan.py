@@ -108,7 +108,9 @@ def test_derived_index_metadata_is_built_only_for_kernels_that_read_it():
         ("split", "triton", {"_row_ptr", "_col_ptr", "_csc_perm", "_tile_ptr"}),
     ):
         layer = spft.SparseDeltaLinear.from_linear(torch.nn.Linear(IN, OUT), index, mode=mode, backend=backend)
-        stored = {"_index_low_bytes", "_index_block_ends"}  # the compact index (ops/compact_index.py)
+        # the compact index (ops/compact_index.py), and the 0-d placeholder that lists the state
+        # dict's "index" key among the buffers (DeltaLayer._announce_positions)
+        stored = {"_index_low_bytes", "_index_block_ends", "index"}
         assert {name for name, _ in layer.named_buffers()} == stored
         layer(x).sum().backward()
         derived = {name for name, _ in layer.named_buffers()} - stored - {"_w0_at_index"}

@@ -214,6 +214,7 @@ class DeltaLayer(SpftLayer):
         if was_merged:
             self.unmerge()
         self._adopt(validated)
+        self._announce_positions()
         current = getattr(self, "delta", None)
         if isinstance(current, nn.Parameter) and current.device.type != "meta":  # the same Parameter
             self.delta.data = values
@@ -449,9 +450,9 @@ class DeltaLayer(SpftLayer):
         shards_hold_w0 = not self._holds_delta or not bool(self.delta.detach().any())
         if self.mode == "merged":
             raise RuntimeError(
-                f"{self.layer_name}: mode 'merged' under FSDP: the weight Parameter was replaced by the sharding "
-                "library, which gathers it again for backward, so W0 + delta cannot persist in it; call "
-                "spft.set_mode(model, 'split') (or 'auto') before sharding"
+                f"{self.layer_name}: mode 'merged': the weight Parameter of this merged layer was replaced (FSDP "
+                "swaps gathered parameters in for every forward and gathers them again for backward), so W0 + delta "
+                "cannot persist in it; call spft.set_mode(model, 'split') (or 'auto') before sharding"
             )
         if shards_hold_w0:
             self._merged, self._merged_into, self._merge_disabled = False, None, True
@@ -575,9 +576,14 @@ class DeltaLayer(SpftLayer):
             # Resize so the default loader can copy; values come from the state dict right after.
             self.delta.data = torch.zeros(self._delta_shape(validated), dtype=self.delta.dtype, device=self.delta.device)
             self.delta.grad = None
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+        # The positions key is this method's (validated above, adopted below): hidden from the default loader.
+        self._non_persistent_buffers_set.add(self.positions_key)
+        try:
+            super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
+        finally:
+            self._announce_positions()
         # The positions key is this method's (validated above, adopted below), not the default
         # loader's: neither unexpected nor, when absent, left unreported.
         if positions_key in unexpected_keys:
@@ -593,6 +599,7 @@ class DeltaLayer(SpftLayer):
                 with torch.no_grad():
                     self.delta.data = self.delta.data[order.to(self.delta.device)]
             self._adopt(validated)
+            self._announce_positions()
         if was_merged and self._wants_merged():
             self._merge()
 
@@ -623,6 +630,20 @@ class DeltaLayer(SpftLayer):
                     f"{tuple(own.shape)} in the layer"
                 )
         return None
+
+    def _announce_positions(self) -> None:
+        """List the positions key among the persistent buffers, so that tools that learn a module's
+        state-dict keys from its parameters and buffers expect it (torch.distributed.checkpoint's
+        ``set_model_state_dict`` with ``broadcast_from_rank0``: without it rank 1 dropped the
+        positions it received, raised "Missing key(s) ... index" and rank 0 waited to the
+        timeout). The state dict's value is still written by ``_save_to_state_dict`` (the
+        canonical positions) and read by ``_load_from_state_dict``, so the saved format is
+        unchanged. A kind that keeps its positions in another form (entries: 2 bytes an entry)
+        gets a 0-d placeholder under the key."""
+        key = self.positions_key
+        if key not in self._buffers:
+            self._buffers[key] = torch.zeros((), dtype=torch.int64)  # (on the CPU: a layer built on meta too)
+        self._non_persistent_buffers_set.discard(key)
 
     def _current_positions(self) -> torch.Tensor:
         """The layer's positions in canonical form (subclasses that store another form override)."""
