@@ -194,13 +194,14 @@ def run_deepspeed(out_dir: str, rank: int, world: int) -> None:
     for stage in (2, 3):
         name = f"deepspeed-zero{stage}"
         model = convert("entries")
+        # torch's AdamW, as in the one-process reference (DeepSpeed's own would JIT-compile a C++ op first)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         engine, *_ = deepspeed.initialize(
             model=model,
-            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            optimizer=optimizer,
             config={
                 "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
                 "gradient_accumulation_steps": 1,
-                "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01}},
                 "zero_optimization": {"stage": stage},
                 "zero_allow_untested_optimizer": True,
             },
@@ -225,13 +226,7 @@ def main() -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     groups = groups.split(",")
-    if groups == ["deepspeed"]:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")
-    else:
-        torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)  # DeepSpeed takes this group
     try:
         for group in groups:
             if group == "parity":

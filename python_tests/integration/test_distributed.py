@@ -73,7 +73,7 @@ def run(tmp_path_factory):
     return out_dir
 
 
-def _check(out_dir, name, reference):
+def _check(out_dir, name, reference, loss_tolerance=1e-10, rtol=1e-9, atol=1e-12):
     """The two ranks' mean losses are the global batch's, and the adapter rank 0 saved holds the
     single-process deltas (fp64: within rounding)."""
     import distributed_scenarios as scenarios
@@ -81,12 +81,12 @@ def _check(out_dir, name, reference):
     reference_losses = scenarios.train(reference)
     losses = [json.loads((out_dir / f"{name}_rank{rank}.json").read_text()) for rank in range(2)]
     for step, expected in enumerate(reference_losses):
-        assert abs((losses[0][step] + losses[1][step]) / 2 - expected) < 1e-10, (name, step)
+        assert abs((losses[0][step] + losses[1][step]) / 2 - expected) < loss_tolerance, (name, step)
     trained = spft.load_adapter(tiny_model("llama"), out_dir / f"{name}.safetensors")
     for (layer_name, ours), theirs in zip(spft_layers(reference).items(), spft_layers(trained).values()):
         torch.testing.assert_close(theirs.positions(), ours.positions(), rtol=0, atol=0, msg=layer_name)
         for label, value in ours.trainable_tensors().items():
-            torch.testing.assert_close(theirs.trainable_tensors()[label], value, rtol=1e-9, atol=1e-12, msg=layer_name)
+            torch.testing.assert_close(theirs.trainable_tensors()[label], value, rtol=rtol, atol=atol, msg=layer_name)
 
 
 def _parity_ids():
@@ -149,4 +149,5 @@ def deepspeed_run(tmp_path_factory):
 def test_deepspeed_zero_matches_one_process(deepspeed_run, stage):
     import distributed_scenarios as scenarios
 
-    _check(deepspeed_run, f"deepspeed-zero{stage}", scenarios.convert("entries"))
+    # DeepSpeed reduces the fp64 gradients through fp32 buffers: within fp32 rounding (seen: 1e-9 on losses of 4)
+    _check(deepspeed_run, f"deepspeed-zero{stage}", scenarios.convert("entries"), loss_tolerance=1e-6, rtol=1e-5, atol=1e-7)
