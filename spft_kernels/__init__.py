@@ -63,7 +63,6 @@ def __getattr__(name):
 
 
 __all__ = [
-    "set_mode",
     "BlockSparseLinear",
     "DeltaLayer",
     "DenseBase",
@@ -109,6 +108,7 @@ __all__ = [
     "select_blocks",
     "select_rows",
     "select_topk",
+    "set_mode",
     "set_pst_sparsity",
     "sparse_delta_linear",
     "unload",
