@@ -11,7 +11,7 @@ Groups (comma-separated):
 - ``load``: ``load_adapter`` (default mode) of ``OUT_DIR/start.safetensors``, then sharded;
 - ``resume``: state dicts of sharded models: taken before the first forward, and the ``load``
   result restored into fresh sharded models by ``set_model_state_dict`` (full, broadcast from
-  rank 0) and by torch.distributed.checkpoint;
+  rank 0), by torch.distributed.checkpoint and by accelerate's ``fsdp2_load_full_state_dict``;
 - ``rank0_save``: ``save_adapter`` of a sharded model called on rank 0 only (a clear error);
 - ``deepspeed``: DeepSpeed ZeRO-2 and ZeRO-3 on its CPU accelerator (when installed).
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import types
 import warnings
 
 import torch
@@ -170,6 +171,17 @@ def run_resume(out_dir: str, rank: int, world: int, trained: torch.nn.Module) ->
     dcp.load(state, checkpoint_id=checkpoint)
     set_model_state_dict(other, state)
     result["dcp"] = float((probe_logits(other) - expected).abs().max())
+    try:  # accelerate's RAM-efficient loading of FSDP2 models (rank 0 holds the full state dict)
+        from accelerate.utils.fsdp_utils import fsdp2_load_full_state_dict
+    except ImportError:
+        result["accelerate"] = None
+    else:
+        # (a new full state dict: set_model_state_dict above rewrote the one it was given)
+        full = get_model_state_dict(trained, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        third = loaded_and_sharded(out_dir)
+        accelerator = types.SimpleNamespace(is_main_process=rank == 0, device=torch.device("cpu"))
+        fsdp2_load_full_state_dict(accelerator, third, full if rank == 0 else {})
+        result["accelerate"] = float((probe_logits(third) - expected).abs().max())
     _write(out_dir, "resume", rank, result)
 
 

@@ -1,7 +1,7 @@
 """DDP, FSDP2 and DeepSpeed on 2 CPU processes (gloo) give the single-process result: every kind
 in modes auto and split; a merged layer unmerged and then sharded; an adapter loaded and then
 sharded; state dicts of sharded models (before the first forward, ``set_model_state_dict`` with
-``broadcast_from_rank0``, torch.distributed.checkpoint); a save on rank 0 alone is a clear error.
+``broadcast_from_rank0``, torch.distributed.checkpoint, accelerate's RAM-efficient loading); a save on rank 0 alone is a clear error.
 One pair of processes runs every scenario (start-up dominates); ``distributed_scenarios.py`` is
 the rank's side."""
 
@@ -122,6 +122,7 @@ def test_state_dicts_of_sharded_models_resume_exactly(run):
         result = json.loads((run / f"resume_rank{rank}.json").read_text())
         assert result["state_dict_before_forward"] == "ok"
         assert result["broadcast_from_rank0"] == 0.0 and result["dcp"] == 0.0, result
+        assert result["accelerate"] in (0.0, None), result  # (None: accelerate is not installed)
 
 
 def test_saving_a_sharded_model_on_rank_0_alone_is_a_clear_error(run):
