@@ -459,6 +459,14 @@ class DeltaLayer(SpftLayer):
             self._w0_at_index = None
             self._synced_delta_key = None
             self._holds_delta = False
+            if not self._split_said:
+                self._split_said = True
+                warnings.warn(
+                    f"{self.layer_name}: mode 'auto' computes the split form from now on (exact): the weight was sharded "
+                    "(FSDP swaps gathered parameters in), so W0 + delta cannot persist in it. Pass mode='split' to "
+                    "silence this",
+                    stacklevel=3,
+                )
             return
         raise RuntimeError(
             f"{self.layer_name}: the weight Parameter of this merged layer was replaced (FSDP swaps gathered "

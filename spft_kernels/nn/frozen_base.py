@@ -207,7 +207,10 @@ class DenseBase(FrozenBase):
         holder of the layer's own merged weight, an optimizer given every parameter, sees what
         the layer documents, so only the storage counts). About 0.1 us more."""
         if parameter and _parameter_refs(layer) > _own_counts()[0]:
-            return "its weight Parameter is held elsewhere too (another module or model, the linear it was built from)"
+            return (
+                "its weight Parameter is held elsewhere too (another module or model, the linear it was built from, "
+                "FSDP2's gathered parameter)"
+            )
         return storage_observers(layer.weight)
 
     @classmethod
