@@ -25,6 +25,7 @@ from .integration.merge import merge_and_unload, unload
 from .integration import model_methods as _model_methods  # noqa: F401 (registers the methods of converted models)
 from .integration.named_adapters import add_adapter, delete_adapter, disable_adapter, set_adapter
 from .integration.pretrained import save_pretrained_merged
+from .integration.modes import set_mode
 from .integration.surgery import print_trainable_parameters
 from .masks.dynamic_mask import DynamicMask
 from .masks.row_importance import row_importance, select_rows
@@ -116,6 +117,7 @@ __all__ = [
     "select_rows",
     "select_topk",
     "set_adapter",
+    "set_mode",
     "set_pst_sparsity",
     "sparse_delta_linear",
     "unload",

@@ -53,12 +53,15 @@ def test_starts_exactly_equal_to_the_linear(mode, dtype):
     layer = make_layer(mode=mode, linear=linear)
     x = torch.randn(3, 5, SHAPE[1], dtype=dtype)
     assert torch.equal(layer(x), reference(x))
-    assert layer.weight is linear.weight  # shared, never copied
+    if mode == "merged":  # the linear still holds the weight: the layer merges into a copy, the linear keeps W0
+        assert layer.weight is not linear.weight and torch.equal(linear.weight, reference.weight)
+    else:
+        assert layer.weight is linear.weight  # shared, never copied
     assert layer.delta.shape == (4, *BLOCK) and layer.block_size == BLOCK
     assert layer.delta.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert torch.equal(layer.delta, torch.zeros_like(layer.delta))
     assert [name for name, p in layer.named_parameters() if p.requires_grad] == ["delta"]
-    assert layer.merged == (mode != "split")
+    assert layer.merged == (mode == "merged")  # auto: the linear still holds the weight, so split
 
 
 @pytest.mark.parametrize("mode", ["split", "merged"])
@@ -100,6 +103,7 @@ def test_auto_mode_merges_any_weight_layout():
     linear.weight = nn.Parameter(linear.weight.detach().t().contiguous().t())  # same values, transposed layout
     reference = make_linear()
     layer = make_layer(mode="auto", linear=linear)
+    del linear  # (while the linear lives it sees the weight: auto computes split)
     randomise_delta(layer)
     x = torch.randn(4, SHAPE[1])
     y = layer(x)

@@ -34,7 +34,10 @@ def test_starts_exactly_equal_to_the_linear(mode, dtype):
     layer = spft.SparseDeltaLinear.from_linear(linear, spft.random_index(24, 19, 0.2), mode=mode)
     x = torch.randn(3, 5, 19, dtype=dtype)
     assert torch.equal(layer(x), reference(x))
-    assert layer.weight is linear.weight  # shared, never copied
+    if mode == "merged":  # the linear still holds the weight: the layer merges into a copy, the linear keeps W0
+        assert layer.weight is not linear.weight and torch.equal(linear.weight, reference.weight)
+    else:
+        assert layer.weight is linear.weight  # shared, never copied
     assert layer.delta.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert torch.equal(layer.delta, torch.zeros_like(layer.delta))
     assert [name for name, p in layer.named_parameters() if p.requires_grad] == ["delta"]

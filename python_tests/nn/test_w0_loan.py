@@ -109,7 +109,9 @@ def test_derived_index_metadata_is_built_only_for_kernels_that_read_it():
         ("split", "triton", {"_col_ptr", "_csc_perm", "_tile_ptr"}),
     ):
         layer = spft.SparseDeltaLinear.from_linear(torch.nn.Linear(IN, OUT), index, mode=mode, backend=backend)
-        stored = {"_index_crow", "_index_col_bytes"}  # the stored CSR (ops/csr_index.py)
+        # the stored CSR (ops/csr_index.py), and the 0-d placeholder that lists the state dict's
+        # "index" key among the buffers (DeltaLayer._announce_positions)
+        stored = {"_index_crow", "_index_col_bytes", "index"}
         assert {name for name, _ in layer.named_buffers()} == stored
         layer(x).sum().backward()
         derived = {name for name, _ in layer.named_buffers()} - stored - {"_w0_at_index"}

@@ -96,6 +96,9 @@ def get_spft_model(
         for name, other in shared.items():
             if name in layers and kind.writes_w0:
                 layers[name].mark_weight_shared(other)
+        # The replaced linears still hold the weights through ``targets`` and the selection; a
+        # layer merges only a weight nothing else holds (nn/frozen_base.py, ``observers``).
+        del targets, make, layers
         prepare_for_training(root, saved)
     finish_conversion(root, config)
     return model

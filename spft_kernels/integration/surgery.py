@@ -35,13 +35,30 @@ def finish_conversion(root: nn.Module, config) -> None:
         on_convert(root)
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside DistributedDataParallel / DataParallel wrappers (their ``.module``)."""
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
+# Wrappers whose parameters' names carry a prefix the model's own do not: DDP, DataParallel,
+# FSDP1 and DeepSpeed's engine (``.module``), torch.compile's OptimizedModule (``._orig_mod``).
+# FSDP2 (``fully_shard``) and accelerate keep the model itself.
+_WRAPPER_ATTRIBUTES = {
+    "DistributedDataParallel": "module",
+    "DataParallel": "module",
+    "FullyShardedDataParallel": "module",
+    "DeepSpeedEngine": "module",
+    "PipelineEngine": "module",
+    "OptimizedModule": "_orig_mod",
+}
 
-    while isinstance(model, (DistributedDataParallel, DataParallel)):
-        model = model.module
-    return model
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP / DataParallel / FSDP1 / DeepSpeed / torch.compile wrappers (by class
+    name, so that none of those libraries is imported to ask)."""
+    while True:
+        attribute = next(
+            (a for cls, a in _WRAPPER_ATTRIBUTES.items() if any(c.__name__ == cls for c in type(model).__mro__)), None
+        )
+        inner = getattr(model, attribute, None) if attribute else None
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

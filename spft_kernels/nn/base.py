@@ -295,6 +295,14 @@ class SpftLayer(nn.Linear):
         scoring needs an ordinary weight Parameter); a kind that cannot refuses."""
         raise ValueError(f"{self.layer_name}: a {self.kind!r} layer cannot be scored as a plain linear")
 
+    def mode_refusal(self, mode: str) -> Optional[str]:
+        """Why this layer cannot run in ``mode`` now, or None (a kind that never writes into W0
+        computes one way whatever the mode)."""
+        return None
+
+    def set_mode(self, mode: str) -> None:
+        """Switch the execution mode (``spft.set_mode``); a kind without modes has nothing to do."""
+
     def mark_weight_shared(self, other: str) -> None:
         """Record that module ``other`` holds this layer's weight too (e.g. a tied LM head)."""
         self.weight_shared_with = other

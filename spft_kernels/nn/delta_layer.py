@@ -27,7 +27,10 @@ dict until it is freed (``w0_loan.py``).
 from __future__ import annotations
 
 import contextlib
+import gc
+import time
 import types
+import warnings
 from typing import Optional
 
 import torch
@@ -51,6 +54,20 @@ def _check_delta_dtype(delta_dtype, layer_name: str) -> torch.dtype:
             f"default), got {delta_dtype!r}"
         )
     return delta_dtype
+
+
+_last_collection = [float("-inf")]
+
+
+def _collect_cycles() -> None:
+    """Run the garbage collector, at most once a second: a module replaced in the model (peft's
+    unloaded wrappers, a linear a conversion replaced) may live on in a reference cycle and hold
+    the weight until the collector runs; without it mode 'auto' would compute split for good. Only
+    when a layer is about to say so, so a model's first forward costs one collection at most."""
+    now = time.monotonic()
+    if now - _last_collection[0] > 1.0:
+        gc.collect()
+        _last_collection[0] = time.monotonic()
 
 
 def _count_gradient(delta: torch.Tensor) -> None:
@@ -96,14 +113,7 @@ class DeltaLayer(SpftLayer):
         name: Optional[str] = None,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype, backend=backend, name=name)
-        if mode not in MODES:
-            raise ValueError(f"{self.layer_name}: unknown mode {mode!r}; choose one of {MODES}")
-        if mode == "fused" and not self._HAS_FUSED_MODE:
-            raise NotImplementedError(
-                f"{type(self).__name__} has no mode='fused' (the fused GEMM is SparseDeltaLinear's); "
-                "use 'merged' (fastest) or 'split'"
-            )
-        self.mode = mode
+        self.mode = self.check_mode(mode, self.layer_name)
         self.delta_dtype = _check_delta_dtype(delta_dtype, self.layer_name)
         # The qualified name of another module that holds this layer's weight too (a tied LM head's
         # input embedding), set by get_spft_model / load_adapter via ``mark_weight_shared``: such
@@ -114,6 +124,11 @@ class DeltaLayer(SpftLayer):
         # (the weight Parameter merge() wrote W0 + Δ into,) while merged; see _check_weight_kept.
         self._merged_into = None
         self._merge_disabled = False  # mode 'auto' after the weight was swapped out (FSDP2)
+        # Whether the weight holds W0 + Δ at the positions now (merged and written); a merged
+        # layer whose weight holds W0 (lent to a state dict, or seen by another tensor) computes
+        # the split form.
+        self._holds_delta = False
+        self._split_said = False  # the warning of mode 'auto' computing split, once per layer
         # Live state-dict views of the weight while it holds W0 for them (w0_loan.py).
         self._w0_loans = W0Loans()
         self.register_buffer("_w0_at_index", None, persistent=False)
@@ -206,6 +221,7 @@ class DeltaLayer(SpftLayer):
         if was_merged:
             self.unmerge()
         self._adopt(validated)
+        self._announce_positions()
         current = getattr(self, "delta", None)
         if isinstance(current, nn.Parameter) and current.device.type != "meta":  # the same Parameter
             self.delta.data = values
@@ -247,9 +263,11 @@ class DeltaLayer(SpftLayer):
     def merge(self) -> None:
         """Make the weight hold ``W0 + Δ`` (W0 at the positions kept aside); later forwards re-sync it
         when ``delta`` changes. Idempotent. Refused for a weight another module shares
-        (``weight_shared_with``) and for an inference tensor weight: both stay in the split form.
-        Raises ``RuntimeError`` while a state dict of this layer that shares its weight (holding
-        W0) is still alive (``w0_loan.py``)."""
+        (``weight_shared_with``), a sharded weight and an inference tensor weight: they stay in
+        the split form. A weight something else observes (another model or module on the same
+        tensors, a view of it) is first copied: the layer then merges into its own copy and the
+        others keep W0. Raises ``RuntimeError`` while a state dict of this layer that shares its
+        weight (holding W0) is still alive (``w0_loan.py``)."""
         self._refuse_while_lent("merge()")
         self._merge()
 
@@ -277,44 +295,143 @@ class DeltaLayer(SpftLayer):
         refusal = self.base_kind.merge_refusal(self)
         if refusal is not None:
             raise ValueError(refusal)
+        # (While the layer's own state dict holds W0 the layer merges without writing, see
+        # _resync_if_stale; anyone else seeing the weight now would see the write: a copy then.)
+        observed = None if self._w0_loans.settled() else self.base_kind.observers(self, parameter=True)
+        if observed is not None:  # merged on request (mode 'merged', merge()): into a copy of its own
+            self._take_private_weight(observed)
         self._w0_at_index = self._gather_w0()
         self._merged = True
         self._merged_into = (self.weight,)
         self._synced_delta_key = None
+        self._holds_delta = False
         self._resync_if_stale()
+
+    @builds_state
+    def _take_private_weight(self, observed: str) -> None:
+        """Copy-on-write: the layer's weight becomes a copy only it holds (one out x in tensor), so
+        that merging never changes what others see (``observed``: who they are). Said once."""
+        warnings.warn(
+            f"{self.layer_name}: {observed}; merging would change it there, so this layer merges into a copy of "
+            f"its own ({self.out_features} x {self.in_features}, {self.weight.dtype}). Mode 'auto' computes the "
+            "split form instead, with no copy",
+            stacklevel=4,
+        )
+        self.weight = nn.Parameter(self.weight.detach().clone(memory_format=torch.contiguous_format), requires_grad=False)
+        if self._merged:
+            self._merged_into = (self.weight,)
+
+    def _write_w0_back(self) -> None:
+        """W0 back at the positions of a merged weight. When the weight holds W0 already the write
+        changes no value (a compiled forward may have written W0 + Δ without telling the eager
+        flags, so it is written anyway; it also bumps the version counter, which makes a backward
+        that saved W0 + Δ fail loudly)."""
+        weight = self._writable_weight() if self._holds_delta else self.weight
+        self._write(weight, base=self._w0_at_index, delta=None)
+        self._holds_delta = False
+
+    def _writable_weight(self) -> torch.Tensor:
+        """The weight, to write into: copied first if a tensor outside the layer sees it now (only
+        a view of the merged weight itself can: nothing else held it when the layer merged)."""
+        observed = self.base_kind.observers(self, parameter=False)
+        if observed is not None:
+            self._take_private_weight(observed)
+        return self.weight
 
     @builds_state
     @torch.no_grad()
     def unmerge(self) -> None:
         """Restore W0 exactly (the saved W0 values are written back). Idempotent. In mode 'merged'
         the next forward merges again."""
+        self._check_weight_kept()
         if not self._merged:
             return
-        self._write(self.weight, base=self._w0_at_index, delta=None)
+        self._write_w0_back()
         self._w0_at_index = None
         self._merged = False
         self._merged_into = None
         self._synced_delta_key = None
+        self._holds_delta = False
 
     @builds_state
     @torch.no_grad()
     def _resync_if_stale(self) -> None:
+        """Write ``W0 + Δ`` at the positions when Δ changed since the last write, only into a weight
+        nothing else sees: while a state dict, a view, a numpy array or a storage object of the
+        weight holding W0 is alive the layer leaves it alone (and computes the split form)."""
         if self._w0_loans.settled():
             return  # the weight holds W0 for a live state dict
         key = self._delta_key()
-        if key != self._synced_delta_key:
-            self._write(self.weight, base=self._w0_at_index, delta=self.delta)
-            self._synced_delta_key = key
+        if key == self._synced_delta_key and self._holds_delta:
+            return
+        if not self._holds_delta and self.base_kind.observers(self, parameter=False) is not None:
+            return  # W0 in the weight, seen from outside: split until they are gone
+        self._write(self._writable_weight(), base=self._w0_at_index, delta=self.delta)
+        self._synced_delta_key = key
+        self._holds_delta = True
 
     def _computes_merged(self) -> bool:
-        """Whether the weight holds ``W0 + Δ`` for this forward (merged and W0 not lent): the
-        subclasses' ``_functional`` computes the merged form then, else the split form."""
-        return self._merged and not self._w0_loans.settled()
+        """Whether the weight holds ``W0 + Δ`` for this forward: the subclasses' ``_functional``
+        computes the merged form then, else the split form. Traced (torch.compile), the eager
+        checks are not available: merged unless W0 is lent to a state dict (a counter Dynamo
+        guards on), and the traced forward writes W0 + Δ itself."""
+        if torch.compiler.is_compiling():
+            return self._merged and not self._w0_loans.settled()
+        return self._merged and self._holds_delta and not self._w0_loans.settled()
 
-    def _wants_merged(self) -> bool:
+    def _wants_merged(self, say: bool = False) -> bool:
+        """Whether this layer should merge now. Mode 'auto' merges only a weight its base allows
+        (``merge_refusal``) that nothing outside the layer sees (``observers``); otherwise it
+        computes the split form, and with ``say`` (a forward) warns once naming the reason."""
         if self.mode == "merged":
-            return True  # merge() raises when it cannot (a shared or an inference tensor weight)
-        return self.mode == "auto" and not self._merge_disabled and self.base_kind.merge_refusal(self) is None
+            return True  # merge() raises when it cannot, and copies a weight others see
+        if self.mode != "auto" or self._merge_disabled:
+            return False
+        reason = self.base_kind.merge_refusal(self) or self.base_kind.observers(self, parameter=True)
+        if reason is not None and say and not self._split_said:
+            _collect_cycles()  # a module gone from the model but left in a reference cycle
+            reason = self.base_kind.merge_refusal(self) or self.base_kind.observers(self, parameter=True)
+        if reason is not None and say and not self._split_said:
+            self._split_said = True
+            warnings.warn(
+                f"{self.layer_name}: mode 'auto' computes the split form (exact, W0 never written) because {reason}; "
+                "it merges once nothing else holds the weight. Pass mode='split' to silence this, or give the model "
+                "its own copy of the base weights for merged speed",
+                stacklevel=3,
+            )
+        return reason is None
+
+    @classmethod
+    def check_mode(cls, mode, layer_name: str) -> str:
+        """``mode`` if this kind has it, else a ``ValueError`` (``NotImplementedError`` for 'fused')."""
+        if mode not in MODES:
+            raise ValueError(f"{layer_name}: unknown mode {mode!r}; choose one of {MODES}")
+        if mode == "fused" and not cls._HAS_FUSED_MODE:
+            raise NotImplementedError(
+                f"{cls.__name__} has no mode='fused' (the fused GEMM is SparseDeltaLinear's); "
+                "use 'merged' (fastest) or 'split'"
+            )
+        return mode
+
+    def mode_refusal(self, mode: str) -> Optional[str]:
+        """Why this layer cannot run in ``mode`` now (mode 'merged' on a base that refuses it), or None."""
+        self.check_mode(mode, self.layer_name)
+        return self.base_kind.merge_refusal(self) if mode == "merged" else None
+
+    @builds_state
+    def set_mode(self, mode: str) -> None:
+        """Switch the mode (``spft.set_mode``). Leaving merged mode unmerges now (W0 back, exactly),
+        so that the weight holds W0 before the model is sharded (FSDP2, ZeRO-3: call
+        ``set_mode(model, 'split')`` before ``fully_shard``); 'merged' and 'auto' merge at the
+        next forward."""
+        refusal = self.mode_refusal(mode)
+        if refusal is not None:
+            raise ValueError(refusal)
+        if mode != "merged":
+            self.unmerge()
+        self.mode = mode
+        self._merge_disabled = False
+        self._split_said = False
 
     def mark_weight_shared(self, other: str) -> None:
         """Record that module ``other`` holds this layer's weight too (e.g. a tied LM head and the
@@ -331,19 +448,38 @@ class DeltaLayer(SpftLayer):
         FSDP2 (and FSDP1) swap a gathered copy in for every forward and gather it again from the
         shards for backward, so W0 + Δ would be lost between forward and backward (dx would use
         the shards' weight). Mode 'auto' then falls back to split for good, which is exact when
-        the shards hold W0, i.e. the delta was still zero when the model was sharded (one host
-        sync, once); otherwise, and for mode 'merged', this is an error."""
+        the shards hold W0, i.e. the weight held W0 when the model was sharded (lent to a state
+        dict, or the delta was still zero, as right after get_spft_model: one host sync, once);
+        otherwise, and for mode 'merged', this is an error. Checked by the forward, the state
+        dict and unmerge (none of them may write into the replaced weight: a DTensor)."""
         if not self._weight_swapped():
             return
-        if self.mode == "auto" and not bool(self.delta.detach().any()):
+        shards_hold_w0 = not self._holds_delta or not bool(self.delta.detach().any())
+        if self.mode == "merged":
+            raise RuntimeError(
+                f"{self.layer_name}: mode 'merged': the weight Parameter of this merged layer was replaced (FSDP "
+                "swaps gathered parameters in for every forward and gathers them again for backward), so W0 + delta "
+                "cannot persist in it; call spft.set_mode(model, 'split') (or 'auto') before sharding"
+            )
+        if shards_hold_w0:
             self._merged, self._merged_into, self._merge_disabled = False, None, True
             self._w0_at_index = None
             self._synced_delta_key = None
+            self._holds_delta = False
+            if not self._split_said:
+                self._split_said = True
+                warnings.warn(
+                    f"{self.layer_name}: mode 'auto' computes the split form from now on (exact): the weight was sharded "
+                    "(FSDP swaps gathered parameters in), so W0 + delta cannot persist in it. Pass mode='split' to "
+                    "silence this",
+                    stacklevel=3,
+                )
             return
         raise RuntimeError(
             f"{self.layer_name}: the weight Parameter of this merged layer was replaced (FSDP swaps gathered "
-            "parameters in for every forward), so W0 + delta cannot persist in it; use mode='split' with "
-            "FSDP, or unmerge() before replacing the weight"
+            "parameters in for every forward) while it held W0 + delta, so the shards hold W0 + delta and "
+            "training would count delta twice; call spft.set_mode(model, 'split') (or unmerge()) before "
+            "sharding, or load the adapter with load_adapter(..., mode='split')"
         )
 
     @builds_state
@@ -354,6 +490,7 @@ class DeltaLayer(SpftLayer):
         its dense W0 (``dequant(Wq)`` in the compute dtype) plus Δ."""
         if self.base_kind.weight_for_ops(self) is None:
             return self._write(self.base_kind.dense(self), base=None, delta=self.delta)
+        self._check_weight_kept()
         if self._merged:
             self._resync_if_stale()
         if self._computes_merged():
@@ -376,7 +513,7 @@ class DeltaLayer(SpftLayer):
         if torch.compiler.is_compiling():
             return self._traced_forward(x)
         self._check_weight_kept()
-        if not self._merged and self._wants_merged():
+        if not self._merged and self._wants_merged(say=True):
             self._merge()
         if self._merged:
             self._resync_if_stale()
@@ -406,23 +543,25 @@ class DeltaLayer(SpftLayer):
     # --- state dict, dtype and device -------------------------------------------------------
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self._check_weight_kept()  # sharded since the merge (FSDP2): nothing to write back, or an error
+        if self._merged:
+            # Save W0, never W_eff: the state dict must not depend on the mode. W0 is written back
+            # into the trained positions (O(nnz), exact; before the state dict holds the weight)
+            # and lent, never copied (w0_loan.py).
+            with torch.no_grad():
+                self._write_w0_back()
+            self._synced_delta_key = None
         super()._save_to_state_dict(destination, prefix, keep_vars)
         # The canonical positions, whatever form the layer stores them in (SparseDeltaLinear: 2
         # bytes an entry, expanded here to the int32 index while the state dict lives).
         positions = self._current_positions()
         destination[prefix + self.positions_key] = positions if keep_vars else positions.detach()
         destination.update(self.base_kind.state_dict_extras(self, prefix, keep_vars))
-        if self._merged:
-            # Save W0, never W_eff: the state dict must not depend on the mode. W0 is written back
-            # into the trained positions (O(nnz), exact) and lent, never copied (w0_loan.py).
-            with torch.no_grad():
-                self._write(self.weight, base=self._w0_at_index, delta=None)
-            self._synced_delta_key = None
-            destination[prefix + "weight"] = self._w0_loans.lend(self.weight)
-        elif not keep_vars and self._wants_merged():
-            # The weight holds W0 now, but the next forward would merge W0 + Δ into it under a
-            # state dict still held (weight W0 + Δ next to delta Δ: Δ counted twice on load).
-            # Lent, the layer computes the split form until the state dict is freed.
+        dense = self.base_kind.weight_for_ops(self) is not None  # (a quantized weight is never merged)
+        if self._merged or (dense and not keep_vars and self.mode in ("auto", "merged")):
+            # The weight holds W0 now; the state dict's tensor shares its storage, so the layer
+            # writes no W0 + Δ into it while it lives (``observers``). Lent as well, so that a
+            # compiled forward (which cannot ask the storage) keeps the split form too.
             destination[prefix + "weight"] = self._w0_loans.lend(self.weight)
 
     @builds_state
@@ -462,9 +601,14 @@ class DeltaLayer(SpftLayer):
             # Resize so the default loader can copy; values come from the state dict right after.
             self.delta.data = torch.zeros(self._delta_shape(validated), dtype=self.delta.dtype, device=self.delta.device)
             self.delta.grad = None
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+        # The positions key is this method's (validated above, adopted below): hidden from the default loader.
+        self._non_persistent_buffers_set.add(self.positions_key)
+        try:
+            super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
+        finally:
+            self._announce_positions()
         # The positions key is this method's (validated above, adopted below), not the default
         # loader's: neither unexpected nor, when absent, left unreported.
         if positions_key in unexpected_keys:
@@ -483,7 +627,8 @@ class DeltaLayer(SpftLayer):
                 with torch.no_grad():
                     self.delta.data = self.delta.data[order.to(self.delta.device)]
             self._adopt(validated)
-        if was_merged:
+            self._announce_positions()
+        if was_merged and self._wants_merged():
             self._merge()
 
     def _load_problem(self, validated, incoming_delta, positions_key, delta_key, state_dict, prefix) -> Optional[str]:
@@ -516,6 +661,20 @@ class DeltaLayer(SpftLayer):
                     f"{tuple(own.shape)} in the layer"
                 )
         return None
+
+    def _announce_positions(self) -> None:
+        """List the positions key among the persistent buffers, so that tools that learn a module's
+        state-dict keys from its parameters and buffers expect it (torch.distributed.checkpoint's
+        ``set_model_state_dict`` with ``broadcast_from_rank0``: without it rank 1 dropped the
+        positions it received, raised "Missing key(s) ... index" and rank 0 waited to the
+        timeout). The state dict's value is still written by ``_save_to_state_dict`` (the
+        canonical positions) and read by ``_load_from_state_dict``, so the saved format is
+        unchanged. A kind that keeps its positions in another form (entries: 2 bytes an entry)
+        gets a 0-d placeholder under the key."""
+        key = self.positions_key
+        if key not in self._buffers:
+            self._buffers[key] = torch.zeros((), dtype=torch.int64)  # (on the CPU: a layer built on meta too)
+        self._non_persistent_buffers_set.discard(key)
 
     def _current_positions(self) -> torch.Tensor:
         """The layer's positions in canonical form (subclasses that store another form override)."""

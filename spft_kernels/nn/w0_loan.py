@@ -26,9 +26,12 @@ Why this and not the alternatives:
   (safetensors, ``torch.save``, FSDP's state-dict hooks).
 
 The finalizer only flips a counter and a flag (safe at any point, even inside a forward); the
-writes happen in the layer's own forward or merge. A state dict taken between a forward and its
+writes happen in the layer's own forward or merge. The loan is what a compiled forward sees (a
+counter Dynamo guards on); the eager forward also asks the base whether anything else holds the
+weight's storage before it writes (``frozen_base.py``, ``observers``), which covers what outlives
+the state dict's tensors: a numpy array, a storage object, a view. A state dict taken between a forward and its
 backward bumps the weight's version counter, so that backward fails loudly instead of computing
-dx with the wrong weight. Under FSDP the merged mode is off (``auto`` falls back to split), so
+dx with the wrong weight. Under FSDP the merged mode is off (``auto`` computes split), so
 nothing is lent. A deep copy or pickle of a layer does not inherit the loan.
 """
 

@@ -68,7 +68,14 @@ def from_peft(peft_model: nn.Module, *, mode: str = "auto", backend: str = "auto
         num_params=max(1, sum(layer.delta.numel() for layer in layers.values())),
         target_modules=list(layers), modules_to_save=saved or None, mode=mode, backend=backend,
     )
+    wrappers = [base.get_submodule(name) for name in layers]
     tuner.unload()  # peft's own way back: base layers and the trained modules_to_save copies in place
+    for wrapper in wrappers:
+        # The peft model is consumed: its SHiRA wrappers let go of the base layers (peft keeps every
+        # wrapper that ran a forward in an lru_cache for good, which would hold the weights and so
+        # keep mode 'auto' from merging: nn/frozen_base.py, ``observers``).
+        wrapper._modules.pop("base_layer", None)
+    del wrappers
     for name, layer in layers.items():
         set_submodule(base, name, layer)
         if name in shared:

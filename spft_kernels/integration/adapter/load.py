@@ -3,17 +3,18 @@ nothing."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from ...masks.targets import weight_reading_parent, weight_sharers
-from ...nn.frozen_base import base_kind_for, contiguity_refusal
+from ...nn.frozen_base import base_kind_for, contiguity_refusal, sharding
 from ...nn.registry import is_spft_layer, kind_class, plain_linear_type
 from ...nn.stored import dtype_name, StoredLayer
 from ...ops._guards import is_inference, outside_inference_mode
-from ..config import SpftConfig
+from ..config import MODES, SpftConfig
 from ..surgery import (
     _FLAGS_ATTR,
     CONFIG_ATTR,
@@ -27,7 +28,7 @@ from ..surgery import (
 )
 from .files import PathLike
 from .folder import read_any_adapter
-from .format import _is_dtensor, fingerprint
+from .format import fingerprint
 from .read import _Adapter
 
 _BASE_DIFFERS = (
@@ -36,7 +37,7 @@ _BASE_DIFFERS = (
 )
 
 
-def _check_against(root: nn.Module, adapter: _Adapter, check_base: bool) -> dict:
+def _check_against(root: nn.Module, adapter: _Adapter, check_base: bool, mode: Optional[str] = None) -> dict:
     """``{name: StoredLayer}`` ready to install (canonical positions and master-dtype values on the
     weight's device): every layer of the adapter checked against the model (module, shape,
     dtype, positions, fingerprint) and its saved modules' state dict keys and shapes. Reads the
@@ -62,8 +63,12 @@ def _check_against(root: nn.Module, adapter: _Adapter, check_base: bool) -> dict
         if shape != record.shape:
             raise ValueError(f"{where}: the adapter is for a weight of shape {record.shape}, the model's is {shape}")
         weight = module.weight
-        if _is_dtensor(weight):
-            raise ValueError(f"{where}: the model is sharded (FSDP2); load the adapter before fully_shard")
+        how = sharding(weight)
+        if how is not None:
+            raise ValueError(
+                f"{where}: the model's weight is sharded ({how}); load the adapter before sharding (fully_shard, "
+                "deepspeed.initialize), with mode='split' or 'auto'"
+            )
         if weight.device.type == "meta":
             raise ValueError(f"{where}: the model's weight is on the meta device; materialise the model first")
         base_kind = module.base_kind if is_spft_layer(module) else base_kind_for(module)
@@ -85,7 +90,7 @@ def _check_against(root: nn.Module, adapter: _Adapter, check_base: bool) -> dict
         positions = record.positions
         values = {label: value.to(device) for label, value in record.values.items()}
         if positions is not None:
-            if cls._MERGE_NEEDS_CONTIGUOUS_WEIGHT and _layer_mode(module, adapter.config) == "merged":
+            if cls._MERGE_NEEDS_CONTIGUOUS_WEIGHT and _layer_mode(module, adapter.config, mode) == "merged":
                 refusal = contiguity_refusal(weight, True, where)
                 if refusal is not None:
                     raise ValueError(f"{where}: mode 'merged' needs a contiguous weight")
@@ -100,7 +105,7 @@ def _check_against(root: nn.Module, adapter: _Adapter, check_base: bool) -> dict
                 raise ValueError(_BASE_DIFFERS.format(where=where))
         values = {label: value.to(master) for label, value in values.items()}
         plans[name] = record.replace(positions=positions, values=values)
-    _check_sharing(root, adapter, plans)
+    _check_sharing(root, adapter, plans, mode)
     for module_name, state in adapter.saved.items():
         module = modules.get(module_name)
         if module is None:
@@ -119,7 +124,7 @@ def _check_against(root: nn.Module, adapter: _Adapter, check_base: bool) -> dict
     return plans
 
 
-def _check_sharing(root: nn.Module, adapter: _Adapter, plans: dict) -> None:
+def _check_sharing(root: nn.Module, adapter: _Adapter, plans: dict, mode: Optional[str] = None) -> None:
     """Layers whose weight another module holds too (a tied LM head) are planned in the split form,
     which never writes into W0; mode 'merged', a saved module that trains that weight, and
     merging into an inference tensor weight are refused (as in get_spft_model)."""
@@ -133,7 +138,7 @@ def _check_sharing(root: nn.Module, adapter: _Adapter, plans: dict) -> None:
                 "overwrite: the delta's base W0 would change under it"
             )
         if kind_class(plans[name].kind).writes_w0:
-            if _layer_mode(modules[name], adapter.config) == "merged":
+            if _layer_mode(modules[name], adapter.config, mode) == "merged":
                 raise ValueError(
                     f"{where} shares its weight with {other!r} (e.g. a tied LM head and input embedding); mode "
                     "'merged' would write W0 + delta into it too. Load with mode 'auto' or 'split' (set the "
@@ -143,7 +148,7 @@ def _check_sharing(root: nn.Module, adapter: _Adapter, plans: dict) -> None:
     for name, plan in plans.items():
         module = modules[name]
         writes = kind_class(plan.kind).writes_w0
-        if writes and is_inference(module.weight) and _layer_mode(module, adapter.config) == "merged":
+        if writes and is_inference(module.weight) and _layer_mode(module, adapter.config, mode) == "merged":
             raise ValueError(
                 f"{adapter.path}: layer {name!r}: the model's weight is an inference tensor (made under "
                 "torch.inference_mode), which cannot be merged into outside inference mode; use mode 'auto' or "
@@ -151,8 +156,11 @@ def _check_sharing(root: nn.Module, adapter: _Adapter, plans: dict) -> None:
             )
 
 
-def _layer_mode(module: nn.Module, config: SpftConfig) -> str:
-    """A converted layer keeps its own mode; a plain linear takes the config's."""
+def _layer_mode(module: nn.Module, config: SpftConfig, given: Optional[str] = None) -> str:
+    """The mode ``load_adapter`` was given; else a converted layer keeps its own mode and a plain
+    linear takes the config's."""
+    if given is not None:
+        return given
     mode = getattr(module, "mode", None) if is_spft_layer(module) else None
     return mode if isinstance(mode, str) else config.mode
 
@@ -160,14 +168,14 @@ def _layer_mode(module: nn.Module, config: SpftConfig) -> str:
 # --- installing --------------------------------------------------------------------------------
 
 
-def _install(root: nn.Module, plans: dict, saved: dict, config: SpftConfig) -> None:
+def _install(root: nn.Module, plans: dict, saved: dict, config: SpftConfig, mode: Optional[str] = None) -> None:
     """Write checked plans into the model, all or nothing: if anything fails on the way (memory,
     an interrupt), the model is put back as it was (the modules, their merged state, the saved
     modules' values, the flags) and the error is raised again."""
     snapshot = _Snapshot(root, list(plans) + list(spft_layers(root)), list(saved))
     try:
         with outside_inference_mode():  # the new layers' state must outlive an inference_mode block
-            _install_checked(root, plans, saved, config)
+            _install_checked(root, plans, saved, config, mode)
     except BaseException:
         snapshot.restore()
         raise
@@ -210,7 +218,7 @@ class _Snapshot:
         root.__dict__.update(self.attributes)
 
 
-def _install_checked(root: nn.Module, plans: dict, saved: dict, config: SpftConfig) -> None:
+def _install_checked(root: nn.Module, plans: dict, saved: dict, config: SpftConfig, mode_given: Optional[str] = None) -> None:
     """Each planned layer is rebuilt on its W0 with the new positions and values, spft layers the
     adapter does not have become plain linears again, saved modules get their state, and the
     model is frozen for training as get_spft_model leaves it."""
@@ -222,7 +230,7 @@ def _install_checked(root: nn.Module, plans: dict, saved: dict, config: SpftConf
     for name, plan in plans.items():
         current = modules[name]
         backend = current.backend if is_spft_layer(current) else config.backend
-        mode = _layer_mode(current, config)
+        mode = _layer_mode(current, config, mode_given)
         cls = kind_class(plan.kind)
         if not cls.writes_w0:
             mode = "auto"  # (a kind that never writes into W0 has one way to compute)
@@ -234,7 +242,9 @@ def _install_checked(root: nn.Module, plans: dict, saved: dict, config: SpftConf
     finish_conversion(root, config)
 
 
-def load_adapter(model: nn.Module, path: PathLike, *, check_base: bool = True) -> nn.Module:
+def load_adapter(
+    model: nn.Module, path: PathLike, *, check_base: bool = True, mode: Optional[str] = None
+) -> nn.Module:
     """Load an adapter into ``model`` and return it (the same object). ``path``: an adapter file,
     a folder ``save_adapter`` wrote, or a SHiRA adapter folder peft saved (``folder.py``).
 
@@ -247,9 +257,20 @@ def load_adapter(model: nn.Module, path: PathLike, *, check_base: bool = True) -
     it was and re-raises. Layers whose weight another module shares (a tied LM head) are built in
     the split form; containers that read a linear's weight themselves are refused. Works under
     ``torch.inference_mode``. ``check_base=False`` skips the base-weight fingerprint and dtype
-    check (shapes are still checked)."""
+    check (shapes are still checked). ``mode``: the layers' mode (default: a converted layer
+    keeps its own, a plain linear takes the adapter config's); load with ``mode='split'`` (or
+    call ``spft.set_mode(model, 'split')``) before sharding with FSDP2 or ZeRO-3: a layer that
+    merged before sharding leaves W0 + Δ in the shards."""
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"load_adapter: unknown mode {mode!r}; choose one of {MODES}")
     root = unwrap_model(model)
     adapter = read_any_adapter(path, root)
-    plans = _check_against(root, adapter, check_base)
-    _install(root, plans, adapter.saved, adapter.config)
+    plans = _check_against(root, adapter, check_base, mode)
+    if mode is not None:
+        for name, plan in plans.items():
+            cls = kind_class(plan.kind)
+            if cls.writes_w0 and hasattr(cls, "check_mode"):  # (a kind that never writes W0 computes one way)
+                cls.check_mode(mode, f"{adapter.path}: layer {name!r}")
+        adapter.config = dataclasses.replace(adapter.config, mode=mode)
+    _install(root, plans, adapter.saved, adapter.config, mode)
     return model

@@ -13,7 +13,7 @@ import torch.nn as nn
 from ...nn.registry import universal_kind
 from ...nn.stored import dtype_name, VALUE_DTYPES
 from ..config import SpftConfig
-from ..surgery import CONFIG_ATTR, spft_layers, unwrap_model
+from ..surgery import CONFIG_ATTR, saved_module_names, spft_layers, unwrap_model
 from .files import check_writable, CONFIG_FILE, fs_path, PathLike, PEFT_TENSORS, replace_atomically
 from .folder import SAVE_FORMATS, save_target, write_folder_config
 from .format import (
@@ -25,6 +25,7 @@ from .format import (
     FORMAT_VERSION,
     saved_module_tensors,
 )
+from .collective import check_all_ranks_called, gathered, is_sharded
 from .peft_shira import save_shira_folder
 
 
@@ -48,8 +49,10 @@ def save_adapter(
     ``dtype`` stores the values in another precision, e.g.
     ``torch.bfloat16`` for 4 bytes per trainable entry (default: the deltas' own fp32). The file
     is written to a temporary name and renamed, so a crash never leaves a half-written adapter.
-    DDP-wrapped models are unwrapped; under torch.distributed only rank 0 writes, and with FSDP2
-    every rank must call it (the sharded deltas are gathered).
+    Wrapped models (DDP, FSDP1, DeepSpeed, ``torch.compile``) are unwrapped; under
+    torch.distributed only rank 0 writes, and a sharded model (FSDP2, DeepSpeed ZeRO-3: its
+    shards are gathered, layer by layer) needs every rank to call it: a rank that does not is
+    named in a ``RuntimeError`` after ``collective.COLLECTIVE_TIMEOUT_S`` instead of a hang.
 
     Everything is checked before a file is touched: a value that does not fit ``dtype`` (|Δ| >
     65504 in float16) is a ``ValueError`` naming the layer and the value, and an existing file
@@ -68,6 +71,8 @@ def save_adapter(
         raise ValueError("save_adapter: the model has no sparse fine-tuning layers (convert it with get_spft_model)")
     config = model_config(root, layers)
     path = fs_path(path)
+    if is_sharded(root):  # gathering the shards is a collective: a rank missing would hang the others
+        check_all_ranks_called("save_adapter", "the model is sharded (FSDP2 or DeepSpeed ZeRO-3) and its shards are gathered")
     if format == "peft":
         folded = [n for n, m in layers.items() if m.folded_w0() is not None]
         if folded:
@@ -102,26 +107,10 @@ def adapter_contents(root: nn.Module, layers: dict, config: SpftConfig, dtype: O
     tensors, entries = {}, {}
     with torch.no_grad():
         for name, layer in layers.items():
-            payload = layer.adapter_payload()
-            for label, values in payload.values.items():
-                tensors[f"{name}.{label}"] = cast_values(name, label, _full(values).detach(), dtype)
-            for label, positions in payload.positions.items():
-                tensors[f"{name}.{label}"] = positions.cpu().contiguous()
-            shape = (layer.out_features, layer.in_features)
-            trained = torch.empty(0, dtype=torch.int64)
-            if payload.canonical is not None:
-                trained = layer.flat_positions(payload.canonical, shape, layer.options())
-            entries[name] = {
-                "kind": layer.kind,
-                "shape": list(shape),
-                "weight_dtype": dtype_name(layer.weight.dtype),
-                "fingerprint": fingerprint(layer, trained, original=True),
-                **payload.fields,
-            }
-            described = layer.base_kind.describe(layer)
-            if described:  # (a quantized base: its quantization; a dense one records nothing)
-                entries[name]["base"] = described
-        saved = saved_module_tensors(root, config.modules_to_save, tensors)
+            with gathered([layer]):  # ZeRO-3: this layer's partitions whole, on every rank
+                entries[name] = _layer_entry(name, layer, tensors, dtype)
+        with gathered([root.get_submodule(n) for n in saved_module_names(root, config.modules_to_save)]):
+            saved = saved_module_tensors(root, config.modules_to_save, tensors)
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
@@ -144,6 +133,30 @@ def write_contents(target: str, folder: Optional[str], tensors: dict, metadata: 
     replace_atomically(target, lambda temporary: save_file(tensors, temporary, metadata=metadata))
     if folder is not None:
         write_folder_config(folder, config, root)
+
+
+def _layer_entry(name: str, layer: nn.Module, tensors: dict, dtype: Optional[torch.dtype]) -> dict:
+    """Put one layer's adapter tensors into ``tensors``; returns its metadata entry."""
+    payload = layer.adapter_payload()
+    for label, values in payload.values.items():
+        tensors[f"{name}.{label}"] = cast_values(name, label, _full(values).detach(), dtype)
+    for label, positions in payload.positions.items():
+        tensors[f"{name}.{label}"] = positions.cpu().contiguous()
+    shape = (layer.out_features, layer.in_features)
+    trained = torch.empty(0, dtype=torch.int64)
+    if payload.canonical is not None:
+        trained = layer.flat_positions(payload.canonical, shape, layer.options())
+    entry = {
+        "kind": layer.kind,
+        "shape": list(shape),
+        "weight_dtype": dtype_name(layer.weight.dtype),
+        "fingerprint": fingerprint(layer, trained, original=True),
+        **payload.fields,
+    }
+    described = layer.base_kind.describe(layer)
+    if described:  # (a quantized base: its quantization; a dense one records nothing)
+        entry["base"] = described
+    return entry
 
 
 def _describe(layers: dict) -> SpftConfig:
