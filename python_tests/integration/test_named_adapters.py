@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import os
+import weakref
 
 import pytest
 import torch
@@ -108,7 +109,9 @@ def test_disable_adapter_between_a_forward_and_its_backward():
 @pytest.mark.parametrize("name", ["entries-merged", "entries-split", "rows"])
 def test_named_adapters_switch_exactly_on_the_same_base(name):
     model = _converted(name)
-    weights = {n: layer.weight for n, layer in spft_layers(model).items()}
+    # Weak references: a strong one would hold the weights too, and a layer merges only into a
+    # weight nothing else holds (it would merge into a copy of its own instead).
+    weights = {n: weakref.ref(layer.weight) for n, layer in spft_layers(model).items()}
     _train(model)
     batch = tiny_batches("llama", seed=7)[0]
     model.eval()
@@ -139,10 +142,11 @@ def test_named_adapters_switch_exactly_on_the_same_base(name):
         assert torch.equal(_logits(model, batch), base)
     # No adapter ever copied the base: every layer computes on the weight tensors the base had.
     for n, layer in spft_layers(model).items():
-        assert layer.weight is weights[n]
+        assert layer.weight is weights[n]()
+    del layer  # (a layer of adapter b held here would hold its weight too: the next layers would merge into copies)
     model.set_adapter("default")
     for n, layer in spft_layers(model).items():
-        assert layer.weight is weights[n]
+        assert layer.weight is weights[n]()
 
 
 def test_load_adapter_under_a_name_and_save_them_all(tmp_path):

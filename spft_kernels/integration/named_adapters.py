@@ -47,6 +47,7 @@ from .conversion import get_spft_model
 from .disabled_adapter import layers_disabled
 from .surgery import (
     CONFIG_ATTR,
+    deferred_merges,
     finish_conversion,
     plain_linear,
     saved_module_names,
@@ -320,7 +321,8 @@ def _build_aside(root: nn.Module, action: str, build: Callable[[], object]) -> A
     linears = [name for name, module in root.named_modules() if isinstance(module, nn.Linear)]
     snapshot = _Snapshot(root, linears, _saved_names(root))
     try:
-        build()
+        with deferred_merges():  # the active layers, kept to be put back, hold the same weights
+            build()
         return _capture(root, action)
     finally:
         snapshot.restore()

@@ -4,6 +4,8 @@ model, swapping modules by qualified name, freezing for training and restoring t
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Callable, Mapping, Optional, Sequence
 
 import torch.nn as nn
@@ -128,9 +130,36 @@ def remember_requires_grad(model: nn.Module) -> None:
         setattr(root, _FLAGS_ATTR, {n: p.requires_grad for n, p in root.named_parameters()})
 
 
-def prepare_for_training(model: nn.Module, saved: Sequence[str]) -> None:
+# Nonzero while merges are deferred (``deferred_merges``): layers built only to be captured and
+# replaced again (named adapters) must not merge, since the layers they replace still hold the
+# same weights, so a merge would go into a private copy of each weight.
+_merges_deferred = 0
+
+
+@contextlib.contextmanager
+def deferred_merges():
+    """Within the block, conversions and loads leave their layers unmerged (they merge at their
+    first forward, or with ``merge_wanted``)."""
+    global _merges_deferred
+    _merges_deferred += 1
+    try:
+        yield
+    finally:
+        _merges_deferred -= 1
+
+
+def merge_wanted(model: nn.Module) -> None:
+    """Merge every layer whose mode resolves to merged (unless merges are deferred)."""
+    if _merges_deferred:
+        return
+    for layer in spft_layers(model).values():
+        layer.prepare_for_training()
+
+
+def prepare_for_training(model: nn.Module, saved: Sequence[str], *, merge: bool = True) -> None:
     """Freeze everything except the spft deltas and the parameters of the ``saved`` modules, and
-    merge the layers whose mode resolves to merged (O(nnz) each), so compiled graphs trace merged."""
+    (``merge``) merge the layers whose mode resolves to merged (O(nnz) each), so compiled graphs
+    trace merged."""
     root = unwrap_model(model)
     for parameter in root.parameters():
         parameter.requires_grad_(False)
@@ -138,7 +167,7 @@ def prepare_for_training(model: nn.Module, saved: Sequence[str]) -> None:
         for parameter in root.get_submodule(name).parameters():
             parameter.requires_grad_(True)
     for layer in spft_layers(root).values():
-        layer.prepare_for_training()
+        layer.prepare_for_training(merge=merge and not _merges_deferred)
 
 
 def _finish_unload(root: nn.Module) -> None:

@@ -274,9 +274,10 @@ class SpftLayer(nn.Linear):
                 values[hit] = aside[1][where[hit]]
         return values
 
-    def prepare_for_training(self) -> None:
-        """What a conversion does last: the trainable tensors require grad (a delta kind also
-        merges now when its mode resolves to merged, so compiled graphs trace the merged form)."""
+    def prepare_for_training(self, merge: bool = True) -> None:
+        """What a conversion does last: the trainable tensors require grad (with ``merge``, a delta
+        kind also merges now when its mode resolves to merged, so compiled graphs trace the merged
+        form)."""
         for parameter in self.trainable_tensors().values():
             parameter.requires_grad_(True)
 

@@ -706,9 +706,9 @@ class DeltaLayer(SpftLayer):
 
     # --- the position-kind protocol (what every delta kind shares) ---------------------------
 
-    def prepare_for_training(self) -> None:
+    def prepare_for_training(self, merge: bool = True) -> None:
         super().prepare_for_training()
-        if self._wants_merged():
+        if merge and self._wants_merged():
             self.merge()
 
     @property

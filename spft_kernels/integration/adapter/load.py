@@ -18,6 +18,7 @@ from ..config import MODES, SpftConfig
 from ..surgery import (
     _FLAGS_ATTR,
     CONFIG_ATTR,
+    merge_wanted,
     finish_conversion,
     plain_linear,
     prepare_for_training,
@@ -179,6 +180,11 @@ def _install(root: nn.Module, plans: dict, saved: dict, config: SpftConfig, mode
     except BaseException:
         snapshot.restore()
         raise
+    # The new layers merge only now: until the snapshot is gone, the layers it keeps for a rollback
+    # hold the same weights, and a layer merges only into a weight nothing else holds (observers).
+    del snapshot
+    with outside_inference_mode():
+        merge_wanted(root)
 
 
 class _Snapshot:
@@ -193,7 +199,9 @@ class _Snapshot:
         self.merged = [m for m in self.modules.values() if is_spft_layer(m) and getattr(m, "merged", False)]
         with torch.no_grad(), outside_inference_mode():
             self.saved = {n: {k: t.detach().clone() for k, t in root.get_submodule(n).state_dict().items()} for n in saved}
-        self.flags = [(p, p.requires_grad) for p in root.parameters()]
+        # By name: a list holding the Parameters would be one more holder of every weight, and a
+        # layer merges only into a weight nothing else holds (nn/frozen_base.py, observers).
+        self.flags = {name: p.requires_grad for name, p in root.named_parameters(remove_duplicate=False)}
         self.attributes = {a: root.__dict__[a] for a in (CONFIG_ATTR, _FLAGS_ATTR) if a in root.__dict__}
 
     def restore(self) -> None:
@@ -205,14 +213,18 @@ class _Snapshot:
                     if is_spft_layer(current):
                         current.unmerge()  # W0 back in the shared weight (a no-op for a kind that never writes it)
                     set_submodule(root, name, original)
-            for layer in self.merged:
-                layer.merge()
+            current = None  # the replaced layer holds the weight too: a layer merges only into a weight it alone holds
             for module_name, state in self.saved.items():
                 module_state = root.get_submodule(module_name).state_dict(keep_vars=True)
                 for key, value in state.items():
                     module_state[key].copy_(value)
-        for parameter, flag in self.flags:
-            parameter.requires_grad_(flag)
+            module_state = None
+            for name, parameter in root.named_parameters(remove_duplicate=False):
+                if name in self.flags:
+                    parameter.requires_grad_(self.flags[name])
+            parameter = None
+            for layer in self.merged:
+                layer.merge()
         for attribute in (CONFIG_ATTR, _FLAGS_ATTR):
             root.__dict__.pop(attribute, None)
         root.__dict__.update(self.attributes)
@@ -238,7 +250,7 @@ def _install_checked(root: nn.Module, plans: dict, saved: dict, config: SpftConf
         set_submodule(root, name, layer)
     for module_name, state in saved.items():
         root.get_submodule(module_name).load_state_dict(state)
-    prepare_for_training(root, list(saved))
+    prepare_for_training(root, list(saved), merge=False)  # merged by _install, once the snapshot is gone
     finish_conversion(root, config)
 
 
