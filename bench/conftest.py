@@ -3,7 +3,7 @@ test run (pytest's testpaths is python_tests); run them with
 
     .venv/bin/python -m pytest bench --benchmark-only
 
-Cases are small on a CPU and DESIGN.md-sized on a GPU. On a GPU each timed call ends with a
+Cases are small on a CPU and sized as the GPU shapes of docs/architecture.md on a GPU. On a GPU each timed call ends with a
 synchronize, so the numbers are wall time of the whole op.
 """
 

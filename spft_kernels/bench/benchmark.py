@@ -1,6 +1,6 @@
 """``spft-bench``: one linear layer, forward / backward / forward+backward, against dense and LoRA.
 
-Providers at the same number of trainable parameters (DESIGN.md names):
+Providers at the same number of trainable parameters (the names of ``docs/architecture.md``, "Benchmarks"):
 
 - ``dense-frozen``: frozen ``F.linear`` (the floor for forward and dx);
 - ``dense-full``: the weight trains (full fine-tuning of the layer);

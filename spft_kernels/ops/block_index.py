@@ -1,4 +1,4 @@
-"""The block index of a block-sparse delta (DESIGN.md "block-structured deltas").
+"""The block index of a block-sparse delta (``docs/architecture.md``, "The math": block-structured deltas).
 
 A weight [out, in] is cut into a grid of ``ceil(out / bh) x ceil(in / bw)`` blocks of
 ``block_size = (bh, bw)``; a block's id is ``block_row * ceil(in / bw) + block_col``. Canonical

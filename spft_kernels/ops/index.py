@@ -1,4 +1,4 @@
-"""The sparse index format (DESIGN.md "Index format").
+"""The sparse index format (``docs/architecture.md``, "Index format").
 
 Canonical form: 1-D sorted unique flat positions ``row * in_features + col``, int32 when
 ``out * in < 2**31`` else int64, on the weight's device. Validation happens once, here, when an

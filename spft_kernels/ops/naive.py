@@ -1,6 +1,6 @@
 """The reference math in pure PyTorch: the CPU fallback, the docs' definition and the tests' oracle.
 
-Fast by construction (DESIGN.md): every product with the sparse delta is a dense GEMM over one
+Fast by construction (``docs/architecture.md``): every product with the sparse delta is a dense GEMM over one
 block of Δ's rows at a time (``dy[:, block]ᵀ x`` for the delta gradient, ``x Δ_blockᵀ`` and
 ``dy[:, block] Δ_block`` for the SpMMs), with O(nnz) gathers and scatters around it; only at very
 low density and few tokens, where the cost model below says so, the entries are gathered and
@@ -28,8 +28,8 @@ import torch
 # entries, so the reference never approaches an out x in allocation.
 CHUNK_ELEMENTS = 1 << 22
 WEIGHT_FRACTION = 16
-# The delta gradient's blocks are twice as tall (1/8 of the weight: DESIGN.md's bound on a
-# temporary): each block's GEMM re-reads (MKL: repacks) all of x, so fewer blocks cost less. At
+# The delta gradient's blocks are twice as tall (1/8 of the weight: the bound on a temporary
+# that issue 14 set): each block's GEMM re-reads (MKL: repacks) all of x, so fewer blocks cost less. At
 # 2048x2048, 1,024 tokens, 1% density, fp32, 2 threads (spft-bench, interleaved, median of 25):
 # 16 blocks 1.65x the dense dyᵀx GEMM and 1.18x full fine-tuning of the layer, 8 blocks 1.15x and
 # 1.03x; +1 MiB of peak memory (41.8 -> 42.9 MiB, LoRA r=16: 56.3).

@@ -1,7 +1,7 @@
 """SPruFT's row delta: ``y = x W0ᵀ + b``, then ``y[..., rows] += x Wfᵀ`` with a trainable
 ``Wf = delta_rows`` [R, in]: the op, its autograd and the functional entry point.
 
-Backward (DESIGN.md "Row delta"): ``g = dy[..., rows]`` (row gather), ``dWf = gᵀ x`` accumulated
+Backward (``docs/architecture.md``, "The math"): ``g = dy[..., rows]`` (row gather), ``dWf = gᵀ x`` accumulated
 in fp32 (fp64 for fp64 inputs), ``dx = dy W0 + g Wf`` (``dy W`` alone in merged mode, where the
 weight already holds ``W0 + Wf`` at the rows), ``db = Σ dy``. Only ``x`` is saved (W, delta and
 the rows are the layer's own tensors); ``x Wfᵀ`` is recomputed nowhere and cached nowhere, which
