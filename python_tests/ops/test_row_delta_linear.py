@@ -2,6 +2,7 @@
 are marked and skipped cleanly without a GPU)."""
 
 import os
+import weakref
 
 import pytest
 import torch
@@ -256,10 +257,12 @@ def test_starts_exactly_equal_to_the_linear(mode, dtype):
     linear = make_linear(dtype=dtype)
     reference = nn.Linear(19, 24, dtype=dtype)
     reference.load_state_dict(linear.state_dict())
+    weight = weakref.ref(linear.weight)  # (a strong reference would be one more holder of the weight)
     layer = spft.RowSparseLinear.from_linear(linear, torch.tensor([3, 20, 0]), mode=mode)
+    del linear  # a linear still held would see a merged layer's W0 + delta: the layer would merge into a copy
     x = torch.randn(3, 5, 19, dtype=dtype)
     assert torch.equal(layer(x), reference(x))
-    assert layer.weight is linear.weight  # shared, never copied
+    assert layer.weight is weight()  # shared, never copied
     assert layer.delta.shape == (3, 19) and torch.equal(layer.delta, torch.zeros_like(layer.delta))
     assert layer.delta.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert [name for name, p in layer.named_parameters() if p.requires_grad] == ["delta"]
@@ -270,12 +273,14 @@ def test_auto_mode_merges_any_weight_layout():
     linear = make_linear()
     linear.weight = nn.Parameter(linear.weight.detach().t().contiguous().t())  # transposed layout
     w0 = linear.weight.detach().clone()
+    bias = linear.bias.detach().clone()
     layer = spft.RowSparseLinear.from_linear(linear, torch.tensor([1, 7]), mode="auto")
+    del linear  # the layer holds the weight alone (else auto computes the split form)
     randomise_delta(layer)
     x = torch.randn(4, 19)
     y = layer(x)
     assert layer.merged and not layer.weight.is_contiguous()
-    torch.testing.assert_close(y, torch.nn.functional.linear(x, expected_merged(w0, layer.delta, layer.rows), linear.bias))
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, expected_merged(w0, layer.delta, layer.rows), bias))
     layer.unmerge()
     assert torch.equal(layer.weight, w0)
 

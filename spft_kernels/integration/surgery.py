@@ -148,12 +148,14 @@ def deferred_merges():
         _merges_deferred -= 1
 
 
-def merge_wanted(model: nn.Module) -> None:
-    """Merge every layer whose mode resolves to merged (unless merges are deferred)."""
+def merge_wanted(model: nn.Module, *, explicit_only: bool = False) -> None:
+    """Merge every layer whose mode resolves to merged (unless merges are deferred); with
+    ``explicit_only``, only the layers whose mode is ``'merged'`` (``auto`` ones merge at their
+    first forward)."""
     if _merges_deferred:
         return
     for layer in spft_layers(model).values():
-        layer.prepare_for_training()
+        layer.prepare_for_training(merge=not explicit_only or getattr(layer, "mode", None) == "merged")
 
 
 def prepare_for_training(model: nn.Module, saved: Sequence[str], *, merge: bool = True) -> None:

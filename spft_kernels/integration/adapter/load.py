@@ -182,9 +182,11 @@ def _install(root: nn.Module, plans: dict, saved: dict, config: SpftConfig, mode
         raise
     # The new layers merge only now: until the snapshot is gone, the layers it keeps for a rollback
     # hold the same weights, and a layer merges only into a weight nothing else holds (observers).
+    # Mode 'auto' merges at the first forward instead: a loaded delta is not zero, and a model
+    # sharded before that forward (FSDP2, ZeRO-3) must shard W0, not W0 + delta.
     del snapshot
     with outside_inference_mode():
-        merge_wanted(root)
+        merge_wanted(root, explicit_only=True)
 
 
 class _Snapshot:
