@@ -205,7 +205,9 @@ def _backward_impl(dy2d, x2d, weight, delta, index, index_form, mode, backend, n
             elif dx2d is None:
                 dx2d = x2d.new_zeros(x2d.shape)
         if need_delta:
-            ddelta = _delta_grad(x2d, dy2d, form, backend).to(delta.dtype)
+            ddelta = _delta_grad(x2d, dy2d, form, backend)
+            if ddelta.dtype != delta.dtype:
+                ddelta = ddelta.to(delta.dtype)
     return (x2d.new_empty(0) if dx2d is None else dx2d), (delta.new_empty(0) if ddelta is None else ddelta)
 
 
