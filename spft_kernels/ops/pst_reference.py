@@ -170,8 +170,8 @@ def _chunk(weight, U, V, A, B, R, C, beta, alpha1, alpha2, threshold, start, sto
     effective = torch.addmm(_as(_part(weight, rows), acc), _as(_part(U, rows), acc), _as(V, acc), alpha=beta)
     magnitude = effective.abs()
     score = torch.addmm(magnitude, _as(_part(A, rows), acc), _as(B, acc), alpha=alpha1)
-    bias = _as(_part(R, rows), acc) + _as(C, acc)
-    score += alpha2 * bias if alpha2 != 1.0 else bias
+    score += (alpha2 * (_as(_part(R, rows), acc) + _as(C, acc)) if alpha2 != 1.0
+              else _as(_part(R, rows), acc) + _as(C, acc))  # (no name: the sum is freed at once)
     if acc == torch.float32 and stop * score.shape[1] < 2**31:
         # key > t or (key == t and position < p)  <=>  key + (position < p) > t, in 3 ops instead
         # of 5 (int32 cannot overflow here: only a NaN with an all-ones payload has the key 2^31-1).
