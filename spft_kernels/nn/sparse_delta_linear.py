@@ -24,6 +24,11 @@ from .registry import kind_class, register_kind
 from .stored import AdapterPayload, StoredLayer, expect_tensor, take_tensors, VALUE_DTYPES
 
 
+# The SparseIndex the layer hands its op, kept in the instance dict (not module state: never in
+# a state dict, a pickle or a traced graph's guards on buffers).
+_KEPT_INDEX = "_kept_sparse_index"
+
+
 def _metadata_buffer(name: str) -> str:
     return "_" + name
 
@@ -92,10 +97,26 @@ class SparseDeltaLinear(DeltaLayer):
 
     def sparse_index(self) -> SparseIndex:
         """The validated index with the derived forms built so far (no validation or rebuild:
-        O(1)); a derived form read from it for the first time is built then and kept."""
+        O(1)); a derived form read from it for the first time is built then and kept. The same
+        object while the layer's stored CSR tensors are the same (once per index change, move or
+        cast: building it cost ~10 µs, called twice a step), so what an op decides from it (the
+        index form it reads, ``index_form_for``) is decided once too."""
+        crow, col_bytes = self._buffers["_index_crow"], self._buffers["_index_col_bytes"]
+        compiling = torch.compiler.is_compiling()  # a traced graph neither reads nor adds module state
+        kept = None if compiling else self.__dict__.get(_KEPT_INDEX)
+        if kept is not None and kept.csr().crow is crow and kept.csr().col_bytes is col_bytes:
+            return kept
         cached = {name: self._buffers.get(_metadata_buffer(name)) for name in DERIVED}
-        csr = CsrIndex(self._index_crow, self._index_col_bytes, self.out_features, self.in_features)
-        return SparseIndex(None, self.out_features, self.in_features, csr=csr, on_build=self._keep_metadata, **cached)
+        csr = CsrIndex(crow, col_bytes, self.out_features, self.in_features)
+        built = SparseIndex(None, self.out_features, self.in_features, csr=csr, on_build=self._keep_metadata, **cached)
+        if not compiling:
+            self.__dict__[_KEPT_INDEX] = built
+        return built
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__().copy()
+        state.pop(_KEPT_INDEX, None)  # rebuilt from the buffers on first use
+        return state
 
     @property
     def index(self) -> torch.Tensor:

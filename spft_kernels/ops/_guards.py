@@ -36,10 +36,21 @@ def builds_state(function):
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
+        if not torch.is_inference_mode_enabled():  # the usual case, without a context manager (~2 µs a call)
+            return function(*args, **kwargs)
         with outside_inference_mode():
             return function(*args, **kwargs)
 
     return wrapper
+
+
+def autocast_off(device_type: str):
+    """A context with autocast off for ``device_type``, or a no-op one when it is off already:
+    entering ``torch.autocast(enabled=False)`` costs ~4 µs a call, a tenth of a 64x64 layer's
+    step, for nothing when autocast was not on."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def is_inference(tensor: Optional[torch.Tensor]) -> bool:

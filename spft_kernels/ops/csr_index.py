@@ -110,7 +110,9 @@ class CsrIndex:
     def tensor(self, values: Tensor, columns: Optional[Tensor] = None) -> Tensor:
         """Δ as a torch sparse CSR tensor [out, in] holding ``values`` (no copy, no checks: the
         index was validated when it was built)."""
-        cols = (self.columns() if columns is None else columns).to(self.crow.dtype)  # int32: no copy
+        cols = self.columns() if columns is None else columns
+        if cols.dtype != self.crow.dtype:  # (int32 and int32: nothing to cast, not even the call)
+            cols = cols.to(self.crow.dtype)
         return torch.sparse_csr_tensor(
             self.crow, cols, values, (self.out_features, self.in_features), check_invariants=False
         )

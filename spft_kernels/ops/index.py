@@ -80,13 +80,17 @@ class SparseIndex:
         self.tile_metadata = bool(tile_metadata)
         self._derived = {name: tensor for name, tensor in derived.items() if tensor is not None}
         self._on_build = on_build
+        # What an op decided from this index, by the op's key (``index_form_for``): an index
+        # never changes, and a layer keeps its SparseIndex per index change.
+        self.decided: dict = {}
 
     @property
     def flat(self) -> torch.Tensor:
-        """The canonical flat positions; from the stored CSR form, expanded on first read (O(nnz),
-        3 ops, no host sync) and kept by this object only, which an op holds for one call."""
+        """The canonical flat positions; from the stored CSR form, expanded on each read (O(nnz),
+        4 ops, no host sync) and never kept: a layer keeps its SparseIndex between steps, and a
+        kept expansion would cost 4 bytes an entry, twice the stored index."""
         if self._flat is None:
-            self._flat = self._csr.flat(index_dtype_for(self.out_features, self.in_features))
+            return self._csr.flat(index_dtype_for(self.out_features, self.in_features))
         return self._flat
 
     def csr(self) -> CsrIndex:

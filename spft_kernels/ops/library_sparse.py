@@ -119,7 +119,7 @@ def linear_with_delta(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], delta
     if bias is None:
         product = torch.mm(pattern, x2d.t())
     else:
-        product = torch.addmm(bias.to(acc)[:, None].expand(csr.out_features, x2d.shape[0]), pattern, x2d.t())
+        product = torch.addmm(_operand(bias, acc)[:, None].expand(csr.out_features, x2d.shape[0]), pattern, x2d.t())
     return torch.addmm(product.t(), x2d, weight.t())
 
 

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from . import naive
 from . import pst_kernels  # noqa: F401  (registers the Triton implementations)
 from . import pst_reference
+from ._guards import autocast_off
 from ._eager import eager_autograd, runs_eagerly
 from .backends import check_backend_name, implementation, register, resolve_backend
 
@@ -118,7 +119,7 @@ def _run(op: str, backend: str, device: torch.device, *args):
     """The backend's implementation of ``op``, with autocast off: the ops choose their own
     precision (scores in fp32/fp64), and pst_linear casts x for autocast before the op."""
     chosen = resolve_backend(op, backend, device)
-    with torch.autocast(device.type, enabled=False):
+    with autocast_off(device.type):
         return implementation(op, chosen)(*args)
 
 

@@ -166,10 +166,12 @@ def _chunk(weight, U, V, A, B, R, C, beta, alpha1, alpha2, threshold, start, sto
     :func:`order_keys`. Two steps of those are dropped because they cannot change the result
     here: S is never -0.0 (|W_eff| >= +0, and a sum is -0.0 only when both terms are), so the
     keys need no -0.0 fix; fp32 keys are compared as int32."""
-    effective = torch.addmm(weight[start:stop].to(acc), U[start:stop].to(acc), V.to(acc), alpha=beta)
+    rows = _rows(start, stop, weight.shape[0])
+    effective = torch.addmm(_as(_part(weight, rows), acc), _as(_part(U, rows), acc), _as(V, acc), alpha=beta)
     magnitude = effective.abs()
-    score = torch.addmm(magnitude, A[start:stop].to(acc), B.to(acc), alpha=alpha1)
-    score += alpha2 * (R[start:stop].to(acc) + C.to(acc)) if alpha2 != 1.0 else R[start:stop].to(acc) + C.to(acc)
+    score = torch.addmm(magnitude, _as(_part(A, rows), acc), _as(B, acc), alpha=alpha1)
+    score += (alpha2 * (_as(_part(R, rows), acc) + _as(C, acc)) if alpha2 != 1.0
+              else _as(_part(R, rows), acc) + _as(C, acc))  # (no name: the sum is freed at once)
     if acc == torch.float32 and stop * score.shape[1] < 2**31:
         # key > t or (key == t and position < p)  <=>  key + (position < p) > t, in 3 ops instead
         # of 5 (int32 cannot overflow here: only a NaN with an all-ones payload has the key 2^31-1).
@@ -186,6 +188,22 @@ def _chunk(weight, U, V, A, B, R, C, beta, alpha1, alpha2, threshold, start, sto
     return effective, magnitude, mask
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    # A cast to the same dtype returns t itself, but the call costs ~1 µs, and a step of a small
+    # layer made 28 of them (a tenth of its host time at 64x64).
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _rows(start: int, stop: int, n: int):
+    """The chunk's rows as a slice, or None for all of them (one chunk: every layer up to
+    2048x2048), read by :func:`_part` without a slice op."""
+    return None if start == 0 and stop == n else slice(start, stop)
+
+
+def _part(t: Tensor, rows) -> Tensor:
+    return t if rows is None else t[rows]
+
+
 def _chunks(weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2, acc):
     n, k = weight.shape
     for start, stop in row_blocks(n, k):
@@ -200,7 +218,7 @@ def forward(x2d, weight, U, V, A, B, R, C, bias, threshold, beta, alpha1, alpha2
     chunks = list(row_blocks(*weight.shape))
     if len(chunks) == 1:
         _, _, effective, _, mask = next(_chunks(weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2, acc))
-        masked = torch.where(mask, effective, 0.0).to(x2d.dtype)
+        masked = _as(torch.where(mask, effective, 0.0), x2d.dtype)
     else:
         masked = torch.empty(weight.shape, dtype=x2d.dtype, device=weight.device)
         for start, stop, effective, _, mask in _chunks(weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2, acc):
@@ -218,13 +236,14 @@ def backward(dy2d, x2d, weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha
     """(dx or None, (dU, dV, dA, dB, dR, dC) or None) in the accumulate dtype: per chunk (one
     chunk up to ``CHUNK_ENTRIES``) G = dyᵀx is formed once and folded into the factor gradients."""
     acc = naive.accumulate_dtype(dy2d, x2d, weight, U, V, A, B, R, C)
-    wide_dy, wide_x = dy2d.to(acc), x2d.to(acc)
+    wide_dy, wide_x = _as(dy2d, acc), _as(x2d, acc)
     dx = None
     chunks = list(row_blocks(*weight.shape))
     grads = [] if needs_params else None
-    U, V, A, B = (t.to(acc) for t in (U, V, A, B))
+    U, V, A, B = (_as(t, acc) for t in (U, V, A, B))
     for start, stop, effective, magnitude, mask in _chunks(weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2, acc):
-        dy_block = wide_dy[:, start:stop]
+        rows = _rows(start, stop, weight.shape[0])
+        dy_block = wide_dy if rows is None else wide_dy[:, rows]
         if needs_dx:
             # W_eff ⊙ M rounded to x's dtype, as the forward's GEMM saw it.
             masked = torch.where(mask, effective, 0.0)
@@ -240,14 +259,14 @@ def backward(dy2d, x2d, weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha
         d_score = g.mul_(effective)
         del effective, magnitude, mask
         grads.append((
-            _scaled(torch.mm(d_effective, V.t()), beta), _scaled(torch.mm(U[start:stop].t(), d_effective), beta),
-            _scaled(torch.mm(d_score, B.t()), alpha1), _scaled(torch.mm(A[start:stop].t(), d_score), alpha1),
+            _scaled(torch.mm(d_effective, V.t()), beta), _scaled(torch.mm(_part(U, rows).t(), d_effective), beta),
+            _scaled(torch.mm(d_score, B.t()), alpha1), _scaled(torch.mm(_part(A, rows).t(), d_score), alpha1),
             _scaled(d_score.sum(1, keepdim=True), alpha2), _scaled(d_score.sum(0, keepdim=True), alpha2),
         ))
         del g, d_effective, d_score  # before the next chunk's buffers are made
     if dx is None and needs_dx:
         dx = torch.zeros(x2d.shape, dtype=acc, device=x2d.device)
-    dx = None if dx is None else dx.to(x2d.dtype)
+    dx = None if dx is None else _as(dx, x2d.dtype)
     if not needs_params:
         return dx, None
     if len(chunks) == 1:

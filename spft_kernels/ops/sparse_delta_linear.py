@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import library_sparse, naive
+from ._guards import autocast_off
 from ._eager import TensorList, eager_autograd, runs_eagerly
 from ._linear_args import check_x_and_weight, prepare_operands, weight_for_dx
 from .backends import check_backend_name, resolve_backend
@@ -134,7 +135,7 @@ def _linear_impl(x, weight, bias, delta, index, *, index_form, out_features, mod
     has_delta = mode != "merged" and form.csr.nnz > 0
     # The op chooses its own precision (prepare_operands cast x for autocast already): under
     # autocast the sparse products would otherwise be cast to a dtype the library lacks.
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         y2d = _forward(x2d, weight, bias, delta, form, num_tokens, out_features, has_delta, mode, backend)
     return y2d.reshape(*x.shape[:-1], out_features)
 
@@ -192,7 +193,7 @@ def _backward_impl(dy2d, x2d, weight, delta, index, index_form, mode, backend, n
     form = _IndexForm(index, index_form, out_features, in_features)
     has_delta = mode != "merged" and form.csr.nnz > 0
     dx2d = ddelta = None
-    with torch.autocast(x2d.device.type, enabled=False):
+    with autocast_off(x2d.device.type):
         if need_dx:
             dx2d = None
             if has_delta and weight is not None and not _kernel("spmm_t_add", backend, dy2d.device):
@@ -204,7 +205,9 @@ def _backward_impl(dy2d, x2d, weight, delta, index, index_form, mode, backend, n
             elif dx2d is None:
                 dx2d = x2d.new_zeros(x2d.shape)
         if need_delta:
-            ddelta = _delta_grad(x2d, dy2d, form, backend).to(delta.dtype)
+            ddelta = _delta_grad(x2d, dy2d, form, backend)
+            if ddelta.dtype != delta.dtype:
+                ddelta = ddelta.to(delta.dtype)
     return (x2d.new_empty(0) if dx2d is None else dx2d), (delta.new_empty(0) if ddelta is None else ddelta)
 
 
@@ -273,7 +276,18 @@ def index_form_for(sparse_index: SparseIndex, mode: str, backend: str, device: t
     """``(tensors, names)``: what the op reads of ``sparse_index`` in ``mode`` on ``backend``
     (the op's ``index`` and ``index_form``): the stored CSR, plus the derived forms a custom
     kernel of this mode reads (built on first use and kept by the index's owner). Decided once
-    per index change by a layer; the library path reads the stored CSR only."""
+    per index change by a layer (kept in ``sparse_index.decided``); the library path reads the
+    stored CSR only."""
+    key = ("index_form", mode, backend, device.type)
+    decided = None if torch.compiler.is_compiling() else sparse_index.decided.get(key)
+    if decided is None:
+        decided = _index_form(sparse_index, mode, backend, device)
+        if not torch.compiler.is_compiling():
+            sparse_index.decided[key] = decided
+    return decided
+
+
+def _index_form(sparse_index: SparseIndex, mode: str, backend: str, device: torch.device) -> tuple[list, str]:
     csr = sparse_index.csr()
     named = {"crow": csr.crow, "col_bytes": csr.col_bytes}
     if sparse_index.nnz:
