@@ -310,3 +310,24 @@ def test_zero_width_layers_train(shape, mode):
     assert y.shape == (3, 2, shape[0])
     y.sum().backward()
     assert x.grad.shape == x.shape and layer.delta.grad.shape == (0,)
+
+
+def test_the_mode_is_a_string_end_to_end():
+    """The layer hands its mode to the op as the string it is (no pair of bools on the way); the
+    keywords of earlier versions say the same."""
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(7, 5, dtype=torch.float64, generator=generator)
+    index = spft.random_index(7, 5, 0.4, generator)
+    delta = torch.randn(index.numel(), dtype=torch.float64, generator=generator)
+    x = torch.randn(3, 5, dtype=torch.float64, generator=generator)
+    split = spft.sparse_delta_linear(x, weight, delta, index, mode="split")
+    assert torch.equal(split, spft.sparse_delta_linear(x, weight, delta, index))
+    merged_weight = weight.clone().view(-1).index_add_(0, index.long(), delta).view(7, 5)
+    merged = spft.sparse_delta_linear(x, merged_weight, delta, index, mode="merged")
+    assert torch.equal(merged, spft.sparse_delta_linear(x, merged_weight, delta, index, merged=True))
+    torch.testing.assert_close(merged, split)
+    for bad in ("dense", "auto"):
+        with pytest.raises(ValueError, match="mode must be one of"):
+            spft.sparse_delta_linear(x, weight, delta, index, mode=bad)
+    with pytest.raises(ValueError, match="given alone"):
+        spft.sparse_delta_linear(x, weight, delta, index, mode="split", merged=True)

@@ -191,9 +191,15 @@ class SparseDeltaLinear(DeltaLayer):
 
     def _functional(self, x: torch.Tensor) -> torch.Tensor:
         return sparse_delta_linear(
-            x, self.weight, self.delta, self.sparse_index(), self.bias, backend=self.backend, merged=self._computes_merged(),
-            fused=self.mode == "fused" and not self._computes_merged(),
+            x, self.weight, self.delta, self.sparse_index(), self.bias, backend=self.backend, mode=self._op_mode(),
         )
+
+    def _op_mode(self) -> str:
+        """What this forward computes: ``merged`` while the weight holds W0 + Δ, else the layer's
+        own way (``fused`` or ``split``)."""
+        if self._computes_merged():
+            return "merged"
+        return "fused" if self.mode == "fused" else "split"
 
     def _delta_gradient(self, x2d: torch.Tensor, dy2d: torch.Tensor) -> torch.Tensor:
         index = self.sparse_index()

@@ -300,6 +300,9 @@ def _index_form(sparse_index: SparseIndex, mode: str, backend: str, device: torc
     return list(named.values()), ",".join(named)
 
 
+_MODES = ("split", "merged", "fused")
+
+
 def sparse_delta_linear(
     x: Tensor,
     weight: Optional[Tensor],
@@ -310,6 +313,7 @@ def sparse_delta_linear(
     *,
     merged: bool = False,
     fused: bool = False,
+    mode: Optional[str] = None,
 ) -> Tensor:
     """``y = x (W0 + Δ)ᵀ + b`` where ``Δ`` holds ``delta[k]`` at flat position ``index[k]``.
 
@@ -317,7 +321,8 @@ def sparse_delta_linear(
     ``index``: a :class:`SparseIndex`, or a 1-D integer tensor of flat positions, which is then
     validated and its CSR form built on every call (a host sync: layers cache a SparseIndex).
     An unsorted index tensor is sorted and ``delta`` permuted with it (differentiably).
-    ``merged=True`` declares that ``weight`` already holds ``W0 + Δ``: the forward is then a plain
+    ``mode``: ``"split"`` (default), ``"merged"`` or ``"fused"``; ``merged=True`` / ``fused=True``
+    say the same (kept for callers of earlier versions). ``merged=True`` declares that ``weight`` already holds ``W0 + Δ``: the forward is then a plain
     GEMM and only the delta gradient is sparse (the layer's merged mode). ``fused=True`` computes
     the forward as one GEMM that adds Δ into the weight tiles (the layer's fused mode; the cuda
     backend has the kernel, the reference computes the split form).
@@ -329,6 +334,10 @@ def sparse_delta_linear(
     """
     name = "sparse_delta_linear"
     check_backend_name(backend)
+    if mode is not None:  # the layer's way: the mode as a string end to end
+        if mode not in _MODES or merged or fused:
+            raise ValueError(f"{name}: mode must be one of {_MODES} (and given alone, without merged/fused), got {mode!r}")
+        merged, fused = mode == "merged", mode == "fused"
     if merged and fused:
         raise ValueError(f"{name}: merged and fused are exclusive (a merged weight already holds Δ)")
     mode = "merged" if merged else "fused" if fused else "split"
