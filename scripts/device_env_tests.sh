@@ -37,9 +37,10 @@ venv=${SPFT_DEVICE_VENV:-.venv-device}
 py="$venv/bin/python"
 pip_install() { "$py" -m pip install --disable-pip-version-check -q "$@"; }
 
-# The device's releases (KINDS.md, 2026-11); a no-op once installed.
+# The device's releases (KINDS.md, 2026-11); a no-op once installed. bitsandbytes: the quantized-base
+# tests and README block need it (0.50 runs on the CPU; whether the device has it is not recorded).
 pip_install "torch==2.11.0" "triton==3.6.0" "transformers==5.17.0" "accelerate==1.15.0" \
-  "safetensors==0.8.0" "numpy<2.4" peft tqdm matplotlib "pytest>=8" "setuptools>=70" wheel
+  "safetensors==0.8.0" "numpy<2.4" peft tqdm matplotlib "pytest>=8" "setuptools>=70" wheel "bitsandbytes==0.50.*"
 SPFT_SKIP_CUDA_BUILD=1 pip_install --no-build-isolation --no-deps -e .
 "$py" - <<'EOF'
 import sys, numpy, torch, triton, transformers, peft
