@@ -327,3 +327,36 @@ def test_set_index_replaces_the_mask_and_keeps_the_merge():
 def test_repr_and_nnz():
     layer = spft.SparseDeltaLinear.from_linear(make_linear(), torch.tensor([1, 2, 3]), mode="split")
     assert layer.nnz == 3 and "nnz=3" in repr(layer) and "mode=split" in repr(layer)
+
+
+@pytest.mark.parametrize("kind", ["entries", "rows", "blocks"])
+@pytest.mark.parametrize("mode", ["merged", "split"])
+def test_a_layer_is_freed_without_the_garbage_collector(kind, mode):
+    """No reference cycle through a layer: a replaced layer (load_adapter, set_adapter) must let go
+    of its weight at once, or the layer replacing it sees the weight held elsewhere and cannot
+    merge until the collector happens to run (a cached index calling back into its layer once made
+    such a cycle)."""
+    import gc
+    import weakref
+
+    def make():
+        linear = torch.nn.Linear(16, 12)
+        if kind == "entries":
+            layer = spft.SparseDeltaLinear.from_linear(linear, spft.random_index(12, 16, 0.3), mode=mode)
+        elif kind == "rows":
+            layer = spft.RowSparseLinear.from_linear(linear, torch.tensor([1, 5]), mode=mode)
+        else:
+            layer = spft.BlockSparseLinear.from_linear(linear, torch.tensor([0, 3]), block_size=(4, 8), mode=mode)
+        layer(torch.randn(3, 16)).sum().backward()
+        return layer
+
+    make()  # first calls import lazily (their frames can linger once)
+    gc.collect()
+    gc.disable()
+    try:
+        layer = make()
+        weight, ref = weakref.ref(layer.weight), weakref.ref(layer)
+        del layer
+        assert ref() is None and weight() is None
+    finally:
+        gc.enable()

@@ -6,7 +6,8 @@ selection hook and the sum of several adapters (union of entries)."""
 
 from __future__ import annotations
 
-from typing import Optional
+import weakref
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -31,6 +32,18 @@ _KEPT_INDEX = "_kept_sparse_index"
 
 def _metadata_buffer(name: str) -> str:
     return "_" + name
+
+
+def _weak_keeper(layer) -> Callable:
+    """``layer._keep_metadata`` without holding the layer (see ``SparseDeltaLinear.sparse_index``)."""
+    method = weakref.WeakMethod(layer._keep_metadata)
+
+    def keep(name: str, tensor: torch.Tensor) -> None:
+        bound = method()
+        if bound is not None:
+            bound(name, tensor)
+
+    return keep
 
 
 @register_kind
@@ -108,9 +121,13 @@ class SparseDeltaLinear(DeltaLayer):
             return kept
         cached = {name: self._buffers.get(_metadata_buffer(name)) for name in DERIVED}
         csr = CsrIndex(crow, col_bytes, self.out_features, self.in_features)
-        built = SparseIndex(None, self.out_features, self.in_features, csr=csr, on_build=self._keep_metadata, **cached)
-        if not compiling:
-            self.__dict__[_KEPT_INDEX] = built
+        if compiling:
+            return SparseIndex(None, self.out_features, self.in_features, csr=csr, on_build=self._keep_metadata, **cached)
+        # The kept index calls back through a weak reference: a bound method would make a reference
+        # cycle (layer -> index -> layer), and a replaced layer caught in one would hold its weight
+        # until the garbage collector ran, so the layer replacing it could not merge (observers).
+        built = SparseIndex(None, self.out_features, self.in_features, csr=csr, on_build=_weak_keeper(self), **cached)
+        self.__dict__[_KEPT_INDEX] = built
         return built
 
     def __getstate__(self) -> dict:
