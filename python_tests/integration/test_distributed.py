@@ -56,8 +56,11 @@ def _spawn(out_dir, groups: str, timeout: int) -> None:
         for process in processes:
             if process.poll() is None:
                 process.kill()
-    for rank, (process, output) in enumerate(zip(processes, outputs)):
-        assert process.returncode == 0, f"rank {rank} failed:\n{output[-4000:]}"
+    # Every failed rank's output (a rank that crashed makes the others fail with "connection closed
+    # by peer": the first cause is often in another rank's output than rank 0's).
+    failed = [f"rank {rank} failed (exit {process.returncode}):\n{output[-3000:]}"
+              for rank, (process, output) in enumerate(zip(processes, outputs)) if process.returncode != 0]
+    assert not failed, "\n\n".join(failed)
 
 
 @pytest.fixture(scope="module")
