@@ -171,18 +171,31 @@ def run_resume(out_dir: str, rank: int, world: int, trained: torch.nn.Module) ->
     dcp.load(state, checkpoint_id=checkpoint)
     set_model_state_dict(other, state)
     result["dcp"] = float((probe_logits(other) - expected).abs().max())
-    try:  # accelerate's RAM-efficient loading of FSDP2 models (rank 0 holds the full state dict)
-        from accelerate.utils.fsdp_utils import fsdp2_load_full_state_dict
-    except ImportError:
+    load_full = _accelerate_fsdp2_loader()  # accelerate's RAM-efficient loading (rank 0 holds the full state dict)
+    if load_full is None:
         result["accelerate"] = None
     else:
         # (a new full state dict: set_model_state_dict above rewrote the one it was given)
         full = get_model_state_dict(trained, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         third = loaded_and_sharded(out_dir)
         accelerator = types.SimpleNamespace(is_main_process=rank == 0, device=torch.device("cpu"))
-        fsdp2_load_full_state_dict(accelerator, third, full if rank == 0 else {})
+        load_full(accelerator, third, full if rank == 0 else {})
         result["accelerate"] = float((probe_logits(third) - expected).abs().max())
     _write(out_dir, "resume", rank, result)
+
+
+def _accelerate_fsdp2_loader():
+    """accelerate's ``fsdp2_load_full_state_dict``, or None: not installed, or older than 1.16, which
+    takes every state-dict entry for a sharded parameter, while the positions (``index``, ``rows``,
+    ``blocks``) are plain buffers (README: Distributed)."""
+    try:
+        import accelerate
+        from accelerate.utils.fsdp_utils import fsdp2_load_full_state_dict
+    except ImportError:
+        return None
+    if tuple(int(part) for part in accelerate.__version__.split(".")[:2]) < (1, 16):
+        return None
+    return fsdp2_load_full_state_dict
 
 
 def run_rank0_save(out_dir: str, rank: int, world: int) -> None:
