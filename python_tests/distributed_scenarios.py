@@ -30,10 +30,9 @@ import torch
 
 import spft_kernels as spft
 
+from distributed_worker import GLOBAL_BATCH, STEPS, next_token_loss, train  # the DDP test's loop, loss and sizes
 from tiny_models import tiny_batches, tiny_model
 
-STEPS = 3
-GLOBAL_BATCH = 4
 CONFIGS = {
     "entries": dict(method="sparta", density=0.2, seed=3),
     "rows": dict(method="spruft", density=0.3),
@@ -58,25 +57,6 @@ def start_with_delta(model: torch.nn.Module) -> torch.nn.Module:
             if parameter.requires_grad and name.endswith(".delta"):
                 parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * 0.05)
     return model
-
-
-def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-
-
-def train(model: torch.nn.Module, rank: int = 0, world_size: int = 1) -> list[float]:
-    """AdamW on this rank's share of each global batch; returns the local losses."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    share = GLOBAL_BATCH // world_size
-    losses = []
-    for batch in tiny_batches("llama", count=STEPS, batch=GLOBAL_BATCH):
-        ids = batch["input_ids"][rank * share : (rank + 1) * share]
-        loss = next_token_loss(model(input_ids=ids).logits, ids)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
 
 
 def probe_logits(model: torch.nn.Module) -> torch.Tensor:

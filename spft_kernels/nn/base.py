@@ -196,10 +196,6 @@ class SpftLayer(nn.Linear):
         folders, merging adapters of different kinds)."""
         raise ValueError(f"kind {cls.kind!r} is not a set of weight entries")
 
-    def to_entries(self) -> tuple[Tensor, Tensor]:
-        return self.entries_of(self.positions(), {k: v.detach() for k, v in self.trainable_tensors().items()},
-                               (self.out_features, self.in_features), self.options())
-
     @classmethod
     def entries_per_position(cls, shape: tuple, options: dict) -> int:
         """How many weight entries one position is in ``entries_of`` (SHiRA's padding rule)."""
@@ -244,11 +240,6 @@ class SpftLayer(nn.Linear):
         """``SpftConfig`` keywords describing hand-converted layers of this kind (an adapter of a
         model without ``spft_config``)."""
         return {"method": "speft", "num_params": trainable_count(layers), "kind": cls.kind}
-
-    @classmethod
-    def stored_count(cls, stored: StoredLayer) -> int:
-        """The count an adapter's metadata records for a layer (positions, or values)."""
-        return stored.count if stored.positions is None else int(stored.positions.numel())
 
     # --- W0 ---------------------------------------------------------------------------------
 

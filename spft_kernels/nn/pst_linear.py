@@ -383,10 +383,6 @@ class PSTLinear(SpftLayer):
     def export(self):
         return self.to_linear(return_report=True)
 
-    @classmethod
-    def stored_count(cls, stored) -> int:
-        return stored.count
-
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, r1={self.r1}, r2={self.r2}, sparsity={self.sparsity:.4g}, "

@@ -85,24 +85,26 @@ def sddmm(x2d: Tensor, dy2d: Tensor, csr: CsrIndex, columns: Optional[Tensor] = 
 
 def x_delta_t(x2d: Tensor, delta: Tensor, csr: CsrIndex, columns: Optional[Tensor] = None) -> Tensor:
     """``x Δᵀ`` as a [T, out] view (of an [out, T] result) in the accumulate dtype."""
-    acc = naive.accumulate_dtype(x2d, delta)
-    if not uses_library(csr):
-        zeros = torch.zeros(x2d.shape[0], csr.out_features, dtype=acc, device=x2d.device)
-        return naive.spmm_add(zeros, x2d, delta, csr.flat(_flat_dtype(csr)))
-    if _shapes_only(x2d):
-        return x2d.new_empty((csr.out_features, x2d.shape[0]), dtype=acc).t()
-    return torch.mm(csr.tensor(_operand(delta, acc), columns), _operand(x2d, acc).t()).t()
+    return _product(x2d, delta, csr, columns, transposed=False)
 
 
 def dy_delta(dy2d: Tensor, delta: Tensor, csr: CsrIndex, columns: Optional[Tensor] = None) -> Tensor:
     """``dy Δ`` as a [T, in] view (of an [in, T] result) in the accumulate dtype."""
-    acc = naive.accumulate_dtype(dy2d, delta)
+    return _product(dy2d, delta, csr, columns, transposed=True)
+
+
+def _product(dense2d: Tensor, delta: Tensor, csr: CsrIndex, columns: Optional[Tensor], transposed: bool) -> Tensor:
+    """``dense Δᵀ`` (``transposed``: ``dense Δ``) as a [T, width] view of a [width, T] result."""
+    acc = naive.accumulate_dtype(dense2d, delta)
+    width = csr.in_features if transposed else csr.out_features
     if not uses_library(csr):
-        zeros = torch.zeros(dy2d.shape[0], csr.in_features, dtype=acc, device=dy2d.device)
-        return naive.spmm_t_add(zeros, dy2d, delta, csr.flat(_flat_dtype(csr)))
-    if _shapes_only(dy2d):
-        return dy2d.new_empty((csr.in_features, dy2d.shape[0]), dtype=acc).t()
-    return torch.mm(csr.tensor(_operand(delta, acc), columns).t(), _operand(dy2d, acc).t()).t()
+        zeros = torch.zeros(dense2d.shape[0], width, dtype=acc, device=dense2d.device)
+        reference = naive.spmm_t_add if transposed else naive.spmm_add
+        return reference(zeros, dense2d, delta, csr.flat(_flat_dtype(csr)))
+    if _shapes_only(dense2d):
+        return dense2d.new_empty((width, dense2d.shape[0]), dtype=acc).t()
+    sparse = csr.tensor(_operand(delta, acc), columns)
+    return torch.mm(sparse.t() if transposed else sparse, _operand(dense2d, acc).t()).t()
 
 
 def linear_with_delta(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], delta: Tensor, csr: CsrIndex,
