@@ -10,11 +10,16 @@ it *is* the CSR order of Δ; storing it as CSR costs
 
 Why this form (bytes per entry and ops per step, the two axes):
 
-- bytes: 2 an entry plus ``4 (out + 1)`` a layer (16 KiB at 4096 rows), the same as the
-  2-byte split of the flat position it replaces (``compact_index.py``, kept for the adapter
-  file's ``split16`` form): at LoRA rank 64's count on Llama-2-7B (159.9M entries) the index is
-  0.30 GiB either way, where the canonical int32 form was 0.60 GiB and int32 CSR columns would be
-  0.60 GiB too (what an int32 ``col`` kept per layer would cost, so it is never kept);
+- bytes: 2 an entry plus ``4 (out + 1)`` a layer (16 KiB at 4096 rows). The 2-byte split of
+  the flat position it replaces (``compact_index.py``, kept for the adapter file's ``split16``
+  form) cost 2 an entry plus 4 per 65,536 weight positions. At LoRA rank 64's count on
+  Llama-2-7B (159.9M entries) both are 0.30 GiB; the canonical int32 form was 0.60 GiB, and
+  int32 CSR columns would be 0.60 GiB too (so an int32 ``col`` is never kept). The row pointers
+  are the trade-off: 5.44 MB at 7B against the split form's 0.40 MB, +0.03 bytes an entry, the
+  7B peak 17.714 -> 17.718 GiB (+0.03%, ``spft-bench --memory --rank 64``, merged), for ~10 ops
+  fewer a step (below). A pointer form under 4 bytes a row (16-bit row counts, a row-start bit
+  in the column's spare sign bit) would cost a cumulative sum or a ``nonzero_static`` and a
+  few more ops in every product: not bought;
 - ops: the library's sparse products (``torch.sparse.sampled_addmm``, ``torch.mm`` with a CSR
   or its transpose: MKL on the CPU, cuSPARSE on CUDA) read exactly ``crow`` and int32 columns,
   so an op gets them with **one** cast (``int16 -> int32``; two with a mask when
