@@ -62,7 +62,10 @@ class _IndexForm:
         return self._columns
 
     def flat(self) -> Tensor:
-        """The canonical flat index, for the custom kernels only (3 ops)."""
+        """The canonical flat index: the one the layer keeps (small weights), else expanded (3-4
+        ops: the custom kernels only)."""
+        if self._flat is None:
+            self._flat = self.tensors.get("flat")
         if self._flat is None:
             self._flat = self.csr.flat(index_dtype_for(self.csr.out_features, self.csr.in_features))
         return self._flat
@@ -104,7 +107,9 @@ def _dy_delta(dx2d: Optional[Tensor], dy2d: Tensor, delta: Tensor, index: _Index
 def _delta_grad(x2d: Tensor, dy2d: Tensor, index: _IndexForm, backend: str) -> Tensor:
     if _kernel("sddmm", backend, x2d.device):
         return sddmm(x2d, dy2d, index.flat(), index.get("tile_ptr"), backend)
-    return library_sparse.sddmm(x2d, dy2d, index.csr, index.columns())
+    flat = index.get("flat")
+    columns = None if flat is not None and library_sparse.uses_dense_gradient(index.csr, x2d.shape[0]) else index.columns()
+    return library_sparse.sddmm(x2d, dy2d, index.csr, columns, flat)
 
 
 # --- the layer op ------------------------------------------------------------------------------
@@ -290,6 +295,9 @@ def index_form_for(sparse_index: SparseIndex, mode: str, backend: str, device: t
 def _index_form(sparse_index: SparseIndex, mode: str, backend: str, device: torch.device) -> tuple[list, str]:
     csr = sparse_index.csr()
     named = {"crow": csr.crow, "col_bytes": csr.col_bytes}
+    kept = sparse_index.kept_flat()
+    if kept is not None:  # a small weight's flat positions, kept by its layer (index.py): no bytes added
+        named["flat"] = kept
     if sparse_index.nnz:
         for op in _KERNEL_OPS[mode]:
             if _kernel(op, backend, device):
