@@ -91,9 +91,8 @@ def sddmm(x2d: Tensor, dy2d: Tensor, csr: CsrIndex, columns: Optional[Tensor] = 
     acc = naive.accumulate_dtype(x2d, dy2d)
     if csr.nnz == 0 or x2d.shape[0] == 0:
         return torch.zeros(csr.nnz, dtype=acc, device=x2d.device)
-    if (flat is not None and x2d.dtype == acc and dy2d.dtype == acc and uses_dense_gradient(csr, x2d.shape[0])
-            and not _shapes_only(x2d)):
-        return torch.mm(dy2d.t(), x2d).view(-1).index_select(0, flat)
+    if flat is not None and x2d.dtype == acc and dy2d.dtype == acc and uses_dense_gradient(csr, x2d.shape[0]):
+        return torch.mm(dy2d.t(), x2d).view(-1).index_select(0, flat)  # (dense ops: fake tensors too)
     if not uses_library(csr):
         return naive.sddmm(x2d, dy2d, csr.flat(_flat_dtype(csr)))
     # The pattern's values are read (beta * values): zeros, or a NaN in them would leak through.
@@ -141,11 +140,11 @@ def linear_with_delta(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], delta
     product, 6 ms; split mode went from 1.10x to about merged's time). A small weight
     (:func:`uses_private_sum`) takes one GEMM with ``W0 + Δ`` instead."""
     acc = naive.accumulate_dtype(x2d, delta)
-    if x2d.dtype != acc or weight.dtype != acc or _shapes_only(x2d):
+    if x2d.dtype != acc or weight.dtype != acc:
         return None
     if uses_private_sum(csr):
         return F.linear(x2d, private_sum(weight, delta, csr, columns), None if bias is None else _operand(bias, acc))
-    if not uses_library(csr):
+    if not uses_library(csr) or _shapes_only(x2d):
         return None
     pattern = csr.tensor(_operand(delta, acc), columns)
     if bias is None:
@@ -159,11 +158,11 @@ def dx_with_delta(dy2d: Tensor, weight: Tensor, delta: Tensor, csr: CsrIndex,
                   columns: Optional[Tensor] = None) -> Optional[Tensor]:
     """``dy W0 + dy Δ`` [T, in] in two ops (as :func:`linear_with_delta`), or None."""
     acc = naive.accumulate_dtype(dy2d, delta)
-    if dy2d.dtype != acc or weight.dtype != acc or _shapes_only(dy2d):
+    if dy2d.dtype != acc or weight.dtype != acc:
         return None
     if uses_private_sum(csr):
         return dy2d.mm(private_sum(weight, delta, csr, columns))
-    if not uses_library(csr):
+    if not uses_library(csr) or _shapes_only(dy2d):
         return None
     product = torch.mm(csr.tensor(_operand(delta, acc), columns).t(), dy2d.t())
     return torch.addmm(product.t(), dy2d, weight)
@@ -209,7 +208,10 @@ def uses_private_sum(csr: CsrIndex) -> bool:
 
 def private_sum(weight: Tensor, delta: Tensor, csr: CsrIndex, columns: Optional[Tensor] = None) -> Tensor:
     """``W0 + Δ`` [out, in] as a new contiguous tensor in the weight's dtype (fp32 / fp64 here:
-    the sum rounded once, as merged mode writes it); one op besides the columns' cast."""
+    the sum rounded once, as merged mode writes it); one op besides the columns' cast. Fake or
+    meta operands: a tensor of that size (torch builds no sparse tensor from them)."""
+    if _shapes_only(weight):
+        return torch.empty_like(weight, memory_format=torch.contiguous_format)
     return torch.add(weight, csr.tensor(_operand(delta, weight.dtype), columns))
 
 

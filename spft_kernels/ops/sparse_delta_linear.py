@@ -83,6 +83,10 @@ def _kernel(op: str, backend: str, device: torch.device) -> bool:
     registry does not change after import, and resolving costs ~10 µs, 2-4 times a step."""
     if backend == "reference":
         return False
+    if torch.compiler.is_compiling():
+        # Not through the cache: Dynamo would guard on the process-wide dict's contents, and the
+        # first eager call after the trace that adds a key would force a recompile.
+        return resolve_backend(op, backend, device) != "reference"
     key = (op, backend, device.type)
     choice = _KERNEL_CHOICES.get(key)
     if choice is None:
