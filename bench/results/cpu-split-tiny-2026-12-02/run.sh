@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Before (main at 1cb214d, exported to /tmp/main24 with `git archive`) and after (this branch's
 # tree), taking turns, in one run: the tiny shape twice each (200 repeats), then 2048x2048 at
-# 1,024 tokens, 1% (15 repeats) twice each. Run from the worktree root:
+# 1,024 tokens, 1% (15 repeats) three times each. Run from the worktree root:
 #   bash bench/results/cpu-split-tiny-2026-12-02/run.sh
 set -euo pipefail
 OUT=bench/results/cpu-split-tiny-2026-12-02
+rm -f "$OUT"/tiny-*.txt "$OUT"/large-*.txt "$OUT"/load.txt
 BEFORE=${BEFORE:-/tmp/main24}
 AFTER=$PWD
 PY=${PY:-/work/main/.venv/bin/python}
@@ -24,7 +25,7 @@ for run in 1 2; do
   bench "$BEFORE" "tiny-before-$run" "${tiny[@]}"
   bench "$AFTER" "tiny-after-$run" "${tiny[@]}"
 done
-for run in 1 2; do
+for run in 1 2 3; do
   bench "$BEFORE" "large-before-$run" "${large[@]}"
   bench "$AFTER" "large-after-$run" "${large[@]}"
 done
