@@ -68,11 +68,12 @@ def _operand(t: Tensor, acc: torch.dtype) -> Tensor:
 
 # A step of at most this many ``out x in x tokens`` takes the masked gradient as the dense ``dyᵀ x``
 # GEMM and one gather at the flat positions (2 ops) instead of ``sampled_addmm`` (3 ops with the
-# columns' cast and the pattern's zeros; ~14 µs of fixed cost on the development CPU). Measured
-# there (fp32, one thread, median, dense / sampled): 0.25-0.31x at 2^12-2^16 (64x64 at 1-16
-# tokens), 0.44-0.54x at 2^18 (64x64 at 64 tokens, 128x128 at 16), 0.74-1.01x at 2^20 (64x64
-# at 256, 128x128 at 64, 256x256 at 16), 1.5-2.3x at 2^22: the bound sits between the last two
-# measured wins. The temporary is ``out x in`` of a weight small enough to keep its flat
+# columns' cast and the pattern's zeros; ~15 µs of fixed cost on the development CPU). Measured
+# there (fp32, one thread, median, dense / sampled; bench/results/cpu-split-tiny-2026-12-02/
+# rules.txt): 0.26-0.43x at 2^12-2^16 (64x64 at 1-16 tokens, 256x256 at 1), 0.43-0.87x at 2^18
+# (64x64 at 64, 128x128 at 16, 512x512 at 1), 0.74-1.02x at 2^20 (64x64 at 256, 128x128 at 64,
+# 256x256 at 16), 1.5-2.5x at 2^22: the bound sits between the last measured wins and the ties.
+# The temporary is ``out x in`` of a weight small enough to keep its flat
 # positions (``index.KEPT_FLAT_MAX_ENTRIES``: at most 1 MiB), freed at once. On CUDA the same
 # shapes are launch-bound: one GEMM and one gather against cuSPARSE's SDDMM (buffer size,
 # preprocess, compute) plus the cast and the zeros.
@@ -174,17 +175,17 @@ def dx_with_delta(dy2d: Tensor, weight: Tensor, delta: Tensor, csr: CsrIndex,
 # dense + CSR add, then the GEMM merged mode runs) for weights of at most this many entries.
 # Why: at a small weight a step's time is per-call overhead, and the CSR products cost far more
 # than their flops: ``dy Δ`` multiplies by the CSR's transpose, a CSC view that torch converts to
-# CSR inside every call (MKL gets opA = non-transpose only: a sort and ~12 ops, ~26 µs at 64x64),
-# and each product copies its transposed dense operand. Measured (development CPU, fp32, one
-# thread, forward + dx of one layer, median; bench/results/cpu-split-tiny-2026-12-02):
+# CSR inside every call (MKL gets opA = non-transpose only: a sort and ~12 ops; dx took 46 µs at
+# 64x64, 16 tokens, 12.5 µs from a CSR of Δᵀ built beforehand), and each product copies its
+# transposed dense operand. Measured (development CPU, fp32, one thread, forward + dx of one
+# layer, median; bench/results/cpu-split-tiny-2026-12-02/rules.txt):
 #
-# | weight, tokens | 1% : private sum / CSR products | 5% |
+# | weight, tokens | 1%: private sum / CSR products | 5% |
 # |---|---|---|
-# | 64x64, 16 | 0.31x (19 / 60 µs) | 0.30x |
-# | 256x256, 16 | 0.56x | 0.38x |
-# | 512x512, 16 | 0.73x | 0.29x |
-# | 512x512, 256 | 0.85x | 0.66x |
-# | 1024x1024, 16 / 256 | 0.65x / 0.91x | 0.53x / 0.75x |
+# | 64x64, 16 / 256 | 0.33x (20 / 62 µs) / 0.44x | 0.31x / 0.42x |
+# | 256x256, 16 / 256 | 0.59x / 0.77x | 0.39x / 0.62x |
+# | 512x512, 16 / 256 | 0.76x / 0.83x | 0.29x / 0.65x |
+# | 1024x1024, 16 / 256 | 0.82x / 0.93x | 0.57x / 0.79x |
 #
 # so the sum is faster at every size measured; the bound is set by memory, not speed: split
 # mode keeps no out x in tensor in general (docs/architecture.md, "one training step"), and this

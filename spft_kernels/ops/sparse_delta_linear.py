@@ -112,8 +112,8 @@ def _delta_grad(x2d: Tensor, dy2d: Tensor, index: _IndexForm, backend: str) -> T
     if _kernel("sddmm", backend, x2d.device):
         return sddmm(x2d, dy2d, index.flat(), index.get("tile_ptr"), backend)
     flat = index.get("flat")
-    columns = None if flat is not None and library_sparse.uses_dense_gradient(index.csr, x2d.shape[0]) else index.columns()
-    return library_sparse.sddmm(x2d, dy2d, index.csr, columns, flat)
+    dense = flat is not None and library_sparse.uses_dense_gradient(index.csr, x2d.shape[0])
+    return library_sparse.sddmm(x2d, dy2d, index.csr, None if dense else index.columns(), flat)
 
 
 # --- the layer op ------------------------------------------------------------------------------

@@ -3,9 +3,9 @@
 # tree), taking turns, in one run: the tiny shape twice each (200 repeats), then 2048x2048 at
 # 1,024 tokens, 1% (15 repeats) three times each. Run from the worktree root:
 #   bash bench/results/cpu-split-tiny-2026-12-02/run.sh
+# (then, for more large runs: TINY_RUNS= LARGE_RUNS="4 5 6" bash .../run.sh)
 set -euo pipefail
 OUT=bench/results/cpu-split-tiny-2026-12-02
-rm -f "$OUT"/tiny-*.txt "$OUT"/large-*.txt "$OUT"/load.txt
 BEFORE=${BEFORE:-/tmp/main24}
 AFTER=$PWD
 PY=${PY:-/work/main/.venv/bin/python}
@@ -21,11 +21,11 @@ bench() {  # tree label args...
   (cd "$tree" && PYTHONPATH="$tree" "$PY" -c "import spft_kernels; print('imports', spft_kernels.__file__)" \
      && PYTHONPATH="$tree" "$PY" -m spft_kernels.bench.benchmark "$@") > "$OUT/$label.txt" 2>&1
 }
-for run in 1 2; do
+for run in ${TINY_RUNS-1 2}; do
   bench "$BEFORE" "tiny-before-$run" "${tiny[@]}"
   bench "$AFTER" "tiny-after-$run" "${tiny[@]}"
 done
-for run in 1 2 3; do
+for run in ${LARGE_RUNS-1 2 3}; do
   bench "$BEFORE" "large-before-$run" "${large[@]}"
   bench "$AFTER" "large-after-$run" "${large[@]}"
 done
