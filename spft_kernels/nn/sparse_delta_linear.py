@@ -201,10 +201,10 @@ class SparseDeltaLinear(DeltaLayer):
         return self.weight.detach()[rows, flat - rows * self.in_features]
 
     def _gather_w0(self) -> torch.Tensor:
-        return self.weight.view(-1).index_select(0, self.index)
+        return self.weight.view(-1).index_select(0, self.sparse_index().flat_for_owner())
 
     def _write(self, weight, base, delta):
-        return scatter_delta_(weight, self.index, base=base, delta=delta, backend=self.backend)
+        return scatter_delta_(weight, self.sparse_index().flat_for_owner(), base=base, delta=delta, backend=self.backend)
 
     def _functional(self, x: torch.Tensor) -> torch.Tensor:
         return sparse_delta_linear(

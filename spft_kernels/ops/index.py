@@ -37,6 +37,13 @@ TILE_K = 64
 # The tensor-core SDDMM (and its tile_ptr: 4 bytes per TILE_K weight entries) from this density
 # up. Provisional: the crossover with the gather-dot SDDMM is still to be measured on a GPU.
 TILE_SDDMM_MIN_DENSITY = 0.02
+# A weight of at most this many entries keeps its expanded flat positions for its owner's own
+# writes (the merged mode's re-sync after every optimizer step, merge, unmerge): expanding them
+# is 4 ops (the columns' cast, ``arange``, ``searchsorted``, an add), ~10 µs of a 64x64 layer's
+# ~160 µs step on the development CPU, where LoRA's whole step is ~110 µs. It costs 4 bytes an
+# entry, at most 1 MiB a layer, only on layers whose weight is itself at most 1 MiB (fp32);
+# no layer of a 7B-class model is that small (4096x4096 = 2^24), so their memory is as before.
+KEPT_FLAT_MAX_ENTRIES = 1 << 18
 
 
 def index_dtype_for(out_features: int, in_features: int) -> torch.dtype:
@@ -72,6 +79,7 @@ class SparseIndex:
             raise TypeError("SparseIndex: give the canonical flat index or its CSR form, exactly one")
         self._flat = flat
         self._csr = csr
+        self._kept_flat: Optional[torch.Tensor] = None
         self.out_features = out_features
         self.in_features = in_features
         total = out_features * in_features
@@ -92,6 +100,27 @@ class SparseIndex:
         if self._flat is None:
             return self._csr.flat(index_dtype_for(self.out_features, self.in_features))
         return self._flat
+
+    def kept_flat(self) -> Optional[torch.Tensor]:
+        """The flat positions of a weight of at most ``KEPT_FLAT_MAX_ENTRIES`` entries, expanded
+        once and kept, for the owner's own reads and writes and its ops (merge, re-sync, the
+        small-step gradient); None for a larger weight. Never handed to users: ``flat`` stays a
+        new tensor on every read, which a caller may write into."""
+        if self._flat is not None:
+            return self._flat
+        if self.out_features * self.in_features > KEPT_FLAT_MAX_ENTRIES:
+            return None
+        if torch.compiler.is_compiling():
+            return self.flat  # (a traced graph keeps nothing)
+        if self._kept_flat is None:
+            with outside_inference_mode():  # long-lived: a later training step saves it for backward
+                self._kept_flat = self.flat
+        return self._kept_flat
+
+    def flat_for_owner(self) -> torch.Tensor:
+        """:meth:`kept_flat`, or for a larger weight the expansion :attr:`flat` makes."""
+        kept = self.kept_flat()
+        return self.flat if kept is None else kept
 
     def csr(self) -> CsrIndex:
         """The CSR form with 16-bit columns, 2 bytes an entry: what layers store and what the

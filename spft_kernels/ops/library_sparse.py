@@ -35,6 +35,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 
 from . import naive
@@ -56,19 +57,43 @@ def uses_library(csr: CsrIndex) -> bool:
 
 def _shapes_only(t: Tensor) -> bool:
     """Fake or meta tensors (torch.compile's tracing, ``spft-bench --memory``): torch cannot build
-    a sparse tensor from them, so the products are then modelled by what they allocate."""
-    return t.device.type == "meta" or is_fake(t)
+    a sparse tensor from them, so the products are then modelled by what they allocate. (A plain
+    tensor is never fake: ``is_fake`` costs ~3 µs a call, 2-3 calls a step.)"""
+    return t.device.type == "meta" or (type(t) is not Tensor and is_fake(t))
 
 
 def _operand(t: Tensor, acc: torch.dtype) -> Tensor:
     return t if t.dtype == acc else t.to(acc)
 
 
-def sddmm(x2d: Tensor, dy2d: Tensor, csr: CsrIndex, columns: Optional[Tensor] = None) -> Tensor:
-    """``grad[k] = Σ_t dy[t, row_k] x[t, col_k]`` [nnz] in fp32 (fp64 for fp64 operands)."""
+# A step of at most this many ``out x in x tokens`` takes the masked gradient as the dense ``dyᵀ x``
+# GEMM and one gather at the flat positions (2 ops) instead of ``sampled_addmm`` (3 ops with the
+# columns' cast and the pattern's zeros; ~15 µs of fixed cost on the development CPU). Measured
+# there (fp32, one thread, median, dense / sampled; bench/results/cpu-split-tiny-2026-12-02/
+# rules.txt): 0.26-0.43x at 2^12-2^16 (64x64 at 1-16 tokens, 256x256 at 1), 0.43-0.87x at 2^18
+# (64x64 at 64, 128x128 at 16, 512x512 at 1), 0.74-1.02x at 2^20 (64x64 at 256, 128x128 at 64,
+# 256x256 at 16), 1.5-2.5x at 2^22: the bound sits between the last measured wins and the ties.
+# The temporary is ``out x in`` of a weight small enough to keep its flat
+# positions (``index.KEPT_FLAT_MAX_ENTRIES``: at most 1 MiB), freed at once. On CUDA the same
+# shapes are launch-bound: one GEMM and one gather against cuSPARSE's SDDMM (buffer size,
+# preprocess, compute) plus the cast and the zeros.
+DENSE_GRADIENT_MAX_WORK = 1 << 19
+
+
+def uses_dense_gradient(csr: CsrIndex, tokens: int) -> bool:
+    return csr.out_features * csr.in_features * tokens <= DENSE_GRADIENT_MAX_WORK
+
+
+def sddmm(x2d: Tensor, dy2d: Tensor, csr: CsrIndex, columns: Optional[Tensor] = None,
+          flat: Optional[Tensor] = None) -> Tensor:
+    """``grad[k] = Σ_t dy[t, row_k] x[t, col_k]`` [nnz] in fp32 (fp64 for fp64 operands).
+    ``flat``: the canonical flat positions, where the caller keeps them (small weights): then a
+    small step takes the dense GEMM and a gather (:func:`uses_dense_gradient`)."""
     acc = naive.accumulate_dtype(x2d, dy2d)
     if csr.nnz == 0 or x2d.shape[0] == 0:
         return torch.zeros(csr.nnz, dtype=acc, device=x2d.device)
+    if flat is not None and x2d.dtype == acc and dy2d.dtype == acc and uses_dense_gradient(csr, x2d.shape[0]):
+        return torch.mm(dy2d.t(), x2d).view(-1).index_select(0, flat)  # (dense ops: fake tensors too)
     if not uses_library(csr):
         return naive.sddmm(x2d, dy2d, csr.flat(_flat_dtype(csr)))
     # The pattern's values are read (beta * values): zeros, or a NaN in them would leak through.
@@ -113,9 +138,14 @@ def linear_with_delta(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], delta
     operands, the row-block fallback, fake tensors): the CSR product ``b + Δ xᵀ`` [out, T] is
     the accumulator the dense GEMM adds into (``addmm`` of its transpose), so no strided add of
     a transposed product follows (that add cost 12 ms at 2048x2048, 1,024 tokens: more than the
-    product, 6 ms; split mode went from 1.10x to about merged's time)."""
+    product, 6 ms; split mode went from 1.10x to about merged's time). A small weight
+    (:func:`uses_private_sum`) takes one GEMM with ``W0 + Δ`` instead."""
     acc = naive.accumulate_dtype(x2d, delta)
-    if x2d.dtype != acc or weight.dtype != acc or not uses_library(csr) or _shapes_only(x2d):
+    if x2d.dtype != acc or weight.dtype != acc:
+        return None
+    if uses_private_sum(csr):
+        return F.linear(x2d, private_sum(weight, delta, csr, columns), None if bias is None else _operand(bias, acc))
+    if not uses_library(csr) or _shapes_only(x2d):
         return None
     pattern = csr.tensor(_operand(delta, acc), columns)
     if bias is None:
@@ -129,10 +159,61 @@ def dx_with_delta(dy2d: Tensor, weight: Tensor, delta: Tensor, csr: CsrIndex,
                   columns: Optional[Tensor] = None) -> Optional[Tensor]:
     """``dy W0 + dy Δ`` [T, in] in two ops (as :func:`linear_with_delta`), or None."""
     acc = naive.accumulate_dtype(dy2d, delta)
-    if dy2d.dtype != acc or weight.dtype != acc or not uses_library(csr) or _shapes_only(dy2d):
+    if dy2d.dtype != acc or weight.dtype != acc:
+        return None
+    if uses_private_sum(csr):
+        return dy2d.mm(private_sum(weight, delta, csr, columns))
+    if not uses_library(csr) or _shapes_only(dy2d):
         return None
     product = torch.mm(csr.tensor(_operand(delta, acc), columns).t(), dy2d.t())
     return torch.addmm(product.t(), dy2d, weight)
+
+
+# --- small weights: one GEMM with a private W0 + Δ -----------------------------------------------
+
+# Split mode computes ``x (W0 + Δ)ᵀ`` and ``dy (W0 + Δ)`` through a private ``W0 + Δ`` (one
+# dense + CSR add, then the GEMM merged mode runs) for weights of at most this many entries.
+# Why: at a small weight a step's time is per-call overhead, and the CSR products cost far more
+# than their flops: ``dy Δ`` multiplies by the CSR's transpose, a CSC view that torch converts to
+# CSR inside every call (MKL gets opA = non-transpose only: a sort and ~12 ops; dx took 46 µs at
+# 64x64, 16 tokens, 12.5 µs from a CSR of Δᵀ built beforehand), and each product copies its
+# transposed dense operand. Measured (development CPU, fp32, one thread, forward + dx of one
+# layer, median; bench/results/cpu-split-tiny-2026-12-02/rules.txt):
+#
+# | weight, tokens | 1%: private sum / CSR products | 5% |
+# |---|---|---|
+# | 64x64, 16 / 256 | 0.33x (20 / 62 µs) / 0.44x | 0.31x / 0.42x |
+# | 256x256, 16 / 256 | 0.59x / 0.77x | 0.39x / 0.62x |
+# | 512x512, 16 / 256 | 0.76x / 0.83x | 0.29x / 0.65x |
+# | 1024x1024, 16 / 256 | 0.82x / 0.93x | 0.57x / 0.79x |
+#
+# so the sum is faster at every size measured; the bound is set by memory, not speed: split
+# mode keeps no out x in tensor in general (docs/architecture.md, "one training step"), and this
+# temporary is allowed only while it is tiny: at most 2^18 entries (1 MiB in fp32, 2 MiB in
+# fp64; 512x512), one at a time, freed inside the op that makes it (the backward makes it
+# again: it is never saved), whatever the model's size, so a step's peak memory grows by at
+# most 1 MiB. No weight of a 7B-class model is that small (4096x4096 is 2^24), so their memory
+# and speed are as before. The result is bitwise merged mode's (``W0 + Δ`` rounded once, then
+# the same GEMM), not the split sum's order; both are checked against fp64.
+# On CUDA the same bound holds by the same count: one elementwise kernel (torch's dense + CSR
+# add) of at most 2^18 entries (~µs) replaces two cuSPARSE SpMM calls (descriptors, a workspace
+# and the CSC operand's conversion each), so a small layer's step is launch-bound either way and
+# this path launches fewer and cheaper ops.
+PRIVATE_SUM_MAX_ENTRIES = 1 << 18
+
+
+def uses_private_sum(csr: CsrIndex) -> bool:
+    """Whether split mode's products go through a private ``W0 + Δ`` (host values only)."""
+    return csr.nnz > 0 and csr.out_features * csr.in_features <= PRIVATE_SUM_MAX_ENTRIES
+
+
+def private_sum(weight: Tensor, delta: Tensor, csr: CsrIndex, columns: Optional[Tensor] = None) -> Tensor:
+    """``W0 + Δ`` [out, in] as a new contiguous tensor in the weight's dtype (fp32 / fp64 here:
+    the sum rounded once, as merged mode writes it); one op besides the columns' cast. Fake or
+    meta operands: a tensor of that size (torch builds no sparse tensor from them)."""
+    if _shapes_only(weight):
+        return torch.empty_like(weight, memory_format=torch.contiguous_format)
+    return torch.add(weight, csr.tensor(_operand(delta, weight.dtype), columns))
 
 
 def add_rounded_(base: Optional[Tensor], product: Tensor, dtype: torch.dtype) -> Tensor:

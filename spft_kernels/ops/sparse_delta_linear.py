@@ -62,7 +62,10 @@ class _IndexForm:
         return self._columns
 
     def flat(self) -> Tensor:
-        """The canonical flat index, for the custom kernels only (3 ops)."""
+        """The canonical flat index: the one the layer keeps (small weights), else expanded (3-4
+        ops: the custom kernels only)."""
+        if self._flat is None:
+            self._flat = self.tensors.get("flat")
         if self._flat is None:
             self._flat = self.csr.flat(index_dtype_for(self.csr.out_features, self.csr.in_features))
         return self._flat
@@ -80,6 +83,10 @@ def _kernel(op: str, backend: str, device: torch.device) -> bool:
     registry does not change after import, and resolving costs ~10 µs, 2-4 times a step."""
     if backend == "reference":
         return False
+    if torch.compiler.is_compiling():
+        # Not through the cache: Dynamo would guard on the process-wide dict's contents, and the
+        # first eager call after the trace that adds a key would force a recompile.
+        return resolve_backend(op, backend, device) != "reference"
     key = (op, backend, device.type)
     choice = _KERNEL_CHOICES.get(key)
     if choice is None:
@@ -104,7 +111,9 @@ def _dy_delta(dx2d: Optional[Tensor], dy2d: Tensor, delta: Tensor, index: _Index
 def _delta_grad(x2d: Tensor, dy2d: Tensor, index: _IndexForm, backend: str) -> Tensor:
     if _kernel("sddmm", backend, x2d.device):
         return sddmm(x2d, dy2d, index.flat(), index.get("tile_ptr"), backend)
-    return library_sparse.sddmm(x2d, dy2d, index.csr, index.columns())
+    flat = index.get("flat")
+    dense = flat is not None and library_sparse.uses_dense_gradient(index.csr, x2d.shape[0])
+    return library_sparse.sddmm(x2d, dy2d, index.csr, None if dense else index.columns(), flat)
 
 
 # --- the layer op ------------------------------------------------------------------------------
@@ -290,6 +299,9 @@ def index_form_for(sparse_index: SparseIndex, mode: str, backend: str, device: t
 def _index_form(sparse_index: SparseIndex, mode: str, backend: str, device: torch.device) -> tuple[list, str]:
     csr = sparse_index.csr()
     named = {"crow": csr.crow, "col_bytes": csr.col_bytes}
+    kept = sparse_index.kept_flat()
+    if kept is not None:  # a small weight's flat positions, kept by its layer (index.py): no bytes added
+        named["flat"] = kept
     if sparse_index.nnz:
         for op in _KERNEL_OPS[mode]:
             if _kernel(op, backend, device):
