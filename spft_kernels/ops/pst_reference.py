@@ -1,10 +1,10 @@
 """PST's reference backend (pure PyTorch, any device, fp32 or fp64): the math of
 ``pst_linear.py`` in whole-tensor ops over row chunks of the weight.
 
-A training step (forward + backward) launches ``16 + 22 * chunks`` ops at most
-(:func:`step_ops_bound`), ``chunks = ceil(n·k / CHUNK_ENTRIES)``, never more with the tokens: 38
-for any weight up to ``CHUNK_ENTRIES`` entries (every layer of a 7B model up to 4096x4096
-with the default), 148 at 11008x4096. Per chunk: ``W_eff`` (one GEMM), the score (one GEMM, two
+A training step (forward + backward, fp32) launches 39 ops for a weight of one chunk (up to
+``CHUNK_ENTRIES`` = 2^23 entries: 2048x2048, 2896x2896), else ``11 + 38 * chunks``
+(:func:`step_ops_bound`; ``chunks`` = row chunks of at most 2^23 entries: 87 at 4096x4096, 239 at
+11008x4096), never more with the tokens. Per chunk: ``W_eff`` (one GEMM), the score (one GEMM, two
 broadcast adds, in place over ``|W_eff|``), the mask (keys made in place over the score, the tie
 cut as one broadcast compare: no positions array), then in the backward ``dy (W_eff ⊙ M)``,
 ``G = dyᵀx``, ``G ⊙ (M + |W_eff|)`` and ``G ⊙ W_eff`` written over their inputs, and the
@@ -15,7 +15,7 @@ Why chunks at all (the op count cannot be independent of the weight's size withi
 step may take): the backward's ``G = dyᵀx`` is an n x k fp32 tensor that every factor gradient
 reads through an arbitrary mask, and each op holds its output whole, so an op-count bound for any
 size means ``4 n·k`` bytes of G at least (``13 n·k`` with W_eff, its mask and the two masked
-products: 0.55 GiB at 11008x4096), where a chunk bounds them by ``13 · CHUNK_ENTRIES`` (see
+products: 0.55 GiB at 11008x4096), where a chunk bounds them by ~16 bytes an entry of a chunk (see
 ``CHUNK_ENTRIES`` for the choice). The forward keeps one n x k temporary, the masked weight in
 x's dtype, so that the forward is one GEMM exactly as ``F.linear`` runs it (at sparsity 0 the
 layer computes exactly what the plain linear did).
@@ -43,14 +43,16 @@ _DIGIT_BITS = 11
 
 
 # Entries of one chunk of the forward and backward (see the module docstring): a chunk's
-# temporaries peak at 13 bytes an entry (fp32: W_eff, the score and its key shift; in the
-# backward W_eff, M, G and G ⊙ (M + |W_eff|)), 2^22 entries (a 2048x2048 weight, 52 MiB).
-# Chosen by the 7B estimate (spft-bench --memory --rank 64, bf16): PST's peak is set by the
-# forward of the largest layers (their masked weight plus one chunk) and must not pass what it
-# was before chunks (17.10 GiB): measured at 2^22 / 2^23 / 2^24 in bench/results/cpu-pst-lean-2026-12-02.
-CHUNK_ENTRIES = 1 << 22
-# The threshold's chunks: its radix passes hold the score, int32/int64 keys, the digits and a
-# match flag (~25 bytes an entry for fp32); 2^22 entries; it runs once per optimizer step.
+# temporaries peak at 12 bytes an entry in the forward (fp32 W_eff, the score, its key shift) and
+# 13 in the backward over several chunks (W_eff, the score, its key shift; then W_eff, |W_eff|, M
+# and G). Chosen by the 7B estimate (spft-bench --memory --rank 64, bf16), whose peak must not
+# pass what it was before chunks (17.10 GiB, 18,363,174,144 bytes): 2^23 gives 18,356,800,256
+# (the forward of an 11008x4096 layer, its masked weight plus a chunk: 190 MiB, sets it), 2^22
+# 18,349,868,296; 2^24 would add ~90 MiB more to that forward.
+CHUNK_ENTRIES = 1 << 23
+# The threshold's chunks: its passes hold the keys (made in place over W_eff), their int64 digits
+# and a flag, or int32 ranks (13 bytes an entry at most: 52 MiB at 2^22, was 184 MiB); it runs
+# once per optimizer step.
 THRESHOLD_CHUNK_ENTRIES = 1 << 22
 
 # Ops of a training step (forward + backward, fp32, every gradient asked), counted by
@@ -58,7 +60,7 @@ THRESHOLD_CHUNK_ENTRIES = 1 << 22
 # results to assemble), or a fixed part and a part per chunk.
 ONE_CHUNK_STEP_OPS = 39
 STEP_OPS_FIXED = 11
-STEP_OPS_PER_CHUNK = 37
+STEP_OPS_PER_CHUNK = 38
 
 
 def step_ops_bound(n: int, k: int) -> int:
@@ -190,12 +192,15 @@ def threshold(weight, U, V, A, B, R, C, beta, alpha1, alpha2, keep: int) -> Tens
         counts = torch.zeros((1 << width) + 1, dtype=torch.int64, device=device)
         one = torch.ones((), dtype=torch.int64, device=device)
         for _, keys in chunk_keys():
+            # (int64 digits for scatter_add_, made from the keys in place: 13 bytes an entry at most)
             if prefix is None:
                 # The top digit is signed (arithmetic shift): offset it so that 0 is the smallest.
-                digits = (keys >> shift).to(torch.int64).add_(1 << (width - 1))
+                digits = keys.to(torch.int64).bitwise_right_shift_(shift).add_(1 << (width - 1))
             else:
-                digits = ((keys >> shift) & ((1 << width) - 1)).to(torch.int64)
-                digits.masked_fill_((keys >> high) != prefix, 1 << width)
+                outside = (keys >> high) != prefix
+                digits = keys.to(torch.int64).bitwise_right_shift_(shift).bitwise_and_((1 << width) - 1)
+                digits.masked_fill_(outside, 1 << width)
+                del outside
             counts.scatter_add_(0, digits, one.expand(digits.shape))
             del digits
         counts = counts[:-1]
@@ -212,11 +217,16 @@ def threshold(weight, U, V, A, B, R, C, beta, alpha1, alpha2, keep: int) -> Tens
     cut = torch.zeros((), dtype=torch.int64, device=device)
     for rows, keys in chunk_keys():
         equal = keys == t_key
-        rank = equal.cumsum(0) + seen
-        hit = equal & (rank == remaining)
-        positions = torch.arange(rows.start * k, rows.stop * k, device=device)
-        cut = torch.maximum(cut, torch.where(hit, positions + 1, 0).max())
-        seen = rank[-1] if rank.numel() else seen
+        # Ranks within the chunk in int32 (a chunk has fewer than 2^31 entries); the wanted one is
+        # the target-th (0 = found before this chunk: no entry equal to t has rank 0).
+        rank = equal.cumsum(0, dtype=torch.int32)
+        target = (remaining - seen).clamp(0, 2**31 - 1)
+        hit = (rank == target).logical_and_(equal)  # at most one entry of the whole weight
+        del equal
+        found = rows.start * k + hit.to(torch.uint8).argmax() + 1
+        cut = torch.where(hit.any(), found, cut)
+        seen = seen + rank[-1] if rank.numel() else seen
+        del rank, hit
     return torch.stack([t_key, cut])
 
 
@@ -290,9 +300,10 @@ def backward(dy2d, x2d, weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha
     dx = grads = None
     for rows in chunks:
         effective = factors.effective(rows)
-        # |W_eff| kept from the score for dW_eff: one op a chunk fewer than making it again, for
-        # 4 bytes an entry while the mask is made (16 then; the threshold's 44 set the peak).
-        magnitude = effective.abs() if needs_params and abs_score_grad else None
+        # |W_eff| for dW_eff: kept from the score in one chunk (one op fewer), made again after the
+        # mask over several (12 bytes an entry while the mask is made instead of 16: the chunk size
+        # is bounded by the memory of the largest layers, CHUNK_ENTRIES).
+        magnitude = effective.abs() if needs_params and abs_score_grad and rows is None else None
         score = factors.score_over(effective.abs() if magnitude is None else magnitude, rows,
                                    keep_magnitude=magnitude is not None)
         keep = _keep(score, threshold, cut.before(rows))
@@ -309,7 +320,11 @@ def backward(dy2d, x2d, weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha
         if needs_params:
             g = torch.mm(dy_chunk.t(), wide_x)
             # dW_eff = G ⊙ (M + |W_eff|) in |W_eff|'s buffer (G ⊙ M without the score's |.| term).
-            d_effective = magnitude.add_(keep).mul_(g) if abs_score_grad else g * keep
+            if abs_score_grad:
+                magnitude = effective.abs() if magnitude is None else magnitude
+                d_effective = magnitude.add_(keep).mul_(g)
+            else:
+                d_effective = g * keep
             del keep, magnitude
             d_score = g.mul_(effective)  # dS = G ⊙ W_eff, over G
             del effective
