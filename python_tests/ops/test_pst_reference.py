@@ -70,3 +70,36 @@ def test_reference_training_step_temporaries_are_bounded_by_the_chunk(monkeypatc
     # 17.1 with the threshold's small chunks, 14.0 in one chunk; main before: 27.8 and 18.3):
     # ops/pst_reference.py, W_eff, |W_eff|, the score and its key shift, then G and the mask.
     assert transient <= 4 * n * k + 18 * chunk, ((transient - 4 * n * k) / chunk, n * k, chunk)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_step_computes_what_one_chunk_does(monkeypatch, dtype):
+    """Over 4 row chunks the forward is bitwise the one-chunk forward (the masked weight is
+    written chunk by chunk, rounded to x's dtype as one cast would); the backward sums dx and the
+    column factors' gradients over the chunks, so they agree to rounding."""
+    generator = torch.Generator().manual_seed(5)
+    layer = spft.PSTLinear.from_linear(torch.nn.Linear(40, 44).to(dtype), 0.5, r1=3, r2=2, beta=0.7, alpha1=1.3,
+                                       alpha2=0.6, backend="reference", generator=generator)
+    with torch.no_grad():
+        for factor in layer.factors():
+            factor.copy_(torch.randn(factor.shape, generator=generator))
+    x = torch.randn(6, 40, generator=generator).to(dtype)
+    dy = torch.randn(6, 44, generator=generator).to(dtype)
+
+    def step():
+        xx = x.clone().requires_grad_(True)
+        y = layer(xx)
+        y.backward(dy)
+        grads = [xx.grad] + [p.grad for p in layer.factors()]
+        for p in layer.factors():
+            p.grad = None
+        return y, grads
+
+    y_one, grads_one = step()
+    monkeypatch.setattr(ref, "CHUNK_ENTRIES", 11 * 40)
+    assert len(ref.row_blocks(44, 40)) == 4
+    y_chunked, grads_chunked = step()
+    assert torch.equal(y_chunked, y_one)
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    for name, got, expected in zip(["x", *"UVABRC"], grads_chunked, grads_one):
+        torch.testing.assert_close(got, expected, msg=name, **tolerance)

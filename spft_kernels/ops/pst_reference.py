@@ -2,8 +2,8 @@
 ``pst_linear.py`` in whole-tensor ops over row chunks of the weight.
 
 A training step (forward + backward, fp32) launches 38 ops for a weight of one chunk (up to
-``CHUNK_ENTRIES`` = 2^23 entries: 2048x2048, 2896x2896), else ``10 + 38 * chunks``
-(:func:`step_ops_bound`; ``chunks`` = row chunks of at most 2^23 entries: 86 at 4096x4096, 238 at
+``CHUNK_ENTRIES`` = 2^23 entries: 2048x2048, 2896x2896), else ``10 + 37 * chunks``
+(:func:`step_ops_bound`; ``chunks`` = row chunks of at most 2^23 entries: 84 at 4096x4096, 232 at
 11008x4096), never more with the tokens. Per chunk: ``W_eff`` (one GEMM), the score (one GEMM, two
 broadcast adds, in place over ``|W_eff|``), the mask (keys made in place over the score, the tie
 cut as one broadcast compare: no positions array), then in the backward ``dy (W_eff ⊙ M)``,
@@ -60,7 +60,7 @@ THRESHOLD_CHUNK_ENTRIES = 1 << 22
 # results to assemble), or a fixed part and a part per chunk.
 ONE_CHUNK_STEP_OPS = 38
 STEP_OPS_FIXED = 10
-STEP_OPS_PER_CHUNK = 38
+STEP_OPS_PER_CHUNK = 37
 
 
 def step_ops_bound(n: int, k: int) -> int:
@@ -279,11 +279,10 @@ def forward(x2d, weight, U, V, A, B, R, C, bias, threshold, beta, alpha1, alpha2
     for rows in chunks:
         effective = factors.effective(rows)
         keep = _keep(factors.score_over(effective.abs(), rows), threshold, cut.before(rows))
-        effective.mul_(keep)  # W_eff is not needed after: masked in place (the note above _keep)
-        if masked is None:
-            masked = _as(effective, x2d.dtype)
-        else:
-            masked[rows] = effective
+        if masked is None:  # W_eff is not needed after: masked in place (the note above _keep)
+            masked = _as(effective.mul_(keep), x2d.dtype)
+        else:  # written (and rounded to x's dtype) into the chunk's rows: one op
+            torch.mul(effective, keep, out=masked[rows])
         del effective, keep  # before the next chunk's buffers are made
     return F.linear(x2d, masked, bias)
 
