@@ -2,9 +2,9 @@
 ``pst_linear.py`` in whole-tensor ops over row chunks of the weight.
 
 A training step (forward + backward, fp32) launches 38 ops for a weight of one chunk (up to
-``CHUNK_ENTRIES`` = 2^23 entries: 2048x2048, 2896x2896), else ``10 + 37 * chunks``
-(:func:`step_ops_bound`; ``chunks`` = row chunks of at most 2^23 entries: 84 at 4096x4096, 232 at
-11008x4096), never more with the tokens. Per chunk: ``W_eff`` (one GEMM), the score (one GEMM, two
+``CHUNK_ENTRIES`` = 7.5 Mi entries: a square weight up to 2804x2804), else ``10 + 37 * chunks``
+(:func:`step_ops_bound`; ``chunks`` = row chunks of at most 7.5 Mi entries: 121 at 4096x4096 (3),
+232 at 11008x4096 (6)), never more with the tokens. Per chunk: ``W_eff`` (one GEMM), the score (one GEMM, two
 broadcast adds, in place over ``|W_eff|``), the mask (keys made in place over the score, the tie
 cut as one broadcast compare: no positions array), then in the backward ``dy (W_eff ⊙ M)``,
 ``G = dyᵀx``, ``G ⊙ (M + |W_eff|)`` and ``G ⊙ W_eff`` written over their inputs, and the
@@ -45,15 +45,18 @@ _DIGIT_BITS = 11
 # Entries of one chunk of the forward and backward (see the module docstring): a chunk's
 # temporaries peak at 12 bytes an entry in the forward (fp32 W_eff, the score, its key shift) and
 # 13 in the backward over several chunks (W_eff, the score, its key shift; then W_eff, |W_eff|, M
-# and G). Chosen by the 7B estimate (spft-bench --memory --rank 64, bf16), whose peak must not
+# and G). Bounded by the 7B estimate (spft-bench --memory --rank 64, bf16), whose peak must not
 # pass what it was before chunks (17.10 GiB, 18,363,174,144 bytes): 2^23 gives 18,356,800,256
 # (the forward of an 11008x4096 layer, its masked weight plus a chunk: 190 MiB, sets it), 2^22
-# 18,349,868,296; 2^24 would add ~90 MiB more to that forward.
-CHUNK_ENTRIES = 1 << 23
+# 18,349,868,296; 2^24 would add ~90 MiB more to that forward. And kept under 2^23 so that an
+# fp32 chunk buffer stays under 32 MiB, glibc's largest heap block (above it every temporary is
+# a fresh mmap and its pages fault in: at 4096x4096, 64 tokens, a step took 535-652 ms in 2
+# chunks of 2^23 against 348-410 ms in 3 of 7.5 Mi on this CPU). 15 * 2^19 leaves a 2 MiB margin.
+CHUNK_ENTRIES = 15 << 19
 # The threshold's chunks: its passes hold the keys (made in place over W_eff), their int64 digits
 # and a flag, or int32 ranks (13 bytes an entry at most: 52 MiB at 2^22, was 184 MiB); it runs
-# once per optimizer step.
-THRESHOLD_CHUNK_ENTRIES = 1 << 22
+# once per optimizer step. 15 * 2^18 keeps the int64 digits under 32 MiB (see CHUNK_ENTRIES).
+THRESHOLD_CHUNK_ENTRIES = 15 << 18
 
 # Ops of a training step (forward + backward, fp32, every gradient asked), counted by
 # python_tests/ops/test_launch_lean.py at several sizes: one chunk (no slices, no whole-weight
