@@ -7,6 +7,7 @@ import torch
 
 import spft_kernels as spft
 from spft_kernels.bench.memory import TensorMemoryTracker
+from spft_kernels.nn import pst_linear as pst_layer
 from spft_kernels.ops import pst_reference as ref
 
 
@@ -72,11 +73,23 @@ def test_reference_training_step_temporaries_are_bounded_by_the_chunk(monkeypatc
     assert transient <= 4 * n * k + 18 * chunk, ((transient - 4 * n * k) / chunk, n * k, chunk)
 
 
+def _step(layer, x, dy):
+    """[y, dx, dU, dV, dA, dB, dR, dC] of one step (the factors' gradients cleared after)."""
+    x = x.clone().requires_grad_(True)
+    y = layer(x)
+    y.backward(dy)
+    grads = [x.grad] + [p.grad for p in layer.factors()]
+    for p in layer.factors():
+        p.grad = None
+    return [y] + grads
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_step_computes_what_one_chunk_does(monkeypatch, dtype):
     """Over 4 row chunks the forward is bitwise the one-chunk forward (the masked weight is
     written chunk by chunk, rounded to x's dtype as one cast would); the backward sums dx and the
     column factors' gradients over the chunks, so they agree to rounding."""
+    monkeypatch.setattr(pst_layer, "KEEP_MASK_ENTRIES", 0)  # the mask made in the step, chunk by chunk
     generator = torch.Generator().manual_seed(5)
     layer = spft.PSTLinear.from_linear(torch.nn.Linear(40, 44).to(dtype), 0.5, r1=3, r2=2, beta=0.7, alpha1=1.3,
                                        alpha2=0.6, backend="reference", generator=generator)
@@ -85,21 +98,34 @@ def test_chunked_step_computes_what_one_chunk_does(monkeypatch, dtype):
             factor.copy_(torch.randn(factor.shape, generator=generator))
     x = torch.randn(6, 40, generator=generator).to(dtype)
     dy = torch.randn(6, 44, generator=generator).to(dtype)
-
-    def step():
-        xx = x.clone().requires_grad_(True)
-        y = layer(xx)
-        y.backward(dy)
-        grads = [xx.grad] + [p.grad for p in layer.factors()]
-        for p in layer.factors():
-            p.grad = None
-        return y, grads
-
-    y_one, grads_one = step()
+    y_one, *grads_one = _step(layer, x, dy)
     monkeypatch.setattr(ref, "CHUNK_ENTRIES", 11 * 40)
     assert len(ref.row_blocks(44, 40)) == 4
-    y_chunked, grads_chunked = step()
+    y_chunked, *grads_chunked = _step(layer, x, dy)
     assert torch.equal(y_chunked, y_one)
     tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     for name, got, expected in zip(["x", *"UVABRC"], grads_chunked, grads_one):
         torch.testing.assert_close(got, expected, msg=name, **tolerance)
+
+
+@pytest.mark.parametrize("abs_score_grad", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_a_kept_mask_gives_the_step_bitwise(monkeypatch, dtype, abs_score_grad):
+    """A small layer keeps M from one threshold to the next (nn/pst_linear.py,
+    KEEP_MASK_ENTRIES) and its step skips the score and the mask: y, dx and every factor
+    gradient are bitwise what the step computes when it makes M itself."""
+    generator = torch.Generator().manual_seed(9)
+    layer = spft.PSTLinear.from_linear(torch.nn.Linear(30, 36).to(dtype), 0.6, r1=3, r2=2, beta=0.7, alpha1=1.3,
+                                       alpha2=0.6, abs_score_grad=abs_score_grad, backend="reference",
+                                       generator=generator)
+    with torch.no_grad():
+        for factor in layer.factors():
+            factor.copy_(torch.randn(factor.shape, generator=generator))
+    x = torch.randn(2, 5, 30, generator=generator).to(dtype)
+    dy = torch.randn(2, 5, 36, generator=generator).to(dtype)
+    kept = _step(layer, x, dy)
+    assert layer._mask_cache is not None and torch.equal(layer._mask_cache[1], layer.mask())
+    monkeypatch.setattr(pst_layer, "KEEP_MASK_ENTRIES", 0)
+    made = _step(layer, x, dy)
+    for name, a, b in zip(["y", "x", *"UVABRC"], kept, made):
+        assert torch.equal(a, b), name

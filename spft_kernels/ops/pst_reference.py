@@ -290,20 +290,32 @@ def forward(x2d, weight, U, V, A, B, R, C, bias, threshold, beta, alpha1, alpha2
     return F.linear(x2d, masked, bias)
 
 
+def forward_with_mask(x2d, weight, U, V, bias, mask, beta):
+    """:func:`forward` with M given (one chunk: the mask a small layer keeps for the optimizer
+    step, made by :func:`dense` from the same threshold): the same W_eff and masked weight, 3 ops."""
+    acc = naive.accumulate_dtype(weight, U, V)
+    effective = torch.addmm(_as(weight, acc), _as(U, acc), _as(V, acc), alpha=beta)
+    return F.linear(x2d, _as(effective.mul_(mask), x2d.dtype), bias)
+
+
 def effective_weight_grad(g, mask, effective, abs_score_grad):
     """dL/dW_eff = G ⊙ M, plus dS ⊙ sign(W_eff) = G ⊙ |W_eff| through the score's |W_eff| term."""
     return g * (mask + effective.abs()) if abs_score_grad else g * mask
 
 
-def backward(dy2d, x2d, weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2, abs_score_grad, needs_dx, needs_params):
+def backward(dy2d, x2d, weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2, abs_score_grad, needs_dx, needs_params,
+             mask=None):
     """(dx or None, (dU, dV, dA, dB, dR, dC) or None) in the accumulate dtype: per chunk G = dyᵀx
     is formed once and folded into the factor gradients, each written into (or added to) its
-    whole result; the β, α1, α2 scalings once at the end."""
+    whole result; the β, α1, α2 scalings once at the end. ``mask``: M given (one chunk, see
+    :func:`forward_with_mask`), so the score and the mask are not made again."""
     factors = _Factors(weight, U, V, A, B, R, C, beta, alpha1, alpha2, dy2d, x2d)
     acc, n, k = factors.acc, factors.n, factors.k
     wide_dy, wide_x = _as(dy2d, acc), _as(x2d, acc)
     chunks = _chunk_rows(n, k)
-    cut = _TieCut(threshold, n, k, factors.device, chunked=chunks != [None])
+    if mask is not None and chunks != [None]:
+        raise ValueError(f"pst backward: a given mask is for a weight of one chunk, got {n}x{k}")
+    cut = _TieCut(threshold, n, k, factors.device, chunked=chunks != [None]) if mask is None else None
     dx = grads = None
     for rows in chunks:
         effective = factors.effective(rows)
@@ -311,10 +323,13 @@ def backward(dy2d, x2d, weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha
         # mask over several (12 bytes an entry while the mask is made instead of 16: the chunk size
         # is bounded by the memory of the largest layers, CHUNK_ENTRIES).
         magnitude = effective.abs() if needs_params and abs_score_grad and rows is None else None
-        score = factors.score_over(effective.abs() if magnitude is None else magnitude, rows,
-                                   keep_magnitude=magnitude is not None)
-        keep = _keep(score, threshold, cut.before(rows))
-        del score
+        if mask is not None:
+            keep = mask
+        else:
+            score = factors.score_over(effective.abs() if magnitude is None else magnitude, rows,
+                                       keep_magnitude=magnitude is not None)
+            keep = _keep(score, threshold, cut.before(rows))
+            del score
         dy_chunk = wide_dy if rows is None else wide_dy[:, rows]
         if needs_dx:
             # W_eff ⊙ M rounded to x's dtype, as the forward's GEMM saw it.
