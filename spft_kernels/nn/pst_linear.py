@@ -32,10 +32,10 @@ Tensor = torch.Tensor
 
 # A weight of at most this many entries keeps its mask M (a bool n x k: at most 64 KiB) from one
 # threshold to the next, beside it: its training step then runs 3 + 14 ops instead of 38 (the
-# score and the mask are not made again in the forward and the backward). The size is where that
-# memory is nothing next to what a step of such a layer costs in host time (64x64, 16 tokens:
-# PST / LoRA 2.59x -> see bench/results/cpu-pst-lean-2026-12-02); a larger weight makes M in
-# its step, chunk by chunk, and keeps nothing n x k between steps.
+# score and the mask are not made again in the forward and the backward). Below this size a step
+# is host time, so the 64 KiB is nothing next to what it saves (64x64, 16 tokens: 17 ops, 1.67x
+# peft LoRA's time, against 2.59x when the step makes M; bench/results/cpu-pst-lean-2026-12-02);
+# a larger weight makes M in its step, chunk by chunk, and keeps nothing n x k between steps.
 KEEP_MASK_ENTRIES = 1 << 16
 
 _optimizer_steps = 0
