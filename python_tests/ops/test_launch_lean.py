@@ -88,6 +88,43 @@ def test_ops_per_step_within_budget_for_any_tokens_and_size(kind):
     assert max(counts.values()) <= large.pop(), counts
 
 
+@pytest.mark.parametrize("chunks", [1, 3, 6])
+def test_pst_reference_ops_grow_only_with_its_chunks(monkeypatch, chunks):
+    """PST's reference step works on row chunks of ``CHUNK_ENTRIES`` entries (its memory bound):
+    its ops are ``ONE_CHUNK_STEP_OPS`` for one chunk, else ``STEP_OPS_FIXED + STEP_OPS_PER_CHUNK *
+    chunks`` (4096x4096 is 3 chunks, 11008x4096 6), for any tokens. The chunk size is made small
+    here so that a 44x40 weight has the chunk counts of those large weights."""
+    from spft_kernels.nn import pst_linear as pst_layer
+    from spft_kernels.ops import pst_reference
+
+    n, k = 44, 40
+    monkeypatch.setattr(pst_layer, "KEEP_MASK_ENTRIES", 0)  # the mask made in the step, as a large layer does
+    monkeypatch.setattr(pst_reference, "CHUNK_ENTRIES", -(-n // chunks) * k)
+    assert len(pst_reference.row_blocks(n, k)) == chunks
+    bound = pst_reference.step_ops_bound(n, k)
+    counts = {}
+    for tokens in (3, 70):
+        count, by_op = ops_per_step(make_layer("pst", n, k), tokens)
+        # conftest.py fills every torch.empty with NaN (one op each, not run outside the tests).
+        counts[tokens] = count - by_op["aten::fill_"]
+    assert set(counts.values()) == {bound}, (counts, bound)
+
+
+def test_pst_reference_chunks_at_model_sizes():
+    from spft_kernels.ops import pst_reference
+
+    assert pst_reference.step_ops_bound(2048, 2048) <= BUDGET["pst"]
+    assert [len(pst_reference.row_blocks(*shape)) for shape in ((2048, 2048), (4096, 4096), (11008, 4096))] == [1, 3, 6]
+
+
+def test_a_small_pst_layer_skips_the_mask_in_its_step():
+    # nn/pst_linear.py KEEP_MASK_ENTRIES: the mask kept from the threshold, so the step makes no
+    # score, keys or tie cut: 3 ops forward, 14 backward (38 when the step makes the mask).
+    count, by_op = ops_per_step(make_layer("pst", 64, 64), 16)
+    assert count - by_op["aten::fill_"] <= 17, dict(by_op)
+    assert "aten::bitwise_xor_" not in by_op and "aten::lt" not in by_op, dict(by_op)
+
+
 # --- no host sync ---------------------------------------------------------------------------------
 
 

@@ -169,12 +169,15 @@ def _pst_linear_op(
     return _pst_linear_impl(x, weight, U, V, A, B, R, C, bias, threshold, beta, alpha1, alpha2, abs_score_grad, backend)
 
 
-def _pst_linear_impl(x, weight, U, V, A, B, R, C, bias, threshold, beta, alpha1, alpha2, abs_score_grad, backend):
+def _pst_linear_impl(x, weight, U, V, A, B, R, C, bias, threshold, beta, alpha1, alpha2, abs_score_grad, backend,
+                     kept_mask=None):
     out_features, in_features = weight.shape
-    y2d = _run(
-        "pst_linear", backend, x.device, x.reshape(-1, in_features), weight, U, V, A, B, R, C, bias, threshold,
-        beta, alpha1, alpha2,
-    )
+    x2d = x.reshape(-1, in_features)
+    if kept_mask is not None:  # the reference's forward with the mask given (PSTLinear.kept_mask)
+        with autocast_off(x.device.type):
+            y2d = pst_reference.forward_with_mask(x2d, weight, U, V, bias, kept_mask, beta)
+    else:
+        y2d = _run("pst_linear", backend, x.device, x2d, weight, U, V, A, B, R, C, bias, threshold, beta, alpha1, alpha2)
     return y2d.reshape(*x.shape[:-1], out_features)
 
 
@@ -195,14 +198,18 @@ def _pst_linear_backward_op(
 
 
 def _pst_backward_impl(dy2d, x2d, weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2, abs_score_grad,
-                       needs_dx, needs_params, backend):
-    dx, grads = _run(
-        "pst_linear_backward", backend, x2d.device, dy2d, x2d, weight, U, V, A, B, R, C, threshold, beta, alpha1,
-        alpha2, abs_score_grad, needs_dx, needs_params,
-    )
+                       needs_dx, needs_params, backend, kept_mask=None):
+    args = (dy2d, x2d, weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2, abs_score_grad, needs_dx, needs_params)
+    if kept_mask is not None:
+        with autocast_off(x2d.device.type):
+            dx, grads = pst_reference.backward(*args, mask=kept_mask)
+    else:
+        dx, grads = _run("pst_linear_backward", backend, x2d.device, *args)
     factors = (U, V, A, B, R, C)
     dx = dx if needs_dx else x2d.new_empty(0)
-    grads = [g.to(p.dtype) for g, p in zip(grads, factors)] if needs_params else [p.new_empty(0) for p in factors]
+    # (a same-dtype .to costs ~1.4 µs a call: 6 a step, ~5% of a 64x64 step)
+    grads = ([g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, factors)] if needs_params
+             else [p.new_empty(0) for p in factors])
     return (dx, *grads)
 
 
@@ -219,6 +226,13 @@ def _setup_context(ctx, inputs, output):
     ctx.config = (beta, alpha1, alpha2, abs_score_grad)
     ctx.backend = backend
     ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.kept_mask = None
+
+
+def _setup_context_eager(ctx, inputs, options, output):
+    _setup_context(ctx, inputs, output)
+    # A constant of the optimizer step (no gradient, never written): kept on ctx, not saved.
+    ctx.kept_mask = options.get("kept_mask")
 
 
 def _backward(ctx, dy):
@@ -228,11 +242,12 @@ def _backward(ctx, dy):
     out_features, in_features = weight.shape
     dy2d, x2d = dy.reshape(-1, out_features), x.reshape(-1, in_features)
     needs_params = any(needs[2:8])
-    backward = _pst_backward_impl if runs_eagerly(dy2d, x2d, weight, U, V, A, B, R, C) else _pst_linear_backward_op
-    dx, *factor_grads = backward(
-        dy2d, x2d, weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2, abs_score_grad,
-        needs[0], needs_params, ctx.backend,
-    )
+    args = (dy2d, x2d, weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha2, abs_score_grad, needs[0],
+            needs_params, ctx.backend)
+    if runs_eagerly(dy2d, x2d, weight, U, V, A, B, R, C):
+        dx, *factor_grads = _pst_backward_impl(*args, kept_mask=ctx.kept_mask)
+    else:
+        dx, *factor_grads = _pst_linear_backward_op(*args)
     dweight = dbias = None
     if needs[1]:
         # dW0 = dW_eff is n x k by nature: only when the frozen weight was made trainable.
@@ -246,8 +261,9 @@ def _backward(ctx, dy):
 
 
 _pst_linear_op.register_autograd(_backward, setup_context=_setup_context)
-# Plain tensors in eager mode skip the custom op's wrapper (ops/_eager.py).
-_EagerPstLinear = eager_autograd(_pst_linear_impl, _setup_context, _backward, keyword_setup=False)
+# Plain tensors in eager mode skip the custom op's wrapper (ops/_eager.py); there a small layer
+# may pass the mask it keeps for the optimizer step (options {"kept_mask": M}).
+_EagerPstLinear = eager_autograd(_pst_linear_impl, _setup_context_eager, _backward, keyword_setup=True)
 
 
 # --- functional entry points ---------------------------------------------------------------------
@@ -319,6 +335,7 @@ def pst_linear(
     x: Tensor, weight: Tensor, U: Tensor, V: Tensor, A: Tensor, B: Tensor, R: Tensor, C: Tensor,
     bias: Optional[Tensor] = None, *, sparsity: Optional[float] = None, threshold: Optional[Tensor] = None,
     beta: float = 1.0, alpha1: float = 1.0, alpha2: float = 1.0, abs_score_grad: bool = True, backend: str = "auto",
+    _kept_mask: Optional[Tensor] = None,
 ) -> Tensor:
     """``y = x ((W0 + βUV) ⊙ M)ᵀ + b`` with M the top-v mask of ``|W0 + βUV| + α1·AB + α2·(R + C)``.
 
@@ -367,5 +384,7 @@ def pst_linear(
         )
     args = (x, weight, U, V, A, B, R, C, bias, threshold, beta, alpha1, alpha2, bool(abs_score_grad), backend)
     if runs_eagerly(x, weight, U, V, A, B, R, C, bias, threshold):
-        return _EagerPstLinear.apply(*args, {})
+        # ``_kept_mask``: M for this threshold, from pst_dense (reference), kept by PSTLinear for a
+        # small weight (nn/pst_linear.py); a traced call computes M itself (the same mask).
+        return _EagerPstLinear.apply(*args, {"kept_mask": _kept_mask})
     return _pst_linear_op(*args)
