@@ -124,8 +124,11 @@ def test_a_kept_mask_gives_the_step_bitwise(monkeypatch, dtype, abs_score_grad):
     x = torch.randn(2, 5, 30, generator=generator).to(dtype)
     dy = torch.randn(2, 5, 36, generator=generator).to(dtype)
     kept = _step(layer, x, dy)
-    assert layer._mask_cache is not None and torch.equal(layer._mask_cache[1], layer.mask())
+    kept_mask = layer._step_cache.mask  # 0/1 floats, so no bool -> float cast in the step
+    assert kept_mask is not None and kept_mask.is_floating_point()
+    assert torch.equal(kept_mask.bool(), layer.mask()) and set(kept_mask.unique().tolist()) <= {0.0, 1.0}
     monkeypatch.setattr(pst_layer, "KEEP_MASK_ENTRIES", 0)
     made = _step(layer, x, dy)
+    assert layer._step_cache.mask is None  # the step made M itself
     for name, a, b in zip(["y", "x", *"UVABRC"], kept, made):
         assert torch.equal(a, b), name

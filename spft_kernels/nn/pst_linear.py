@@ -13,12 +13,17 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..ops import naive
+from ..ops._eager import runs_eagerly
 from ..ops._guards import builds_state
 from ..ops.backends import check_backend_name, resolve_backend
 from ..ops.pst_linear import (
+    _check_input,
     _check_scalars,
     _check_sparsity,
+    _EagerPstLinear,
     _FACTORS,
+    _OPS,
     keep_count,
     _pst_dense_op,
     pst_linear,
@@ -30,12 +35,15 @@ from .stored import AdapterPayload, expect_tensor, take_tensors, VALUE_DTYPES
 
 Tensor = torch.Tensor
 
-# A weight of at most this many entries keeps its mask M (a bool n x k: at most 64 KiB) from one
-# threshold to the next, beside it: its training step then runs 3 + 14 ops instead of 38 (the
-# score and the mask are not made again in the forward and the backward). Below this size a step
-# is host time, so the 64 KiB is nothing next to what it saves (64x64, 16 tokens: 17 ops, 1.67x
-# peft LoRA's time, against 2.59x when the step makes M; bench/results/cpu-pst-lean-2026-12-02);
-# a larger weight makes M in its step, chunk by chunk, and keeps nothing n x k between steps.
+# A weight of at most this many entries keeps its mask M (as 0/1 in the factors' accumulate dtype:
+# at most 256 KiB in fp32) from one threshold to the next, beside it: its training step then runs
+# 3 + 14 ops instead of 38 (the score and the mask are not made again in the forward and the
+# backward). Below this size a step is host time, so the 256 KiB is nothing next to what it saves
+# (64x64, 16 tokens: 17 ops, 1.67x peft LoRA's time, against 2.59x when the step makes M;
+# bench/results/cpu-pst-lean-2026-12-02); a larger weight makes M in its step, chunk by chunk, and
+# keeps nothing n x k between steps. The mask is kept as floats, not bools: W_eff * M and |W_eff| + M
+# with a bool M cast it to float in each of the step's 3 uses (~3 µs each on this CPU), and 0/1 are
+# exact in every float dtype, so the results are bitwise the same.
 KEEP_MASK_ENTRIES = 1 << 16
 
 _optimizer_steps = 0
@@ -61,10 +69,18 @@ def _watch_optimizer_steps() -> None:
         _step_hook = register_optimizer_step_post_hook(_count_step)
 
 
-def _tensor_key(t: Tensor) -> tuple:
-    # An inference tensor (a layer built under inference_mode) has no version counter: never equal.
-    version = object() if t.is_inference() else t._version
-    return (version, t.data_ptr(), t.dtype, t.device)
+class _StepCache:
+    """What a layer's step reads that changes only with the sparsity, the options or a tensor's
+    values: the threshold, the kept mask (``UNSET`` until the first forward asks; None when the
+    layer does not keep it) and whether every op of a step resolves to the reference backend
+    (then the forward takes the lean path, see :meth:`PSTLinear.forward`)."""
+
+    UNSET = object()
+    __slots__ = ("key", "threshold", "mask", "reference")
+
+    def __init__(self, key: tuple, threshold: Tensor, reference: bool) -> None:
+        self.key, self.threshold, self.reference = key, threshold, reference
+        self.mask = self.UNSET
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,8 +157,7 @@ class PSTLinear(SpftLayer):
         self.beta, self.alpha1, self.alpha2 = _check_scalars(beta, alpha1, alpha2, layer_name)
         self.abs_score_grad = bool(abs_score_grad)
         self.sparsity = _check_sparsity(sparsity)
-        self._threshold_cache: Optional[tuple] = None
-        self._mask_cache: Optional[tuple] = None
+        self._step_cache: Optional[_StepCache] = None
         _watch_optimizer_steps()
         self.reset_factors(generator)
 
@@ -200,10 +215,19 @@ class PSTLinear(SpftLayer):
         )
         for label, value in values.items():
             setattr(self, label, nn.Parameter(value))
-        self._threshold_cache = None
+        self._step_cache = None
 
     def factors(self) -> tuple[Tensor, ...]:
-        return tuple(getattr(self, label) for label in _FACTORS)
+        return self._tensors()[1:]
+
+    def _tensors(self) -> tuple[Tensor, ...]:
+        """(W0, U, V, A, B, R, C), read from ``_parameters`` directly: ``nn.Module.__getattr__``
+        costs ~0.4 µs a name (a step read 17 of them, ~5% of a 64x64 step)."""
+        held = self._parameters
+        try:
+            return held["weight"], held["U"], held["V"], held["A"], held["B"], held["R"], held["C"]
+        except KeyError:  # a name held elsewhere (e.g. a parametrization): through getattr
+            return (self.weight,) + tuple(getattr(self, label) for label in _FACTORS)
 
     def set_sparsity(self, sparsity: float) -> None:
         """The sparsity the mask applies from the next forward on (0 <= sparsity < 1)."""
@@ -217,13 +241,43 @@ class PSTLinear(SpftLayer):
     def invalidate_threshold(self) -> None:
         """Forget the cached threshold (needed only after replacing a factor's ``.data`` by hand;
         in-place updates and optimizer steps are seen, see :meth:`threshold`)."""
-        self._threshold_cache = self._mask_cache = None
+        self._step_cache = None
 
-    def _threshold_key(self) -> tuple:
-        tensors = (self.weight,) + self.factors()
-        return (self.sparsity, self.beta, self.alpha1, self.alpha2, self.backend, optimizer_steps()) + tuple(
-            _tensor_key(t) for t in tensors
-        )
+    def _state_key(self, tensors: tuple) -> tuple:
+        """What the threshold and the kept mask depend on: the options, the optimizer steps and
+        each of W0, U, V, A, B, R, C's version counter, storage, dtype and device. Written out
+        (no per-tensor tuples): ~1.7 µs a forward, against ~6.3 µs before (a 64x64 step: ~150)."""
+        w, U, V, A, B, R, C = tensors
+        try:
+            return (
+                self.sparsity, self.beta, self.alpha1, self.alpha2, self.backend, optimizer_steps(), KEEP_MASK_ENTRIES,
+                w._version, w.data_ptr(), w.dtype, w.device, U._version, U.data_ptr(), U.dtype, U.device,
+                V._version, V.data_ptr(), V.dtype, V.device, A._version, A.data_ptr(), A.dtype, A.device,
+                B._version, B.data_ptr(), B.dtype, B.device, R._version, R.data_ptr(), R.dtype, R.device,
+                C._version, C.data_ptr(), C.dtype, C.device,
+            )
+        except RuntimeError:
+            # An inference tensor (e.g. a W0 made under inference_mode) has no version counter, a
+            # tensor subclass without storage no data pointer: a key equal to nothing, so the
+            # threshold is made at each forward.
+            return (object(),)
+
+    def _step_state(self, tensors: tuple) -> _StepCache:
+        """The cache for the current options and tensors, made again when the key changed. Making
+        it checks the layer's own tensors (``pst_threshold``: shapes, dtypes, devices, backend), so
+        a forward checks only x and the bias while nothing of the layer changed."""
+        key = self._state_key(tensors)
+        cache = self._step_cache
+        if cache is None or cache.key != key:
+            weight = tensors[0]
+            with torch.inference_mode(False):
+                threshold = pst_threshold(
+                    *tensors, self.sparsity, beta=self.beta, alpha1=self.alpha1, alpha2=self.alpha2,
+                    backend=self.backend,
+                )
+            reference = all(resolve_backend(op, self.backend, weight.device) == "reference" for op in _OPS)
+            cache = self._step_cache = _StepCache(key, threshold, reference)
+        return cache
 
     def threshold(self) -> Tensor:
         """The top-v threshold for the current sparsity and factors, computed at most once per
@@ -239,30 +293,23 @@ class PSTLinear(SpftLayer):
         not 3). The threshold is made outside inference mode, so one evaluation under
         ``torch.inference_mode`` does not leave an inference tensor that the next training
         forward would have to save for backward."""
-        key = self._threshold_key()
-        if self._threshold_cache is None or self._threshold_cache[0] != key:
-            with torch.inference_mode(False):
-                value = pst_threshold(
-                    self.weight, *self.factors(), self.sparsity, beta=self.beta, alpha1=self.alpha1,
-                    alpha2=self.alpha2, backend=self.backend,
-                )
-            self._threshold_cache = (key, value)
-        return self._threshold_cache[1]
+        return self._step_state(self._tensors()).threshold
 
-    def _kept_mask(self, threshold: Tensor) -> Optional[Tensor]:
-        """M for ``threshold`` when this layer keeps it (a weight of at most ``KEEP_MASK_ENTRIES``
-        on the reference backend), made once per threshold by the reference's export op (the
-        same score and tie rule as its step, so the same mask), else None."""
-        if self.weight.numel() > KEEP_MASK_ENTRIES:
-            return None
-        if self._mask_cache is None or self._mask_cache[0] is not threshold:
-            if resolve_backend("pst_linear", self.backend, self.weight.device) != "reference":
-                return None
-            with torch.no_grad(), torch.inference_mode(False):
-                _, mask = _pst_dense_op(self.weight, *(t.detach() for t in self.factors()), threshold, self.beta,
-                                        self.alpha1, self.alpha2, "reference")
-            self._mask_cache = (threshold, mask)
-        return self._mask_cache[1]
+    def _kept_mask(self, cache: _StepCache, tensors: tuple) -> Optional[Tensor]:
+        """M for the cache's threshold as 0/1 floats when this layer keeps it (a weight of at most
+        ``KEEP_MASK_ENTRIES`` on the reference backend), made once per threshold by the
+        reference's export op (the same score and tie rule as its step, so the same mask), else
+        None."""
+        if cache.mask is _StepCache.UNSET:
+            weight, *factors = tensors
+            mask = None
+            if weight.numel() <= KEEP_MASK_ENTRIES and cache.reference:
+                with torch.no_grad(), torch.inference_mode(False):
+                    _, kept = _pst_dense_op(weight, *(t.detach() for t in factors), cache.threshold, self.beta,
+                                            self.alpha1, self.alpha2, "reference")
+                    mask = kept.to(naive.accumulate_dtype(*tensors))
+            cache.mask = mask
+        return cache.mask
 
     # --- forward ------------------------------------------------------------------------------
 
@@ -274,14 +321,29 @@ class PSTLinear(SpftLayer):
                 self.weight, *self.factors(), self.sparsity, beta=self.beta, alpha1=self.alpha1,
                 alpha2=self.alpha2, backend=self.backend,
             )
-            kept_mask = None
-        else:
-            threshold = self.threshold()
-            kept_mask = self._kept_mask(threshold)
+            return pst_linear(
+                x, self.weight, *self.factors(), self.bias, threshold=threshold, beta=self.beta,
+                alpha1=self.alpha1, alpha2=self.alpha2, abs_score_grad=self.abs_score_grad, backend=self.backend,
+            )
+        tensors = self._tensors()
+        bias = self._parameters["bias"] if "bias" in self._parameters else self.bias
+        # x and the bias are checked (and cast under autocast) before anything is computed or
+        # cached; the layer's own tensors were checked when the cache was made (the same values,
+        # storage, dtypes and devices since: its key).
+        x, bias = _check_input(x, tensors[0], bias, self.layer_name)
+        cache = self._step_state(tensors)
+        kept_mask = self._kept_mask(cache, tensors)
+        if cache.reference and runs_eagerly(x, *tensors, bias):
+            # The lean path: no second check of the layer's tensors and no custom op wrapper
+            # (ops/_eager.py): 16-21 µs a step less than through pst_linear at 64x64, 16 tokens (a
+            # step of ~100 µs there), the same ops and results.
+            return _EagerPstLinear.apply(
+                x, *tensors, bias, cache.threshold, self.beta, self.alpha1, self.alpha2, self.abs_score_grad,
+                self.backend, {"kept_mask": kept_mask},
+            )
         return pst_linear(
-            x, self.weight, *self.factors(), self.bias, threshold=threshold, beta=self.beta,
-            alpha1=self.alpha1, alpha2=self.alpha2, abs_score_grad=self.abs_score_grad, backend=self.backend,
-            _kept_mask=kept_mask,
+            x, *tensors, bias, threshold=cache.threshold, beta=self.beta, alpha1=self.alpha1, alpha2=self.alpha2,
+            abs_score_grad=self.abs_score_grad, backend=self.backend, _kept_mask=kept_mask,
         )
 
     # --- export -------------------------------------------------------------------------------
@@ -341,10 +403,10 @@ class PSTLinear(SpftLayer):
         self.beta, self.alpha1, self.alpha2 = _check_scalars(state["beta"], state["alpha1"], state["alpha2"], self.layer_name)
         self.abs_score_grad = bool(state.get("abs_score_grad", self.abs_score_grad))
         self.sparsity = sparsity
-        self._threshold_cache = self._mask_cache = None
+        self._step_cache = None
 
     def _after_apply(self) -> None:
-        self._threshold_cache = self._mask_cache = None
+        self._step_cache = None
 
     # --- the position-kind protocol ---------------------------------------------------------
 

@@ -289,9 +289,7 @@ def _check_factors(weight, factors, name: str) -> None:
             raise ValueError(f"{name}: {label} must be floating point, got {tensor.dtype}")
     if not weight.is_floating_point():
         raise ValueError(f"{name}: weight must be floating point, got {weight.dtype}")
-    devices = {t.device for t in (weight,) + tuple(factors)}
-    if len(devices) > 1:
-        raise ValueError(f"{name}: all tensors must be on one device, got {sorted(map(str, devices))}")
+    _one_device(name, weight, *factors)
 
 
 def _check_scalars(beta, alpha1, alpha2, name: str) -> tuple[float, float, float]:
@@ -310,6 +308,39 @@ def _resolve_all(backend: str, device: torch.device, tensors, name: str) -> None
             pst_kernels._check_dtypes(*tensors)
         except ValueError as error:
             raise ValueError(f"{name}: {error}") from None
+
+
+def _check_input(x, weight: Tensor, bias, name: str) -> tuple[Tensor, Optional[Tensor]]:
+    """(x, bias) for the step after checking them against a checked weight: x [..., in], bias
+    [out] or None, both on weight's device and in its dtype, or under autocast cast to the
+    autocast dtype. PSTLinear's forward checks only these once its own tensors are checked."""
+    out_features, in_features = weight.shape
+    if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(
+            f"{name}: x must be a tensor of shape [..., {in_features}] to match weight {tuple(weight.shape)}, got "
+            f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
+        )
+    if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (out_features,)):
+        raise ValueError(f"{name}: bias must have shape ({out_features},)")
+    if x.device != weight.device or (bias is not None and bias.device != weight.device):
+        _one_device(name, weight, x, bias)
+    if torch.is_autocast_enabled(x.device.type):
+        # As F.linear under autocast: the GEMM runs in the autocast dtype. The masked weight tile
+        # is built in fp32 from W0 as stored and rounded to it, so W0 needs no cast copy.
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+        bias = None if bias is None else bias.to(x.dtype)
+    elif x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError(
+            f"{name}: x, weight and bias must share a dtype, got x {x.dtype}, weight {weight.dtype}"
+            + ("" if bias is None else f", bias {bias.dtype}")
+        )
+    return x, bias
+
+
+def _one_device(name: str, *tensors) -> None:
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"{name}: all tensors must be on one device, got {sorted(map(str, devices))}")
 
 
 @torch.no_grad()
@@ -349,34 +380,15 @@ def pst_linear(
     factors = (U, V, A, B, R, C)
     _check_factors(weight, factors, name)
     beta, alpha1, alpha2 = _check_scalars(beta, alpha1, alpha2, name)
-    out_features, in_features = weight.shape
-    if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[-1] != in_features:
-        raise ValueError(
-            f"{name}: x must be a tensor of shape [..., {in_features}] to match weight {tuple(weight.shape)}, got "
-            f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
-        )
-    if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (out_features,)):
-        raise ValueError(f"{name}: bias must have shape ({out_features},)")
     if (sparsity is None) == (threshold is None):
         raise ValueError(f"{name}: give exactly one of sparsity and threshold")
     if threshold is not None and (
         not isinstance(threshold, Tensor) or threshold.dtype != torch.int64 or threshold.shape != (2,)
     ):
         raise ValueError(f"{name}: threshold must be the int64 [2] tensor returned by pst_threshold")
-    extra = tuple(t for t in (x, bias, threshold) if t is not None)
-    devices = {t.device for t in (weight,) + extra}
-    if len(devices) > 1:
-        raise ValueError(f"{name}: all tensors must be on one device, got {sorted(map(str, devices))}")
-    if torch.is_autocast_enabled(x.device.type):
-        # As F.linear under autocast: the GEMM runs in the autocast dtype. The masked weight tile
-        # is built in fp32 from W0 as stored and rounded to it, so W0 needs no cast copy.
-        x = x.to(torch.get_autocast_dtype(x.device.type))
-        bias = None if bias is None else bias.to(x.dtype)
-    elif x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise ValueError(
-            f"{name}: x, weight and bias must share a dtype, got x {x.dtype}, weight {weight.dtype}"
-            + ("" if bias is None else f", bias {bias.dtype}")
-        )
+    x, bias = _check_input(x, weight, bias, name)
+    if threshold is not None and threshold.device != weight.device:
+        _one_device(name, weight, threshold)
     _resolve_all(backend, x.device, (x, weight, bias) + factors, name)
     if threshold is None:
         threshold = pst_threshold(
@@ -384,7 +396,8 @@ def pst_linear(
         )
     args = (x, weight, U, V, A, B, R, C, bias, threshold, beta, alpha1, alpha2, bool(abs_score_grad), backend)
     if runs_eagerly(x, weight, U, V, A, B, R, C, bias, threshold):
-        # ``_kept_mask``: M for this threshold, from pst_dense (reference), kept by PSTLinear for a
-        # small weight (nn/pst_linear.py); a traced call computes M itself (the same mask).
+        # ``_kept_mask``: M for this threshold (bool or 0/1 floats), from pst_dense (reference), kept
+        # by PSTLinear for a small weight (nn/pst_linear.py); a traced call computes M itself (the
+        # same mask).
         return _EagerPstLinear.apply(*args, {"kept_mask": _kept_mask})
     return _pst_linear_op(*args)

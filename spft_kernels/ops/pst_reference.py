@@ -292,7 +292,8 @@ def forward(x2d, weight, U, V, A, B, R, C, bias, threshold, beta, alpha1, alpha2
 
 def forward_with_mask(x2d, weight, U, V, bias, mask, beta):
     """:func:`forward` with M given (one chunk: the mask a small layer keeps for the optimizer
-    step, made by :func:`dense` from the same threshold): the same W_eff and masked weight, 3 ops."""
+    step, made by :func:`dense` from the same threshold; bool or 0/1 floats, which multiply
+    bitwise alike): the same W_eff and masked weight, 3 ops."""
     acc = naive.accumulate_dtype(weight, U, V)
     effective = torch.addmm(_as(weight, acc), _as(U, acc), _as(V, acc), alpha=beta)
     return F.linear(x2d, _as(effective.mul_(mask), x2d.dtype), bias)
@@ -307,8 +308,8 @@ def backward(dy2d, x2d, weight, U, V, A, B, R, C, threshold, beta, alpha1, alpha
              mask=None):
     """(dx or None, (dU, dV, dA, dB, dR, dC) or None) in the accumulate dtype: per chunk G = dyᵀx
     is formed once and folded into the factor gradients, each written into (or added to) its
-    whole result; the β, α1, α2 scalings once at the end. ``mask``: M given (one chunk, see
-    :func:`forward_with_mask`), so the score and the mask are not made again."""
+    whole result; the β, α1, α2 scalings once at the end. ``mask``: M given (one chunk, bool or
+    0/1 floats, see :func:`forward_with_mask`), so the score and the mask are not made again."""
     factors = _Factors(weight, U, V, A, B, R, C, beta, alpha1, alpha2, dy2d, x2d)
     acc, n, k = factors.acc, factors.n, factors.k
     wide_dy, wide_x = _as(dy2d, acc), _as(x2d, acc)
