@@ -138,8 +138,7 @@ def test_get_spft_model_and_merge_and_unload_under_inference_mode(method):
     batch = tiny_batches("llama", count=1)[0]
     with torch.inference_mode():
         spft.get_spft_model(model, spft.SpftConfig(**config))
-        if method != "pst":  # (PST's threshold cached under inference_mode: its cache's issue, #19)
-            model(input_ids=batch["input_ids"])
+        model(input_ids=batch["input_ids"])  # PST: its step cache is made outside inference mode
     assert not any(t.is_inference() for t in list(model.parameters()) + list(model.buffers()))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     hf_loss(model, batch).backward()
